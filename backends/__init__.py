@@ -1,0 +1,1 @@
+"""amxc.backends: ISA detection, lowering to kernels, code generation."""

@@ -1,0 +1,95 @@
+"""The reference interpreter: runs any IR function with the ops' numpy references.
+
+It is the oracle for every pass and kernel, so it is deliberately plain: nodes run in order, and
+each result is checked against its declared dtype and (bound) shape before it is stored.  Values
+are dropped after their last use so large models fit in memory.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import dims as D
+from .core import Module, Param, Value
+from .errors import InterpreterError
+from .registry import OpDef
+
+_WANTS_ENV: dict[str, bool] = {}
+
+
+def _wants_env(op: OpDef) -> bool:
+    if op.name not in _WANTS_ENV:
+        _WANTS_ENV[op.name] = "env" in inspect.signature(op.reference).parameters
+    return _WANTS_ENV[op.name]
+
+
+def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str, int]:
+    """Bind the symbolic sizes of the arguments' types from the given arrays' shapes."""
+    env: dict[str, int] = {}
+    for v, arr in zip(args, arrays):
+        if arr.dtype != v.type.dtype.storage:
+            raise InterpreterError(f"input %{v.name} must be {v.type.dtype}, got {arr.dtype}")
+        if arr.ndim != v.type.rank:
+            raise InterpreterError(f"input %{v.name} must have rank {v.type.rank}, got shape {arr.shape}")
+        for d, n in zip(v.type.shape, arr.shape):
+            if isinstance(d, D.Sym) and d.op == "var":
+                if env.setdefault(d.args[0], n) != n:
+                    raise InterpreterError(f"size '{d}' is {env[d.args[0]]} and {n} at once")
+    for v, arr in zip(args, arrays):
+        want = v.type.concrete_shape(env)
+        if tuple(arr.shape) != want:
+            raise InterpreterError(f"input %{v.name} must have shape {list(want)}, got {list(arr.shape)}")
+    return env
+
+
+def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+        function: str | None = None) -> list[np.ndarray]:
+    """Run a function (default: the module's main) on numpy inputs; returns its results."""
+    fn = module.functions[function] if function else module.main
+    if isinstance(inputs, Mapping):
+        missing = [a.name for a in fn.args if a.name not in inputs]
+        if missing:
+            raise InterpreterError(f"missing inputs: {', '.join(missing)}")
+        inputs = [inputs[a.name] for a in fn.args]
+    if len(inputs) != len(fn.args):
+        raise InterpreterError(f"@{fn.name} takes {len(fn.args)} inputs, got {len(inputs)}")
+    arrays = [np.asarray(x) for x in inputs]
+    env = bind_sizes(fn.args, arrays)
+
+    last_use: dict[int, int] = {}
+    for i, node in enumerate(fn.nodes):
+        for v in node.inputs:
+            last_use[id(v)] = i
+    keep = {id(v) for v in fn.results}
+    live: dict[int, np.ndarray] = {id(a): x for a, x in zip(fn.args, arrays)}
+
+    def fetch(v: Value) -> np.ndarray:
+        if isinstance(v, Param):
+            return v.load()
+        return live[id(v)]
+
+    for i, node in enumerate(fn.nodes):
+        op = node.opdef
+        kwargs = dict(node.attrs)
+        if _wants_env(op):
+            kwargs["env"] = env
+        try:
+            out = op.reference(*(fetch(v) for v in node.inputs), **kwargs)
+        except Exception as e:   # any numpy failure becomes a located error
+            raise InterpreterError(f"{node!r}: {type(e).__name__}: {e}"
+                                   + (f"\n  from {node.loc}" if node.loc else "")) from e
+        outs = out if isinstance(out, tuple) else (out,)
+        for v, arr in zip(node.outputs, outs, strict=True):
+            arr = np.asarray(arr)
+            want = v.type.concrete_shape(env)
+            if arr.dtype != v.type.dtype.storage or tuple(arr.shape) != want:
+                raise InterpreterError(f"{node!r}: produced {arr.dtype}{list(arr.shape)}, declared "
+                                       f"{v.type.dtype.storage}{list(want)}"
+                                       + (f"\n  from {node.loc}" if node.loc else ""))
+            live[id(v)] = arr
+        for v in node.inputs:
+            if last_use.get(id(v)) == i and id(v) not in keep:
+                live.pop(id(v), None)
+    return [fetch(v) for v in fn.results]

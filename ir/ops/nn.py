@@ -1,0 +1,119 @@
+"""Neural-network ops: linear algebra, embedding, normalization, attention."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..attrs import Attr
+from ..dtypes import bool_, i32, i64
+from ..registry import register_op
+from ..types import TensorType
+from ._shapes import broadcast_shapes, fail, same_dtype
+
+
+def _linear_infer(ts, at):
+    x, w = ts[0], ts[1]
+    same_dtype(ts)
+    if w.rank != 2 or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        fail(f"linear: x {x} does not match weight [out, in] {w}")
+    if len(ts) == 3 and ts[2].shape != (w.shape[0],):
+        fail(f"linear: bias {ts[2]} does not match {w.shape[0]} outputs")
+    return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+
+
+@register_op("linear", "x weight bias?", infer=_linear_infer)
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
+    y = np.matmul(x, weight.T)
+    return y if bias is None else y + bias
+
+
+def _matmul_infer(ts, at):
+    a, b = ts
+    same_dtype(ts)
+    if a.rank < 2 or b.rank < 2 or a.shape[-1] != b.shape[-2]:
+        fail(f"matmul: {a} @ {b} do not conform")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return [a.with_shape(batch + (a.shape[-2], b.shape[-1]))]
+
+
+@register_op("matmul", "a b", infer=_matmul_infer)
+def matmul(a, b):
+    return np.matmul(a, b)
+
+
+def _embedding_infer(ts, at):
+    w, ids = ts
+    if w.rank != 2 or ids.dtype not in (i64, i32):
+        fail(f"embedding needs a [vocab, dim] table and integer ids, got {w} and {ids}")
+    return [w.with_shape(ids.shape + (w.shape[1],))]
+
+
+@register_op("embedding", "weight ids", infer=_embedding_infer)
+def embedding(weight, ids):
+    return weight[ids]
+
+
+def _layer_norm_infer(ts, at):
+    x = ts[0]
+    n = at["axes"]
+    same_dtype(ts)
+    for p in ts[1:]:
+        if p.shape != x.shape[x.rank - n:]:
+            fail(f"layer_norm affine {p} does not match normalized dims of {x}")
+    return [x]
+
+
+@register_op("layer_norm", "x weight? bias?", {"axes": Attr("int", 1), "eps": Attr("float", 1e-5)},
+             infer=_layer_norm_infer)
+def layer_norm(x, weight=None, bias=None, *, axes, eps):
+    """Normalizes over the last `axes` dims (torch.nn.functional.layer_norm)."""
+    dims = tuple(range(x.ndim - axes, x.ndim))
+    mu = x.mean(axis=dims, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=dims, keepdims=True)
+    y = (x - mu) / np.sqrt(var + np.float32(eps))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype)
+
+
+def _sdpa_infer(ts, at):
+    q, k, v = ts[:3]
+    same_dtype(ts[:3])
+    if not (q.rank == k.rank == v.rank >= 3):
+        fail("sdpa needs q, k, v of one rank >= 3")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        fail(f"sdpa: q {q}, k {k}, v {v} do not conform")
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq != hk and not (at["gqa"] and isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+        fail(f"sdpa: {hq} query heads vs {hk} kv heads needs gqa=true and divisibility")
+    if len(ts) == 4:
+        m = ts[3]
+        if m.dtype != bool_ and m.dtype != q.dtype:
+            fail("sdpa mask must be bool or the query's dtype")
+        broadcast_shapes(m.shape, q.shape[:-1] + (k.shape[-2],))
+    return [q.with_shape(q.shape[:-1] + (v.shape[-1],))]
+
+
+@register_op("sdpa", "q k v mask?", {"causal": Attr("bool", False), "scale": Attr("float", None),
+                                     "gqa": Attr("bool", False)}, infer=_sdpa_infer)
+def sdpa(q, k, v, mask=None, *, causal, scale, gqa):
+    """Scaled dot-product attention with torch's semantics: a bool mask marks the keys a query
+    may attend to, a float mask is added to the scores; causal aligns the diagonal top-left."""
+    if gqa and q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.matmul(q, np.swapaxes(k, -1, -2)) * np.float32(scale)
+    L, S = q.shape[-2], k.shape[-2]
+    if causal:
+        scores = np.where(np.tril(np.ones((L, S), dtype=bool)), scores, -np.inf)
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
+    scores = scores.astype(q.dtype)
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    p = e / np.sum(e, axis=-1, keepdims=True)
+    return np.matmul(p, v).astype(q.dtype)

@@ -1,0 +1,64 @@
+"""Tensor types: dtype, shape with symbolic dims, and an optional encoding.
+
+The encoding carries what a quantized storage type needs to be read
+(``nf4[2048, 5632]{block=64, scale=fp8_e4m3, scale_block=256}``), so quantization is visible in
+the type rather than hidden in op attributes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from . import dims as D
+from .dtypes import DType
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: DType
+    shape: tuple[D.Dim, ...]
+    encoding: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+        if isinstance(self.encoding, Mapping):
+            object.__setattr__(self, "encoding", tuple(sorted(self.encoding.items())))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def enc(self) -> dict[str, Any]:
+        return dict(self.encoding)
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(self.dtype, tuple(shape), self.encoding)
+
+    def with_dtype(self, dtype: DType) -> "TensorType":
+        return TensorType(dtype, self.shape, self.encoding)
+
+    def concrete_shape(self, env: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(D.evaluate(d, env) for d in self.shape)
+
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def numel(self) -> int:
+        """Element count of a static shape."""
+        n = 1
+        for d in self.shape:
+            if not isinstance(d, int):
+                raise D.DimError(f"type {self} has a symbolic shape")
+            n *= d
+        return n
+
+    def nbytes(self) -> int:
+        return (self.numel() * self.dtype.bits + 7) // 8
+
+    def __str__(self) -> str:
+        text = f"{self.dtype}{D.fmt_shape(self.shape)}"
+        if self.encoding:
+            from .attrs import format_value   # local: attrs imports types
+            text += "{" + ", ".join(f"{k}={format_value(v)}" for k, v in self.encoding) + "}"
+        return text

@@ -1,0 +1,1 @@
+"""amxc.passes: IR-to-IR transformations (pass manager, pattern matcher, fusions, quantization)."""
