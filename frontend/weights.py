@@ -1,0 +1,91 @@
+"""Weight sources: read one tensor at a time, by parameter name, as float32 numpy arrays.
+
+A compile never holds the whole model twice: the traced graph is weightless (meta device) and
+each parameter's loader pulls just its own tensor from the checkpoint when asked.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .errors import FrontendError
+
+
+class WeightSource(Protocol):
+    def names(self) -> set[str]: ...
+    def load(self, name: str) -> np.ndarray: ...
+
+
+class SafetensorsSource:
+    """A HF checkpoint directory: model.safetensors, or shards listed in model.safetensors.index.json."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+        self._safe_open = safe_open
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise FrontendError(f"{self.dir}: no *.safetensors weights found")
+            self.files = {}
+            for f in shards:
+                with safe_open(f, framework="pt") as h:
+                    for k in h.keys():
+                        self.files[k] = f
+        for f in set(self.files.values()):
+            if not f.exists():
+                raise FrontendError(f"{index}: lists shard {f.name}, which is missing")
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def load(self, name: str) -> np.ndarray:
+        import torch
+        with self._safe_open(self.files[name], framework="pt") as h:
+            t = h.get_tensor(name)
+        return np.ascontiguousarray(t.to(torch.float32).numpy())
+
+
+class GGUFSource:
+    def __init__(self, checkpoint):
+        self.ckpt = checkpoint
+
+    def names(self) -> set[str]:
+        return set(self.ckpt.tensor_names())
+
+    def load(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self.ckpt.load(name), dtype=np.float32)
+
+
+def resolver(source: WeightSource, aliases: dict[str, list[str]], prefixes: tuple[str, ...] = (),
+             extra: dict[str, np.ndarray] | None = None) -> Callable[[str, object], Callable | None]:
+    """param_data callback for the importer: finds each parameter in `source` under its own name,
+    a tied alias, or with a base-model prefix stripped; `extra` holds computed buffers."""
+    names = source.names()
+    extra = extra or {}
+
+    def find(target: str) -> str | None:
+        for cand in [target, *aliases.get(target, [])]:
+            if cand in names:
+                return cand
+            for p in prefixes:
+                if cand.startswith(p) and cand[len(p):] in names:
+                    return cand[len(p):]
+        return None
+
+    def param_data(target: str, kind) -> Callable[[], np.ndarray] | None:
+        if target in extra:
+            arr = np.ascontiguousarray(extra[target])
+            return lambda: arr
+        key = find(target)
+        if key is None:
+            return None
+        return lambda: source.load(key)
+    return param_data

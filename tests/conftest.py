@@ -1,0 +1,43 @@
+"""Shared fixtures: the real models in ../shared/models and seeded random models per family."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # lets tests import the `support` helpers
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MODELS = Path(os.environ.get("AMXC_SHARED_MODELS", REPO.parent / "shared" / "models"))
+SHARED_EVAL = SHARED_MODELS.parent / "eval"
+
+
+def shared_model(name: str) -> Path:
+    path = SHARED_MODELS / name
+    if not path.exists():
+        pytest.skip(f"real model {name} not found in {SHARED_MODELS} (set AMXC_SHARED_MODELS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return shared_model("stories260K")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return shared_model("smollm2-135m-instruct-q4_1") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory) -> dict[str, Path]:
+    """Seeded random-weight checkpoints of every supported family, saved as HF directories."""
+    from support.random_models import FAMILY_CONFIGS, save_random_model
+
+    root = tmp_path_factory.mktemp("random_models")
+    return {name: save_random_model(name, root / name) for name in FAMILY_CONFIGS}
