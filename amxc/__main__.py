@@ -1,0 +1,5 @@
+import sys
+
+from amxc.cli import main
+
+sys.exit(main())
