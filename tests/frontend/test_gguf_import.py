@@ -8,6 +8,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.hf import import_gguf
 from support.random_models import random_ids
+from test_hf_import import check_roundtrip
 
 TOL = 1e-4   # same justification as test_hf_import.py
 
@@ -17,6 +18,7 @@ def test_smollm2_gguf_matches_hf(smollm2_gguf):
 
     module = import_gguf(smollm2_gguf)
     ir.verify(module)
+    check_roundtrip(module)
     assert module.attrs["num_kv_heads"] == 3 and module.attrs["tie_word_embeddings"]
     ids = random_ids(module.attrs["vocab_size"], 32)
     pos = np.arange(32, dtype=np.int64)[None]

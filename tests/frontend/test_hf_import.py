@@ -26,9 +26,18 @@ def hf_logits(model_dir, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
 
 
+def check_roundtrip(module: ir.Module) -> None:
+    """print -> parse -> print is identical and the parsed module verifies (issue #2, show 2)."""
+    text = ir.print_module(module)
+    parsed = ir.parse_module(text)
+    ir.verify(parsed)
+    assert ir.print_module(parsed) == text
+
+
 def check_against_hf(model_dir, length=32, batch=1):
     module = import_hf_checkpoint(model_dir)
     ir.verify(module)
+    check_roundtrip(module)
     ids = random_ids(module.attrs["vocab_size"], length, batch)
     pos = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
     ours = ir.run(module, {"input_ids": ids, "position_ids": pos})[0]
