@@ -8,7 +8,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.hf import import_gguf
 from support.random_models import random_ids
-from test_hf_import import check_roundtrip
+from support.checks import check_roundtrip
 
 TOL = 1e-4   # same justification as test_hf_import.py
 

@@ -14,6 +14,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.errors import FrontendError
 from amxc.frontend.hf import import_hf_checkpoint
+from support.checks import check_roundtrip
 from support.random_models import FAMILY_CONFIGS, random_ids
 
 TOL = 1e-4
@@ -24,14 +25,6 @@ def hf_logits(model_dir, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
-
-
-def check_roundtrip(module: ir.Module) -> None:
-    """print -> parse -> print is identical and the parsed module verifies (issue #2, show 2)."""
-    text = ir.print_module(module)
-    parsed = ir.parse_module(text)
-    ir.verify(parsed)
-    assert ir.print_module(parsed) == text
 
 
 def check_against_hf(model_dir, length=32, batch=1):
