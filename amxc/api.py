@@ -18,10 +18,11 @@ def _say(msg: str, progress: bool) -> None:
 def trace(model, *, progress: bool = False) -> Module:
     """Import a model (checkpoint directory, .gguf, .pt2, or a known name such as
     'smollm2-135m') into an IR module.  Weights stay on disk until needed."""
-    from amxc.frontend import load_model
+    from amxc.frontend import load_model, resolve
     t0 = time.perf_counter()
-    _say(f"tracing {model} with torch.export …", progress)
-    module = load_model(model)
+    kind, path = resolve(model)
+    _say(f"tracing {path} ({kind}) with torch.export …", progress)
+    module = load_model(path)
     _say(f"traced {len(module.main.nodes)} ops, {len(module.params)} parameters "
          f"({module.param_bytes() / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s", progress)
     return module

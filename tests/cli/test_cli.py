@@ -1,0 +1,95 @@
+"""The amxc command line, run as a user would (the installed console script)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import amxc.ir as ir
+from amxc.runtime.artifact import ArtifactError, load_artifact
+
+AMXC = [sys.executable, "-m", "amxc"]
+
+
+def amxc(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*AMXC, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"amxc {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stories_art(tmp_path_factory, stories_dir) -> Path:
+    art = tmp_path_factory.mktemp("art") / "stories.amxc"
+    proc = amxc("compile", stories_dir, "-o", art)
+    assert "traced" in proc.stderr and "wrote" in proc.stderr      # progress is shown
+    return art
+
+
+def test_version_and_help():
+    assert amxc("--version").stdout.startswith("amxc 0.")
+    help_text = amxc("--help").stdout
+    for word in ("compile", "inspect", "pull", "examples:"):
+        assert word in help_text
+
+
+def test_compile_writes_a_complete_artifact(stories_art, stories_dir):
+    manifest = json.loads((stories_art / "manifest.json").read_text())
+    assert manifest["format"] == "amxc-artifact" and manifest["config"]["num_layers"] == 5
+    assert set(manifest["files"]) >= {"graph.ir", "weights.bin", "tokenizer/tokenizer.json"}
+    for entry in manifest["params"].values():
+        assert entry["offset"] % 64 == 0
+    module, _ = load_artifact(stories_art)
+    ids = np.arange(1, 17, dtype=np.int64)[None]
+    logits = ir.run(module, {"input_ids": ids, "position_ids": np.arange(16)[None]})[0]
+    assert logits.shape == (1, 16, 512) and np.isfinite(logits).all()
+
+
+def test_inspect_prints_ir_that_parses(stories_art):
+    text = amxc("inspect", stories_art).stdout
+    module = ir.parse_module(text)
+    assert module.name == "stories260K" and len(module.params) == 48
+
+
+def test_inspect_stats(stories_art):
+    out = amxc("inspect", stories_art, "--stats").stdout
+    assert "linear" in out and "sdpa" in out
+    assert "1,040,144" in out           # 260,036 f32 parameter elements
+
+
+def test_inspect_draws_svg_and_dot(stories_art, tmp_path):
+    amxc("inspect", stories_art, "--format", "svg", "-o", tmp_path / "g.svg")
+    svg = (tmp_path / "g.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<rect") == 347 + 3     # ops + 2 args + return
+    dot = amxc("inspect", stories_art, "--format", "dot").stdout
+    assert dot.startswith('digraph "forward"') and dot.count("->") > 347
+
+
+def test_inspect_traces_a_model_directly(stories_dir):
+    assert "func @forward" in amxc("inspect", stories_dir).stdout
+
+
+def test_missing_model_is_one_clear_line():
+    proc = amxc("compile", "no/such/model", "-o", "x.amxc", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("amxc: error: no/such/model: no such file")
+    assert "Traceback" not in proc.stderr
+
+
+def test_tampered_artifact_is_rejected(stories_art, tmp_path):
+    art = tmp_path / "tampered.amxc"
+    shutil.copytree(stories_art, art)
+    with open(art / "weights.bin", "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ArtifactError, match="weights.bin: content does not match"):
+        load_artifact(art)
+    proc = amxc("inspect", art, check=False)
+    assert proc.returncode == 2 and "weights.bin" in proc.stderr
