@@ -150,7 +150,7 @@ class Converter:
                         self.symbols[expr] = names.get(axis, f"{node.name}_{axis}")
                 arg = Value(node.name, self.tensor_type(val, f" for input {node.name}"))
                 self.fn.args.append(arg)
-                self.b._taken.add(arg.name)
+                self.b.reserve(arg.name)
                 self.env[node] = arg
             else:
                 p = Param(spec.target, self.tensor_type(val, f" for {spec.target}"),

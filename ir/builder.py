@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .core import Function, Node, Value
+from .core import Function, Node
 from .registry import get_op
 from .types import TensorType
 
@@ -14,6 +14,10 @@ class Builder:
         self.loc = loc
         self._taken = {v.name for v in fn.values()}
         self._counter: dict[str, int] = {}
+
+    def reserve(self, name: str) -> None:
+        """Mark a name taken by a value created outside the builder (a new argument)."""
+        self._taken.add(name)
 
     def fresh(self, hint: str) -> str:
         """A value name not yet used in the function, derived from `hint`."""
@@ -41,6 +45,3 @@ class Builder:
         else:
             self.fn.nodes.insert(index, node)
         return node.outputs[0] if len(node.outputs) == 1 else node.outputs
-
-    def node_of(self, v: Value) -> Node:
-        return v.producer
