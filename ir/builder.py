@@ -9,9 +9,10 @@ from .types import TensorType
 
 
 class Builder:
-    def __init__(self, fn: Function, loc: str | None = None):
+    def __init__(self, fn: Function, loc: str | None = None, insert_at: int | None = None):
         self.fn = fn
         self.loc = loc
+        self.insert_at = insert_at      # None: append; else insert here and move on
         self._taken = {v.name for v in fn.values()}
         self._counter: dict[str, int] = {}
 
@@ -40,6 +41,9 @@ class Builder:
         names = [self.fresh(name or op)] if len(types) == 1 else \
             [self.fresh(f"{name or op}.{i}") for i in range(len(types))]
         node = Node(opdef, inputs, attrs, types, names, loc if loc is not None else self.loc)
+        if index is None and self.insert_at is not None:
+            index = self.insert_at
+            self.insert_at += 1
         if index is None:
             self.fn.nodes.append(node)
         else:

@@ -1,1 +1,9 @@
-"""amxc.passes: IR-to-IR transformations (pass manager, pattern matcher, fusions, quantization)."""
+"""amxc.passes: IR-to-IR transformations.
+
+Importing the package registers the built-in passes; `pipeline.py` parses pipeline strings,
+`manager.py` runs them with instrumentation, `plugins.py` loads external passes."""
+from . import canonicalize, cse, dce, fold, fuse_attention, fuse_mlp, fuse_norm, fuse_rope  # noqa: F401
+from .base import REGISTRY, Option, Pass, PassError, PassRegistry, register_pass
+from .pipelines import DEFAULT_PIPELINE
+
+__all__ = ["DEFAULT_PIPELINE", "Option", "Pass", "PassError", "PassRegistry", "REGISTRY", "register_pass"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -75,7 +76,12 @@ class Pass:
 
 
 def _fmt(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str) and (not v or v != v.strip() or not v.isprintable()
+                               or any(c in v for c in ',{}"')):
+        return json.dumps(v)       # the pipeline syntax's quoted form, so the spec parses back
+    return str(v)
 
 
 class PassRegistry:

@@ -1,0 +1,133 @@
+"""Fused ops produced by the fusion passes: the units kernels are written for.
+
+Each reference is written as the unfused composition it replaces, so a fusion is exact up to
+float rounding by construction, and the golden tests check it numerically too."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..attrs import Attr
+from ..dtypes import i64
+from ..registry import register_op
+from ._shapes import broadcast_shapes, fail, same_dtype
+from .elementwise import gelu
+from .nn import linear
+
+
+def _rms_norm_infer(ts, at):
+    x, w = ts
+    same_dtype(ts)
+    if w.shape != x.shape[-1:]:
+        fail(f"rms_norm weight {w} does not match the last dim of {x}")
+    return [x]
+
+
+@register_op("rms_norm", "x weight", {"eps": Attr("float")}, infer=_rms_norm_infer)
+def rms_norm(x, weight, eps):
+    """weight * (x * rsqrt(mean(x^2, -1) + eps))"""
+    var = np.mean(x * x, axis=-1, keepdims=True, dtype=x.dtype)
+    return (weight * (x * (1.0 / np.sqrt(var + np.float32(eps))))).astype(x.dtype)
+
+
+def _rope_infer(ts, at):
+    x, cos, sin = ts
+    same_dtype(ts)
+    if cos.shape != sin.shape or broadcast_shapes(x.shape, cos.shape) != x.shape:
+        fail(f"rope tables {cos}, {sin} do not broadcast to {x}")
+    if isinstance(x.shape[-1], int) and x.shape[-1] % 2:
+        fail("rope needs an even head dim")
+    return [x]
+
+
+def rotate(x, interleaved: bool):
+    """The 'rotated' partner of x: (-x2, x1) for the halves, or per (even, odd) pair."""
+    if interleaved:
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = -x[..., 1::2], x[..., 0::2]
+        return out
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+@register_op("rope", "x cos sin", {"interleaved": Attr("bool", False)}, infer=_rope_infer)
+def rope(x, cos, sin, interleaved):
+    """x * cos + rotate(x) * sin: rotate-half (HF) or interleaved pairs (GPT-J, llama.cpp)."""
+    return (x * cos + rotate(x, interleaved) * sin).astype(x.dtype)
+
+
+def _attention_infer(ts, at):
+    q, k, v, pos = ts
+    same_dtype(ts[:3])
+    if not (q.rank == k.rank == v.rank == 4) or pos.rank != 2 or pos.dtype != i64:
+        fail("attention takes q, k, v as [b, heads, s, d] and positions as i64[b, s]")
+    if k.shape != v.shape[:3] + (k.shape[3],) or q.shape[3] != k.shape[3] or q.shape[2] != k.shape[2]:
+        fail(f"attention: q {q}, k {k}, v {v} do not conform")
+    hq, hk = q.shape[1], k.shape[1]
+    if not (isinstance(hq, int) and isinstance(hk, int) and hq % hk == 0):
+        fail(f"attention: {hq} query heads are not a multiple of {hk} kv heads")
+    if pos.shape != (q.shape[0], q.shape[2]):
+        fail(f"attention positions {pos} do not match queries {q}")
+    return [q.with_shape(q.shape[:3] + (v.shape[3],))]
+
+
+def position_mask(q_pos, k_pos, causal: bool, window: int):
+    """[b, 1, sq, sk] bool: key j is visible from query i.  Masks are defined on positions, so
+    one rule serves the full sequence, prefill and decode over a cache."""
+    qp, kp = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    mask = kp <= qp if causal else np.ones(np.broadcast_shapes(qp.shape, kp.shape), dtype=bool)
+    if window:
+        mask = mask & (qp - kp < window)
+    return mask
+
+
+def attend(q, k, v, mask, scale):
+    """softmax(q k^T * scale, masked) v in float64, with grouped kv heads."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, rep, axis=1).astype(np.float64), np.repeat(v, rep, axis=1).astype(np.float64)
+    scores = np.matmul(q.astype(np.float64), np.swapaxes(k, -1, -2)) * scale
+    scores = np.where(mask, scores, -np.inf)
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    return np.matmul(e / np.sum(e, axis=-1, keepdims=True), v).astype(q.dtype)
+
+
+@register_op("attention", "q k v positions", {"scale": Attr("float"), "causal": Attr("bool", True),
+                                              "window": Attr("int", 0)}, infer=_attention_infer)
+def attention(q, k, v, positions, scale, causal, window):
+    """Multi-head / grouped-query attention with a position mask (causal, optional sliding window)."""
+    return attend(q, k, v, position_mask(positions, positions, causal, window), scale)
+
+
+def _mlp_swiglu_infer(ts, at):
+    x, wg, wu, wd = ts
+    same_dtype(ts)
+    if not (wg.shape == wu.shape and wg.shape[1] == x.shape[-1] and wd.shape == (x.shape[-1], wg.shape[0])):
+        fail(f"mlp_swiglu weights {wg}, {wu}, {wd} do not fit {x}")
+    return [x]
+
+
+@register_op("mlp_swiglu", "x w_gate w_up w_down", infer=_mlp_swiglu_infer)
+def mlp_swiglu(x, w_gate, w_up, w_down):
+    """down(silu(gate(x)) * up(x))"""
+    g = linear(x, w_gate)
+    return linear((g / (1.0 + np.exp(-g))) * linear(x, w_up), w_down)
+
+
+def _mlp_gelu_infer(ts, at):
+    x, w1, w2 = ts[:3]
+    same_dtype(ts)
+    if w1.shape[1] != x.shape[-1] or w2.shape != (x.shape[-1], w1.shape[0]):
+        fail(f"mlp_gelu weights {w1}, {w2} do not fit {x}")
+    if len(ts) == 5 and (ts[3].shape != (w1.shape[0],) or ts[4].shape != (w2.shape[0],)):
+        fail("mlp_gelu biases do not fit the weights")
+    if len(ts) == 4:
+        fail("mlp_gelu takes both biases or none")
+    return [x]
+
+
+@register_op("mlp_gelu", "x w_fc w_proj b_fc? b_proj?", {"approximate": Attr("str", "none")},
+             infer=_mlp_gelu_infer)
+def mlp_gelu(x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate):
+    """proj(gelu(fc(x)))"""
+    return linear(gelu(linear(x, w_fc, b_fc), approximate), w_proj, b_proj)
+
+
