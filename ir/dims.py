@@ -153,6 +153,15 @@ class _Poly:
         return out
 
 
+def substitute(d: Dim, env: Mapping[str, Dim]) -> Dim:
+    """d with the named sizes replaced (by ints or other dims), in canonical form."""
+    if isinstance(d, int):
+        return d
+    if d.op == "var":
+        return env.get(d.args[0], d)
+    return binary(d.op, substitute(d.args[0], env), substitute(d.args[1], env))
+
+
 def evaluate(d: Dim, env: Mapping[str, int]) -> int:
     return d if isinstance(d, int) else d.evaluate(env)
 

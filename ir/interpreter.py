@@ -15,6 +15,7 @@ from . import dims as D
 from .core import Module, Param, Value
 from .errors import InterpreterError
 from .registry import OpDef
+from .types import TensorType
 
 _WANTS_ENV: dict[str, bool] = {}
 
@@ -29,6 +30,8 @@ def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str,
     """Bind the symbolic sizes of the arguments' types from the given arrays' shapes."""
     env: dict[str, int] = {}
     for v, arr in zip(args, arrays):
+        if not isinstance(v.type, TensorType):
+            continue                  # a KV cache: its store checks itself
         if arr.dtype != v.type.dtype.storage:
             raise InterpreterError(f"input %{v.name} must be {v.type.dtype}, got {arr.dtype}")
         if arr.ndim != v.type.rank:
@@ -38,6 +41,8 @@ def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str,
                 if env.setdefault(d.args[0], n) != n:
                     raise InterpreterError(f"size '{d}' is {env[d.args[0]]} and {n} at once")
     for v, arr in zip(args, arrays):
+        if not isinstance(v.type, TensorType):
+            continue
         want = v.type.concrete_shape(env)
         if tuple(arr.shape) != want:
             raise InterpreterError(f"input %{v.name} must have shape {list(want)}, got {list(arr.shape)}")
@@ -55,7 +60,7 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
         inputs = [inputs[a.name] for a in fn.args]
     if len(inputs) != len(fn.args):
         raise InterpreterError(f"@{fn.name} takes {len(fn.args)} inputs, got {len(inputs)}")
-    arrays = [np.asarray(x) for x in inputs]
+    arrays = [np.asarray(x) if isinstance(a.type, TensorType) else x for a, x in zip(fn.args, inputs)]
     env = bind_sizes(fn.args, arrays)
 
     last_use: dict[int, int] = {}

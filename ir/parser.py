@@ -16,7 +16,7 @@ from .core import Function, Module, Node, Param, Value
 from .dtypes import ALL as DTYPES
 from .errors import ParseError
 from .registry import get_op, has_op
-from .types import TensorType
+from .types import KVCacheType, TensorType
 
 _MAX_DEPTH = 64
 
@@ -28,7 +28,7 @@ _TOKEN = re.compile(r"""
   | (?P<int>\d+)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<string>"(?:[^"\\\n]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")
-  | (?P<punct>->|//|[()\[\]{},:=+\-*])
+  | (?P<punct>->|//|[()\[\]{},:=+\-*<>])
 """, re.VERBOSE)
 
 
@@ -220,8 +220,10 @@ class _Parser:
             return out, toks
 
     # -- types ---------------------------------------------------------------------------------
-    def type(self) -> TensorType:
+    def type(self):
         tok = self.expect_kind("ident", "a type")
+        if tok.text == "kv_cache":
+            return self.kv_cache_type(tok)
         if tok.text not in DTYPES:
             raise self.error(f"unknown dtype '{tok.text}'", tok)
         self.expect("[")
@@ -239,6 +241,29 @@ class _Parser:
             self.expect("]")
         encoding = self.attr_dict()[0] if self.at("{") else {}
         return TensorType(DTYPES[tok.text], tuple(shape), encoding)
+
+    def kv_cache_type(self, tok: Token) -> KVCacheType:
+        self.expect("<")
+        fields: dict[str, Any] = {}
+        while True:
+            key = self.expect_kind("ident", "a kv_cache field").text
+            self.expect("=")
+            fields[key] = self.next()
+            if not self.accept(","):
+                break
+        self.expect(">")
+        want = ("layers", "kv_heads", "head_dim", "dtype")
+        if tuple(fields) != want:
+            raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order", tok)
+        ints = []
+        for key in want[:3]:
+            t = fields[key]
+            if t.kind != "int" or len(t.text) > 9 or int(t.text) < 1:
+                raise self.error(f"kv_cache {key} must be a positive integer", t)
+            ints.append(int(t.text))
+        if fields["dtype"].text not in DTYPES:
+            raise self.error(f"unknown dtype '{fields['dtype'].text}'", fields["dtype"])
+        return KVCacheType(*ints, DTYPES[fields["dtype"].text])
 
     # -- structure -----------------------------------------------------------------------------
     def module(self) -> Module:

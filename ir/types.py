@@ -62,3 +62,17 @@ class TensorType:
             from .attrs import format_value   # local: attrs imports types
             text += "{" + ", ".join(f"{k}={format_value(v)}" for k, v in self.encoding) + "}"
         return text
+
+
+@dataclass(frozen=True)
+class KVCacheType:
+    """The key/value cache of all attention layers, as one function argument.  Its contents are
+    addressed by token position (see ops/cache.py); the runtime decides the physical layout."""
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: DType
+
+    def __str__(self) -> str:
+        return (f"kv_cache<layers={self.layers}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"dtype={self.dtype}>")

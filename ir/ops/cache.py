@@ -1,0 +1,65 @@
+"""Cache-aware attention: the op the kv-cache pass puts in place of `attention`.
+
+The cache is addressed by token position: `attention_cached` first stores this step's keys and
+values at their positions, then attends over every stored position the query may see.  One op
+thus serves prefill (many positions) and decode (one), and the runtime is free to store the
+cache in pages; `DenseKVCache` is the reference store the interpreter uses."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..attrs import Attr
+from ..dtypes import i64
+from ..registry import register_op
+from ..types import KVCacheType
+from ._shapes import fail
+from .fused import _attention_infer, attend, position_mask
+
+
+class DenseKVCache:
+    """Per layer, keys and values [batch, kv_heads, capacity, head_dim], slot = position."""
+
+    def __init__(self, type: KVCacheType, batch: int, capacity: int):
+        self.type, self.batch, self.capacity = type, batch, capacity
+        shape = (type.layers, batch, type.kv_heads, capacity, type.head_dim)
+        self.k = np.zeros(shape, dtype=type.dtype.storage)
+        self.v = np.zeros(shape, dtype=type.dtype.storage)
+        self.filled = np.zeros((type.layers, batch, capacity), dtype=bool)
+
+    def write(self, layer: int, positions, k, v) -> None:
+        if positions.min() < 0 or positions.max() >= self.capacity:
+            raise IndexError(f"position {int(positions.max())} is outside the KV cache "
+                             f"(capacity {self.capacity})")
+        rows = np.arange(self.batch)[:, None]
+        self.k[layer, rows, :, positions] = np.swapaxes(k, 1, 2)
+        self.v[layer, rows, :, positions] = np.swapaxes(v, 1, 2)
+        self.filled[layer, rows, positions] = True
+
+    def read(self, layer: int, upto: int):
+        """Keys, values, their positions [b, upto] and which slots hold data."""
+        pos = np.broadcast_to(np.arange(upto, dtype=np.int64), (self.batch, upto))
+        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto], pos, self.filled[layer, :, :upto]
+
+
+def _cached_infer(ts, at):
+    q, k, v, pos, cache = ts
+    if not isinstance(cache, KVCacheType):
+        fail("attention_cached needs a kv_cache operand")
+    if not 0 <= at["layer"] < cache.layers:
+        fail(f"layer {at['layer']} is outside the cache's {cache.layers} layers")
+    if k.shape[1] != cache.kv_heads or k.shape[3] != cache.head_dim or k.dtype != cache.dtype:
+        fail(f"keys {k} do not fit {cache}")
+    if pos.dtype != i64:
+        fail("positions must be i64")
+    return _attention_infer([q, k, v, pos], at)
+
+
+@register_op("attention_cached", "q k v positions cache",
+             {"layer": Attr("int"), "scale": Attr("float"), "window": Attr("int", 0)},
+             infer=_cached_infer, side_effects=True)
+def attention_cached(q, k, v, positions, cache, *, layer, scale, window):
+    """Store k, v at `positions` in the cache, then causal attention over the cached positions."""
+    cache.write(layer, positions, k, v)
+    keys, values, kpos, filled = cache.read(layer, int(positions.max()) + 1)
+    mask = position_mask(positions, kpos, True, window) & filled[:, None, None, :]
+    return attend(q, keys, values, mask, scale)
