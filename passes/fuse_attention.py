@@ -37,7 +37,8 @@ def classify_mask(fn: Function, mask: Value):
     """(causal, window, positions-arg or None) for a mask over positions, or a reason string."""
     nodes, need = _ancestors(fn, mask)
     args = [a for a in fn.args if id(a) in need]
-    if any(isinstance(x, Param) and not x.name.startswith("folded.") for n in nodes for x in n.inputs):
+    leaves = [mask] + [x for n in nodes for x in n.inputs]
+    if any(isinstance(x, Param) and not x.name.startswith("folded.") for x in leaves):
         return "mask depends on model weights"
     if len(args) > 1 or (args and (args[0].type.dtype != T.i64 or args[0].type.rank != 2)):
         return "mask depends on inputs other than one i64[b, s] positions tensor"
@@ -58,7 +59,9 @@ def classify_mask(fn: Function, mask: Value):
         (value,) = interpret(m, inputs)
     except Exception as e:        # a mask we cannot evaluate statically is not ours to fuse
         return f"mask could not be evaluated on probe positions ({type(e).__name__})"
-    visible = value if value.dtype == np.bool_ else value > -1e4
+    if value.dtype != np.bool_ and not np.all((value == 0) | (value <= -1e4)):
+        return "additive mask holds values other than 0 and -inf (a bias, not a mask)"
+    visible = value if value.dtype == np.bool_ else value == 0
     if visible.ndim != 4 or visible.shape[1] != 1:
         return "mask is not [b, 1, q, k]"
     q_len, k_len = visible.shape[2], visible.shape[3]
@@ -80,7 +83,7 @@ def positions_for(b: Builder, fn: Function, q: Value, given: Value | None) -> Va
     batch, seq = q.type.shape[0], q.type.shape[2]
     r = b.emit("arange", [], {"end": seq, "dtype": T.i64}, name="positions")
     r = b.emit("reshape", [r], {"shape": [1, seq]}, name="positions")
-    return b.emit("expand", [r], {"shape": [batch, seq]}, name="positions")
+    return r if batch == 1 else b.emit("expand", [r], {"shape": [batch, seq]}, name="positions")
 
 
 # -- repeat_kv ------------------------------------------------------------------------------------

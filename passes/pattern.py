@@ -178,6 +178,8 @@ def rewrite(fn: Function, rules: Iterable[Rule], log: RewriteLog | None = None) 
     changed = False
     while True:
         users = fn.users()
+        for v in fn.results:              # being returned is a use too
+            users.setdefault(v, []).append(None)
         fired = False
         for i, node in enumerate(fn.nodes):
             if len(node.outputs) != 1:
