@@ -8,7 +8,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.hf import import_gguf
 from support.random_models import random_ids
-from support.checks import check_roundtrip
+from support.checks import check_default_pipeline, check_roundtrip
 
 TOL = 1e-4   # same justification as test_hf_import.py
 
@@ -31,3 +31,4 @@ def test_smollm2_gguf_matches_hf(smollm2_gguf):
     print(f"SmolLM2-135M GGUF: max|logit diff| = {diff:.2e} (max|logit| {np.abs(ref).max():.1f})")
     assert diff <= TOL
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    check_default_pipeline(module, ids, pos, ref)

@@ -14,7 +14,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.errors import FrontendError
 from amxc.frontend.hf import import_hf_checkpoint
-from support.checks import check_roundtrip
+from support.checks import check_default_pipeline, check_roundtrip
 from support.random_models import FAMILY_CONFIGS, random_ids
 
 TOL = 1e-4
@@ -39,6 +39,7 @@ def check_against_hf(model_dir, length=32, batch=1):
     print(f"{model_dir.name}: max|logit diff| = {diff:.2e} (max|logit| {np.abs(ref).max():.1f})")
     assert ours.shape == ref.shape
     assert diff <= TOL
+    check_default_pipeline(module, ids, pos, ref)
     return module, diff
 
 
