@@ -39,6 +39,14 @@ class Pattern:
         raise NotImplementedError
 
 
+def _bind(m: Match, name: str, value, same) -> bool:
+    """Bind `name`, or, if already bound, require the same binding."""
+    if name in m:
+        return same(m[name], value)
+    m[name] = value
+    return True
+
+
 @dataclass
 class VarPat(Pattern):
     name: str
@@ -47,10 +55,12 @@ class VarPat(Pattern):
     def match(self, v, m, users):
         if self.check is not None and not self.check(v):
             return False
-        if self.name in m:
-            return m[self.name] is v
-        m[self.name] = v
-        return True
+        return _bind(m, self.name, v, lambda a, b: a is b)
+
+
+class ParamPat(VarPat):
+    def __init__(self, name: str):
+        super().__init__(name, lambda v: isinstance(v, Param))
 
 
 @dataclass
@@ -65,23 +75,7 @@ class ConstPat(Pattern):
         value = n.attrs["value"]
         if self.check is not None and not self.check(value):
             return False
-        if self.name in m:
-            return m[self.name] == value
-        m[self.name] = value
-        return True
-
-
-@dataclass
-class ParamPat(Pattern):
-    name: str
-
-    def match(self, v, m, users):
-        if not isinstance(v, Param):
-            return False
-        if self.name in m:
-            return m[self.name] is v
-        m[self.name] = v
-        return True
+        return _bind(m, self.name, value, lambda a, b: a == b)
 
 
 @dataclass
