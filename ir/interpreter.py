@@ -20,7 +20,8 @@ from .types import TensorType
 _WANTS_ENV: dict[str, bool] = {}
 
 
-def _wants_env(op: OpDef) -> bool:
+def wants_env(op: OpDef) -> bool:
+    """Whether the op's reference takes the bound symbolic sizes (`env=`)."""
     if op.name not in _WANTS_ENV:
         _WANTS_ENV[op.name] = "env" in inspect.signature(op.reference).parameters
     return _WANTS_ENV[op.name]
@@ -78,7 +79,7 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     for i, node in enumerate(fn.nodes):
         op = node.opdef
         kwargs = dict(node.attrs)
-        if _wants_env(op):
+        if wants_env(op):
             kwargs["env"] = env
         try:
             out = op.reference(*(fetch(v) for v in node.inputs), **kwargs)

@@ -7,7 +7,7 @@ one table, so an op is defined in exactly one place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .attrs import Attr, AttrError
@@ -32,7 +32,6 @@ class OpDef:
     side_effects: bool = False
     commutative: bool = False
     doc: str = ""
-    extras: dict = field(default_factory=dict)
 
     @property
     def min_inputs(self) -> int:
@@ -69,7 +68,7 @@ _OPS: dict[str, OpDef] = {}
 
 
 def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] | None = None, *,
-                infer: Infer, side_effects: bool = False, commutative: bool = False, **extras):
+                infer: Infer, side_effects: bool = False, commutative: bool = False):
     """Decorator on the numpy reference implementation of op `name`."""
     if isinstance(inputs, str):
         inputs = tuple(inputs.split())
@@ -78,7 +77,7 @@ def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] |
         if name in _OPS:
             raise ValueError(f"op '{name}' is already registered")
         _OPS[name] = OpDef(name, tuple(inputs), dict(attrs or {}), infer, reference,
-                           side_effects, commutative, (reference.__doc__ or "").strip(), extras)
+                           side_effects, commutative, (reference.__doc__ or "").strip())
         return reference
     return wrap
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from amxc.ir import Builder, Module, Param
+from amxc.ir.interpreter import wants_env
 
 from .base import Option, Pass, register_pass
 from .pattern import remove_dead, replace_uses
@@ -54,7 +55,4 @@ class FoldConstants(Pass):
 
 
 def _kwargs(node):
-    kw = dict(node.attrs)
-    if "env" in node.opdef.reference.__code__.co_varnames:
-        kw["env"] = {}
-    return kw
+    return {**node.attrs, "env": {}} if wants_env(node.opdef) else dict(node.attrs)

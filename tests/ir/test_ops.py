@@ -63,7 +63,27 @@ CASES = [  # (op, inputs, attrs, torch reference)
     ("constant", [], {"value": 2.5, "dtype": T.f32}, lambda: torch.tensor(2.5)),
     ("arange", [], {"start": 2, "end": 9, "step": 3, "dtype": T.i64}, lambda: torch.arange(2, 9, 3)),
     ("full", [], {"shape": [2, 3], "value": True, "dtype": T.bool_}, lambda: torch.full((2, 3), True)),
+    # fused ops, each against torch's own formulation
+    ("rms_norm", [X, Y[0, 0]], {"eps": 1e-5},
+     lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))),
+    ("rope", [X, np.cos(Y), np.sin(Y)], {},
+     lambda x, c, s: x * c + torch.cat([-x[..., 4:], x[..., :4]], -1) * s),
+    ("rope", [X, np.repeat(np.cos(Y[..., :4]), 2, -1), np.repeat(np.sin(Y[..., :4]), 2, -1)],
+     {"interleaved": True}, lambda x, c, s: _complex_rotation(x, c[..., ::2], s[..., ::2])),
+    ("mlp_swiglu", [X, Y.reshape(6, 8), Y.reshape(6, 8)[::-1].copy(), Y.reshape(8, 6)],
+     {}, lambda x, g, u, d: torch.nn.functional.linear(
+         torch.nn.functional.silu(x @ g.T) * (x @ u.T), d)),
+    ("mlp_gelu", [X, Y.reshape(6, 8), Y.reshape(8, 6), Y[0, 0, :6].copy(), Y[1, 1].copy()],
+     {"approximate": "tanh"}, lambda x, w1, w2, b1, b2: torch.nn.functional.linear(
+         torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1), approximate="tanh"), w2, b2)),
 ]
+
+
+def _complex_rotation(x, cos, sin):
+    """Interleaved RoPE as llama.cpp/Meta write it: pairs as complex numbers times e^(i theta)."""
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).double().contiguous())
+    rotated = torch.view_as_real(pairs * torch.complex(cos.double(), sin.double()))
+    return rotated.reshape(x.shape).float()
 
 
 def _torch(a):
@@ -112,6 +132,28 @@ def test_sdpa_matches_torch(causal, gqa, mask):
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [0, 3])
+def test_attention_matches_torch_with_position_masks(window):
+    from amxc.ir.ops.cache import DenseKVCache
+    from amxc.ir.types import KVCacheType
+    b, hq, hk, s, d = 2, 4, 2, 7, 8
+    q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
+    k = rng.standard_normal((b, hk, s, d)).astype(np.float32)
+    v = rng.standard_normal((b, hk, s, d)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(s), (b, s)).copy()
+    ours = _run_single("attention", [q, k, v, pos], {"scale": 0.3, "window": window})[0]
+    i, j = np.arange(s)[:, None], np.arange(s)[None]
+    mask = (j <= i) & ((i - j < window) if window else True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *map(_torch, (q, k, v)), attn_mask=_torch(mask), scale=0.3, enable_gqa=True).numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+    # the cached form over a prefill of the same tokens computes the same thing
+    cache = DenseKVCache(KVCacheType(1, hk, d, T.f32), b, capacity=16)
+    cached = ir.get_op("attention_cached").reference(q, k, v, pos, cache, layer=0, scale=0.3,
+                                                       window=window)
+    np.testing.assert_allclose(cached, ours, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("op, types, attrs, message", [
     ("add", ["f32[2, 3]", "f32[4]"], {}, "do not broadcast"),
     ("add", ["f32[2]", "i64[2]"], {}, "share one dtype"),
@@ -139,5 +181,5 @@ def test_interpreter_checks_declared_shapes():
 
 
 def test_every_registered_op_is_tested():
-    untested = set(ir.all_ops()) - {c[0] for c in CASES} - {"sdpa"}
+    untested = set(ir.all_ops()) - {c[0] for c in CASES} - {"sdpa", "attention", "attention_cached"}
     assert not untested, f"ops without a torch comparison: {sorted(untested)}"
