@@ -6,6 +6,6 @@
 """
 __version__ = "0.1.0"
 
-from amxc.api import compile, format_stats, load_ir, stats, trace  # noqa: E402
+from amxc.api import compile, format_stats, load_ir, optimize, stats, trace  # noqa: E402
 
-__all__ = ["__version__", "compile", "format_stats", "load_ir", "stats", "trace"]
+__all__ = ["__version__", "compile", "format_stats", "load_ir", "optimize", "stats", "trace"]

@@ -1,11 +1,13 @@
 """The public Python API (the CLI is a thin layer over it)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 from amxc.ir import Module
 
@@ -28,19 +30,153 @@ def trace(model, *, progress: bool = False) -> Module:
     return module
 
 
-def compile(model, output: str | os.PathLike, *, progress: bool = True) -> Path:
-    """Trace `model` and write a compiled artifact directory at `output`."""
+def compile(model, output: str | os.PathLike, *, pipeline: str | None = None,
+            dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
+            dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
+            instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True) -> Path:
+    """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
+    artifact directory at `output`.
+
+    `plugins` are `--pass-plugin` specs, loaded with the installed `amxc.passes` entry points
+    for this call only.  `dump_ir` points (`after:all`, `before:NAME`, ...) write numbered IR
+    files into `dump_dir` (default `<output>.ir-dumps`), with per-pass diffs if `dump_diff`.
+    `instruments` are extra pass instruments (amxc.passes.manager), e.g. a `Timing`.
+    The fusion report is printed (its warnings always); `strict_fusion` turns a layer missing
+    an expected fusion into an error."""
     from amxc.frontend import write_tokenizer
-    from amxc.ir import verify
     from amxc.runtime.artifact import save_artifact
 
-    module = trace(model, progress=progress)
-    verify(module)
+    with _pass_scope(plugins):
+        passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
+        dumps = _dumps(passes, dump_ir, dump_dir or f"{Path(output)}.ir-dumps", dump_diff)
+        module = trace(model, progress=progress)
+        config = dict(module.attrs)            # the model as traced; passes may add attributes
+        manager = _run(module, passes, verify_each, [*instruments, *dumps], progress)
+    for dump in dumps:
+        _say(f"wrote {len(dump.written)} dump files to {dump.directory}", progress)
+    fusions = _fusion_report(module, passes, strict_fusion, progress)
     t0 = time.perf_counter()
-    out = save_artifact(module, output, config=dict(module.attrs), progress=progress,
+    out = save_artifact(module, output, config=config, progress=progress, pipeline=manager.pipeline,
+                        extra={"passes": [r.to_json() for r in manager.records], "fusions": fusions},
                         write_tokenizer=lambda d: write_tokenizer(model, d))
     _say(f"wrote {out} in {time.perf_counter() - t0:.1f} s", progress)
     return out
+
+
+def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:
+    """Print the fusion report of a pipeline that fuses; its per-kind layer counts go to the
+    manifest.  Warnings are shown even without progress output."""
+    from amxc.passes import PassError
+    from amxc.passes.report import fusion_report
+
+    if not any(p.name.startswith("fuse-") for p in passes):
+        return {}
+    report = fusion_report(module, passes)
+    _say(report.render(), progress)
+    warnings = report.warnings()
+    if warnings and strict:
+        raise PassError("--strict-fusion: " + " | ".join(warnings))
+    if not progress:
+        for w in warnings:
+            print(f"amxc: warning: {w}", file=sys.stderr)
+    return {k: report.layers_with(k) for k in report.expected} | {"layers": report.num_layers}
+
+
+def optimize(module: Module, pipeline: str | None = None, *, dump_ir: Sequence[str] = (),
+             dump_dir: str | os.PathLike | None = None, dump_diff: bool = False,
+             plugins: Sequence[str] = (), verify_each: bool = True, instruments: Sequence = (),
+             progress: bool = False):
+    """Run `pipeline` (default: DEFAULT_PIPELINE) on `module`, in place, with the same options as
+    `compile`; `dump_dir` is required when dumping.  Returns the PassManager that ran: its
+    `pipeline` (canonical string) and `records` say what ran."""
+    with _pass_scope(plugins):
+        passes = _parse(pipeline)
+        if (dump_ir or dump_diff) and dump_dir is None:
+            raise ValueError("optimize: dump_ir / dump_diff need a dump_dir")
+        dumps = _dumps(passes, dump_ir, dump_dir, dump_diff)
+        return _run(module, passes, verify_each, [*instruments, *dumps], progress)
+
+
+def canonical_pipeline(pipeline: str | None = None, *, plugins: Sequence[str] = ()) -> str:
+    """The canonical spelling of `pipeline` (default: DEFAULT_PIPELINE), checked against the
+    registered passes and the given plugins: what `--print-pipeline` shows."""
+    from amxc.passes.pipeline import format_pipeline
+
+    with _pass_scope(plugins):
+        return format_pipeline(_parse(pipeline))
+
+
+@contextlib.contextmanager
+def _pass_scope(plugins: Sequence[str]):
+    """A registry scope holding the entry-point plugins and `plugins`, for one call.  It is a
+    child of the current scope, so passes a caller registered in its own scope are seen."""
+    from amxc.passes.base import current_registry
+    from amxc.passes.plugins import load_plugins
+
+    with current_registry().scope():
+        load_plugins(plugins)
+        yield
+
+
+def _parse(pipeline: str | None):
+    # imported here, at call time: importing amxc.passes registers the passes the default names
+    from amxc.passes import DEFAULT_PIPELINE
+    from amxc.passes.pipeline import parse_pipeline
+
+    return parse_pipeline(DEFAULT_PIPELINE if pipeline is None else pipeline)
+
+
+def _dumps(passes, dump_ir: Sequence[str], dump_dir, dump_diff: bool) -> list:
+    """The DumpIR instrument the options ask for (none if no dumps), checked against `passes`;
+    asking for diffs alone dumps after every pass."""
+    from amxc.passes.manager import DumpIR
+
+    if not (dump_ir or dump_diff):
+        return []
+    dump = DumpIR(dump_dir, list(dump_ir) or ["after:all"], diff=dump_diff)
+    dump.check(passes)
+    return [dump]
+
+
+def _run(module: Module, passes, verify_each: bool, instruments: list, progress: bool):
+    from amxc.ir import VerifyError, verify
+    from amxc.passes import PassError
+    from amxc.passes.manager import PassManager
+
+    t0 = time.perf_counter()
+    if progress:
+        instruments = [*instruments, _ProgressBar()]
+    manager = PassManager(passes, verify_each=verify_each, instruments=instruments)
+    manager.run(module)
+    if not verify_each:
+        try:
+            verify(module)
+        except VerifyError as e:
+            raise PassError(f"the pipeline left invalid IR (verify after each pass to find the "
+                            f"pass that broke it): {e}") from e
+    changed = sum(r.changed for r in manager.records)
+    _say(f"ran {len(passes)} passes ({changed} changed the IR) in {time.perf_counter() - t0:.1f} s",
+         progress)
+    return manager
+
+
+class _ProgressBar:
+    """Pass instrument: a bar over the pipeline naming the pass that runs (fusions on a large
+    model take seconds each)."""
+
+    def start(self, passes, module) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=len(passes), desc="passes", unit="pass", leave=False, file=sys.stderr,
+                        delay=1.0)
+
+    def before_pass(self, pass_, module, index) -> None:
+        self.bar.set_postfix_str(pass_.name, refresh=False)
+
+    def after_pass(self, pass_, module, index, changed, seconds) -> None:
+        self.bar.update(1)
+
+    def finish(self, module) -> None:
+        self.bar.close()
 
 
 def load_ir(target, *, progress: bool = False) -> tuple[Module, dict | None]:

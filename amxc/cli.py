@@ -7,15 +7,50 @@ from pathlib import Path
 
 EPILOG = """examples:
   amxc pull smollm2-135m                      download the default model (SmolLM2-135M-Instruct)
-  amxc compile smollm2-135m -o smollm2.amxc   trace and write a compiled artifact
+  amxc compile smollm2-135m -o smollm2.amxc   trace, optimize and write a compiled artifact
   amxc inspect smollm2.amxc --stats           op counts and parameter bytes
   amxc inspect smollm2.amxc                   print the IR
   amxc inspect smollm2.amxc --format svg -o graph.svg
   amxc compile path/to/hf_checkpoint -o model.amxc
 
+passes (see docs/passes.md):
+  amxc compile --print-pipeline               the default pipeline, canonical
+  amxc compile MODEL -o m.amxc --dump-ir after:all --dump-ir-diff --timing
+                                              IR after each pass and what it changed,
+                                              in m.amxc.ir-dumps/, and a time per pass
+  amxc compile MODEL -o m.amxc --pipeline "canonicalize,cse,dce"
+  amxc compile MODEL -o m.amxc --pass-plugin my_passes.py:MyPass --pipeline "my-pass,dce"
+  amxc opt graph.ir --pipeline "fuse-rms-norm,dce" -o out.ir
+                                              run passes on IR text, like mlir-opt
+
 MODEL is a Hugging Face checkpoint directory (config.json + safetensors), a .gguf file, a .pt2
 ExportedProgram, or a known model name (pulled into ~/.cache/amxc on first use).
 """
+
+
+def _add_pass_options(p: argparse.ArgumentParser, dump_dir_default: str) -> None:
+    g = p.add_argument_group("passes")
+    g.add_argument("--pipeline", metavar="STR", default=None,
+                   help='passes to run, e.g. "canonicalize,kv-cache{keep_forward=true}" '
+                        "(default: the default pipeline; see --print-pipeline)")
+    g.add_argument("--pass-plugin", metavar="SPEC", action="append", default=[],
+                   help="load passes from module:Name or path/to/file.py:Name (a Pass subclass, a "
+                        "function returning passes, or, without :Name, every pass in the module); "
+                        "repeatable.  Installed amxc.passes entry points load by themselves")
+    g.add_argument("--print-pipeline", action="store_true",
+                   help="print the effective pipeline in canonical form and exit")
+    g.add_argument("--dump-ir", metavar="WHEN", action="append", default=[],
+                   help="write the IR before:NAME, after:NAME, before:all or after:all passes as "
+                        "numbered files (00-input.ir, 03-fuse-attention.ir, ...); repeatable")
+    g.add_argument("--dump-dir", metavar="DIR", default=None,
+                   help=f"where --dump-ir writes (default: {dump_dir_default})")
+    g.add_argument("--dump-ir-diff", action="store_true",
+                   help="also write NN-NAME.diff, a unified diff of what each dumped pass changed "
+                        "(alone, implies --dump-ir after:all)")
+    g.add_argument("--no-verify-each", dest="verify_each", action="store_false",
+                   help="verify the IR once at the end instead of after every pass (faster; a "
+                        "broken IR is then not traced to its pass)")
+    g.add_argument("--timing", action="store_true", help="print a table of the time each pass took")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,12 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"amxc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compile", help="trace a model and write a compiled artifact",
-                       description="Trace MODEL into amxc IR and write an artifact directory "
-                                   "(manifest.json, graph.ir, weights.bin, tokenizer/).")
-    c.add_argument("model", metavar="MODEL")
-    c.add_argument("-o", "--output", required=True, metavar="ART", help="artifact directory to write")
+    c = sub.add_parser("compile", help="trace a model, run the passes, write a compiled artifact",
+                       description="Trace MODEL into amxc IR, run the pass pipeline over it and "
+                                   "write an artifact directory (manifest.json, graph.ir, "
+                                   "weights.bin, tokenizer/).  Passes: see docs/passes.md.")
+    c.add_argument("model", metavar="MODEL", nargs="?")
+    c.add_argument("-o", "--output", metavar="ART", help="artifact directory to write (required)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("--strict-fusion", action="store_true",
+                   help="fail if an expected fusion (attention, norm, RoPE, MLP) misses a layer")
+    _add_pass_options(c, "ART.ir-dumps")
+    c.set_defaults(parser=c)            # for usage errors found after parsing
+
+    o = sub.add_parser("opt", help="run passes on IR text and print the result (like mlir-opt)",
+                       description="Parse FILE.ir (or an artifact, or a model traced on the fly), "
+                                   "run the pipeline and print the resulting IR.")
+    o.add_argument("input", metavar="FILE.ir", nargs="?")
+    o.add_argument("-o", "--output", metavar="OUT.ir", default=None,
+                   help="write the IR to this file instead of stdout")
+    _add_pass_options(o, "OUT.ir.ir-dumps, or FILE.ir.ir-dumps without -o")
+    o.set_defaults(parser=o)
 
     i = sub.add_parser("inspect", help="print the IR of an artifact, IR file or model",
                        description="Show an artifact, an .ir dump or a model (traced on the fly).")
@@ -51,8 +100,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compile(args) -> int:
     from amxc.api import compile
-    compile(args.model, args.output, progress=not args.quiet)
+    from amxc.passes.manager import Timing
+
+    if args.print_pipeline:
+        return _print_pipeline(args)
+    if args.model is None or args.output is None:
+        args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
+    timing = Timing()
+    compile(args.model, args.output, pipeline=args.pipeline, dump_ir=args.dump_ir,
+            dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
+            verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,
+            progress=not args.quiet)
+    _print_timing(timing, args)
     return 0
+
+
+def cmd_opt(args) -> int:
+    from amxc.api import load_ir, optimize
+    from amxc.ir import print_module
+    from amxc.passes.manager import Timing
+
+    if args.print_pipeline:
+        return _print_pipeline(args)
+    if args.input is None:
+        args.parser.error("opt needs FILE.ir (or --print-pipeline)")
+    module, _ = load_ir(args.input)
+    timing = Timing()
+    optimize(module, args.pipeline, dump_ir=args.dump_ir,
+             dump_dir=args.dump_dir or f"{Path(args.output or args.input)}.ir-dumps",
+             dump_diff=args.dump_ir_diff, plugins=args.pass_plugin, verify_each=args.verify_each,
+             instruments=[timing])
+    _print_timing(timing, args)
+    _write(print_module(module), args.output)
+    return 0
+
+
+def _print_pipeline(args) -> int:
+    from amxc.api import canonical_pipeline
+    print(canonical_pipeline(args.pipeline, plugins=args.pass_plugin))
+    return 0
+
+
+def _print_timing(timing, args) -> None:
+    if args.timing:
+        print(timing.render(), file=sys.stderr)
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
 
 
 def cmd_inspect(args) -> int:
@@ -70,11 +169,7 @@ def cmd_inspect(args) -> int:
         text = to_svg(fn, title=f"@{module.name} :: @{fn.name}")
     else:
         text = print_module(module)
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    _write(text, args.output)
     return 0
 
 
@@ -92,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from amxc.errors import USER_ERRORS
     try:
-        return {"compile": cmd_compile, "inspect": cmd_inspect, "pull": cmd_pull}[args.command](args)
+        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect,
+                "pull": cmd_pull}[args.command](args)
     except USER_ERRORS as e:
         print(f"amxc: error: {e}", file=sys.stderr)
         return 2

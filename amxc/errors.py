@@ -3,7 +3,8 @@ from amxc.frontend.errors import FrontendError
 from amxc.frontend.gguf import GGUFError
 from amxc.frontend.pull import PullError
 from amxc.ir.errors import InterpreterError, ParseError, VerifyError
+from amxc.passes.base import PassError
 from amxc.runtime.artifact import ArtifactError
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               ArtifactError, FileNotFoundError)
+               PassError, ArtifactError, FileNotFoundError)

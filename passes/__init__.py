@@ -4,6 +4,10 @@ Importing the package registers the built-in passes; `pipeline.py` parses pipeli
 `manager.py` runs them with instrumentation, `plugins.py` loads external passes."""
 from . import canonicalize, cse, dce, fold, fuse_attention, fuse_mlp, fuse_norm, fuse_rope, kv_cache  # noqa: F401,E501
 from .base import REGISTRY, Option, Pass, PassError, PassRegistry, register_pass
+from .manager import PassManager
+from .pipeline import format_pipeline, parse_pipeline
 from .pipelines import DEFAULT_PIPELINE
+from .plugins import load_plugins
 
-__all__ = ["DEFAULT_PIPELINE", "Option", "Pass", "PassError", "PassRegistry", "REGISTRY", "register_pass"]
+__all__ = ["DEFAULT_PIPELINE", "Option", "Pass", "PassError", "PassManager", "PassRegistry", "REGISTRY",
+           "format_pipeline", "load_plugins", "parse_pipeline", "register_pass"]

@@ -51,7 +51,7 @@ class Pass:
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
     options: ClassVar[dict[str, Option]] = {}
-    origin: ClassVar[str] = "builtin"      # or "plugin:<distribution or module>"
+    origin: ClassVar[str] = "builtin"      # or "plugin:<distribution or module>", "python:<module>"
 
     def __init__(self, **opts):
         unknown = set(opts) - set(self.options)
@@ -96,6 +96,8 @@ class PassRegistry:
             existing = self.lookup(cls.name)
             raise PassError(f"pass '{cls.name}' is already registered (by {existing.origin}, "
                             f"{existing.__module__}.{existing.__qualname__})")
+        if "origin" not in vars(cls):   # the manifest must not call a user's pass builtin
+            cls.origin = "builtin" if cls.__module__.startswith("amxc.") else f"python:{cls.__module__}"
         self._passes[cls.name] = cls
         return cls
 

@@ -43,6 +43,8 @@ class PassRecord:
 
 
 class PassManager:
+    """Runs configured passes over a module; see the module docstring for instruments."""
+
     def __init__(self, passes: Iterable[Pass], *, verify_each: bool = True, instruments: Iterable = ()):
         self.passes = list(passes)
         self.verify_each = verify_each
@@ -73,12 +75,15 @@ class PassManager:
         t0 = time.perf_counter()
         try:
             changed = pass_.run(module)
+        except PassError as e:   # the pass refuses this module: one line that names the pass
+            raise PassError(f"pass #{index} '{pass_.spec()}' ({pass_.origin}): {e}") from e
         except Exception as e:   # a bug in the pass: keep its traceback, say which pass it was
-            e.add_note(f"while running pass #{index} '{pass_.spec()}' ({pass_.origin})")
+            if hasattr(e, "add_note"):      # Python 3.11+; on 3.10 the traceback alone tells
+                e.add_note(f"while running pass #{index} '{pass_.spec()}' ({pass_.origin})")
             raise
         seconds = time.perf_counter() - t0
         if not isinstance(changed, bool):
-            raise PassError(f"pass '{pass_.name}' ({pass_.origin}) returned {changed!r}; "
+            raise PassError(f"pass #{index} '{pass_.spec()}' ({pass_.origin}) returned {changed!r}; "
                             f"run() must return True if it changed the module, else False")
         if self.verify_each:
             try:
@@ -155,54 +160,58 @@ class DumpIR:
         self._last: tuple[int, str, str] = (0, "", "")   # (passes run, file name, IR text) of the latest dump
         self._before: tuple[str, str] | None = None       # (label, IR text) the current pass started from
 
-    def start(self, passes: Sequence[Pass], module: Module) -> None:
+    def check(self, passes: Sequence[Pass]) -> None:
+        """Reject a dump point that names a pass the pipeline does not run (a typo would
+        otherwise silently dump nothing)."""
         names = {p.name for p in passes}
         unknown = sorted(name for _, name in self.points if name != "all" and name not in names)
         if unknown:
             raise PassError(f"dump point names pass '{unknown[0]}', which is not in the pipeline "
                             f"'{format_pipeline(passes)}'")
+
+    def start(self, passes: Sequence[Pass], module: Module) -> None:
+        self.check(passes)
         self.directory.mkdir(parents=True, exist_ok=True)
         for old in self.directory.iterdir():
             if re.fullmatch(r"\d{2,}-.*\.(ir|diff)", old.name) and old.is_file():
                 old.unlink()
         self._width = max(2, len(str(len(passes))))
-        self._write(0, "input.ir", print_module(module))
+        self._dump(f"{self._number(0)}-input.ir", print_module(module), done=0)
 
     def _wants(self, phase: str, pass_: Pass) -> bool:
         return (phase, "all") in self.points or (phase, pass_.name) in self.points
 
     def before_pass(self, pass_: Pass, module: Module, index: int) -> None:
+        number, tag = self._number(index), _file_name(pass_)
         self._before = None
         if self._wants("before", pass_):
-            self._write(index - 1, f"before-{_file_name(pass_)}.ir", print_module(module), index)
+            self._dump(f"{number}-before-{tag}.ir", print_module(module), done=index - 1)
         if self.diff and (self._wants("before", pass_) or self._wants("after", pass_)):
-            done, name, text = self._last
+            done, last_name, last_text = self._last
             if done == index - 1:        # the latest dump already holds this IR: reuse it
-                self._before = (name, text)
+                self._before = (last_name, last_text)
             else:
-                self._before = (f"IR before {self._number(index)}-{_file_name(pass_)}",
-                                print_module(module))
+                self._before = (f"IR before {number}-{tag}", print_module(module))
 
     def after_pass(self, pass_: Pass, module: Module, index: int, changed: bool, seconds: float) -> None:
-        if not (self._wants("after", pass_) or self._before):
+        dump = self._wants("after", pass_)
+        if not (dump or self._before):
             return
-        text = print_module(module)
         name = f"{self._number(index)}-{_file_name(pass_)}"
-        if self._wants("after", pass_):
-            self._write(index, f"{_file_name(pass_)}.ir", text)
+        text = print_module(module)
+        if dump:
+            self._dump(f"{name}.ir", text, done=index)
         if self._before and self._before[1] != text:
             label, before = self._before
-            after_label = f"{name}.ir" if self._wants("after", pass_) else f"IR after {name}"
             diff = difflib.unified_diff(before.splitlines(keepends=True), text.splitlines(keepends=True),
-                                        fromfile=label, tofile=after_label)
+                                        fromfile=label, tofile=f"{name}.ir" if dump else f"IR after {name}")
             self._save(f"{name}.diff", "".join(diff))
 
     def _number(self, index: int) -> str:
         return f"{index:0{self._width}d}"
 
-    def _write(self, done: int, suffix: str, text: str, index: int | None = None) -> None:
-        """Save a dump of the IR after `done` passes (numbered `index`, default `done`)."""
-        name = f"{self._number(done if index is None else index)}-{suffix}"
+    def _dump(self, name: str, text: str, done: int) -> None:
+        """Save the IR as it is after `done` passes; a later diff may start from it."""
         self._save(name, text)
         self._last = (done, name, text)
 

@@ -101,16 +101,17 @@ class _Reader:
         self.pos += 1
         opts: dict[str, Any] = {}
         self.skip_space()
-        while self.peek() != "}":       # `{}` holds no options; after a ',' one must follow
-            if opts:
+        if self.peek() != "}":              # `{}` holds no options; after a ',' one must follow
+            while True:
+                key, value = self.option(cls, opts)
+                opts[key] = value
+                self.skip_space()
                 if self.peek() != ",":
-                    raise self.error(f"expected ',' or '}}' after the value of '{key}', "
-                                     f"found {self.found()}")
+                    break
                 self.pos += 1
                 self.skip_space()
-            key, value = self.option(cls, opts)
-            opts[key] = value
-            self.skip_space()
+            if self.peek() != "}":
+                raise self.error(f"expected ',' or '}}' after the value of '{key}', found {self.found()}")
         self.pos += 1
         self.open_brace = None
         return opts

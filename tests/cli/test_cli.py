@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 import amxc.ir as ir
+from amxc.ir.ops.cache import DenseKVCache
+from amxc.passes import DEFAULT_PIPELINE
 from amxc.runtime.artifact import ArtifactError, load_artifact
 
 AMXC = [sys.executable, "-m", "amxc"]
@@ -28,6 +30,7 @@ def stories_art(tmp_path_factory, stories_dir) -> Path:
     art = tmp_path_factory.mktemp("art") / "stories.amxc"
     proc = amxc("compile", stories_dir, "-o", art)
     assert "traced" in proc.stderr and "wrote" in proc.stderr      # progress is shown
+    assert f"ran {DEFAULT_PIPELINE.count(',') + 1} passes" in proc.stderr
     return art
 
 
@@ -41,12 +44,17 @@ def test_version_and_help():
 def test_compile_writes_a_complete_artifact(stories_art, stories_dir):
     manifest = json.loads((stories_art / "manifest.json").read_text())
     assert manifest["format"] == "amxc-artifact" and manifest["config"]["num_layers"] == 5
+    assert manifest["pipeline"] == DEFAULT_PIPELINE           # the default pipeline ran
+    assert [p["name"] for p in manifest["passes"]] == DEFAULT_PIPELINE.split(",")
+    assert {p["origin"] for p in manifest["passes"]} == {"builtin"}
     assert set(manifest["files"]) >= {"graph.ir", "weights.bin", "tokenizer/tokenizer.json"}
     for entry in manifest["params"].values():
         assert entry["offset"] % 64 == 0
     module, _ = load_artifact(stories_art)
+    assert set(module.functions) == {"prefill", "decode"}
     ids = np.arange(1, 17, dtype=np.int64)[None]
-    logits = ir.run(module, {"input_ids": ids, "position_ids": np.arange(16)[None]})[0]
+    cache = DenseKVCache(module.functions["prefill"].args[-1].type, 1, capacity=16)
+    logits = ir.run(module, [ids, np.arange(16)[None], cache], function="prefill")[0]
     assert logits.shape == (1, 16, 512) and np.isfinite(logits).all()
 
 
@@ -58,16 +66,18 @@ def test_inspect_prints_ir_that_parses(stories_art):
 
 def test_inspect_stats(stories_art):
     out = amxc("inspect", stories_art, "--stats").stdout
-    assert "linear" in out and "sdpa" in out
+    assert "linear" in out and "attention_cached" in out and "rms_norm" in out
+    assert "sdpa" not in out                                        # fused
     assert "1,040,144" in out           # 260,036 f32 parameter elements
 
 
 def test_inspect_draws_svg_and_dot(stories_art, tmp_path):
     amxc("inspect", stories_art, "--format", "svg", "-o", tmp_path / "g.svg")
     svg = (tmp_path / "g.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<rect") == 347 + 3     # ops + 2 args + return
+    prefill = load_artifact(stories_art)[0].functions["prefill"]
+    assert svg.startswith("<svg") and svg.count("<rect") == len(prefill.nodes) + 3 + 1  # ops, args, return
     dot = amxc("inspect", stories_art, "--format", "dot").stdout
-    assert dot.startswith('digraph "forward"') and dot.count("->") > 347
+    assert dot.startswith('digraph "prefill"') and dot.count("->") > len(prefill.nodes)
 
 
 def test_inspect_traces_a_model_directly(stories_dir):
