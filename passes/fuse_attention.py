@@ -4,11 +4,13 @@ matmul-softmax-matmul forms, with MHA/GQA/MQA (repeat_kv undone), into `attentio
 Masks are recognised by what they compute, not by how an exporter spelled them (HF builds its
 causal mask from position_ids through a dozen index/compare ops that change between versions):
 the mask's subgraph is run on probe positions and compared with the causal and sliding-window
-position masks.  amxc's `attention` masks by positions, the rule its KV cache also uses, so the
+position masks, optionally combined with a key-padding mask taken from a [b, s] input.
+amxc's `attention` masks by positions, the rule its KV cache also uses, so the
 fused graph treats each batch row as one sequence (no packed sequences)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,47 +35,61 @@ def _ancestors(fn: Function, v: Value) -> list:
     return nodes[::-1], need
 
 
-def classify_mask(fn: Function, mask: Value):
-    """(causal, window, positions-arg or None) for a mask over positions, or a reason string."""
+@dataclass(frozen=True)
+class MaskInfo:
+    causal: bool
+    window: int
+    positions: Value | None     # the i64[b, s] input the mask compares, if any
+    padding: Value | None       # the [b, s] input marking real (non-zero) tokens, if any
+
+
+def classify_mask(fn: Function, mask: Value) -> MaskInfo | str:
+    """What a mask computes, found by running its subgraph on probe inputs: causal or not, a
+    sliding window, and which inputs serve as positions and as a key-padding mask."""
     nodes, need = _ancestors(fn, mask)
     args = [a for a in fn.args if id(a) in need]
     leaves = [mask] + [x for n in nodes for x in n.inputs]
     if any(isinstance(x, Param) and not x.name.startswith("folded.") for x in leaves):
         return "mask depends on model weights"
-    if len(args) > 1 or (args and (args[0].type.dtype != T.i64 or args[0].type.rank != 2)):
-        return "mask depends on inputs other than one i64[b, s] positions tensor"
+    if len(args) > 2 or any(a.type.rank != 2 or a.type.dtype not in (T.i64, T.i32, T.bool_) for a in args):
+        return "mask depends on inputs other than [b, s] positions and a padding mask"
     consts = {int(n.attrs["value"]) for n in nodes if n.op == "constant"
               and isinstance(n.attrs["value"], (int, float)) and 1 < abs(n.attrs["value"]) < PROBE_MAX}
     windows = sorted(consts | {c + 1 for c in consts})
     size = min(max([8] + [2 * w + 2 for w in windows]), PROBE_MAX)
-    probe = Function("probe", args, nodes, [mask])
-    m = Module("probe")
-    m.add_function(probe)
-    inputs, pos = [], None
-    if args:
-        batch, seq = args[0].type.shape
-        shape = [batch if isinstance(batch, int) else 2, seq if isinstance(seq, int) else size]
-        pos = np.arange(shape[1], dtype=np.int64)[None] + np.arange(shape[0], dtype=np.int64)[:, None] * 3
-        inputs = [pos]
-    try:
-        (value,) = interpret(m, inputs)
-    except Exception as e:        # a mask we cannot evaluate statically is not ours to fuse
-        return f"mask could not be evaluated on probe positions ({type(e).__name__})"
-    if value.dtype != np.bool_ and not np.all((value == 0) | (value <= -1e4)):
-        return "additive mask holds values other than 0 and -inf (a bias, not a mask)"
-    visible = value if value.dtype == np.bool_ else value == 0
-    if visible.ndim != 4 or visible.shape[1] != 1:
-        return "mask is not [b, 1, q, k]"
-    q_len, k_len = visible.shape[2], visible.shape[3]
-    if pos is None:
-        pos = np.arange(q_len, dtype=np.int64)[None]
-    visible = np.broadcast_to(visible, (pos.shape[0], 1, q_len, k_len))
-    if visible.all():
-        return False, 0, (args[0] if args else None)
-    for w in [0] + windows:
-        if np.array_equal(visible, position_mask(pos, pos, True, w)):
-            return True, w, (args[0] if args else None)
-    return "mask is neither causal nor a causal sliding window over positions"
+    module = Module("probe")
+    module.add_function(Function("probe", args, nodes, [mask]))
+    shapes = [tuple(d if isinstance(d, int) else (2 if i == 0 else size) for i, d in enumerate(a.type.shape))
+              for a in args]
+    batch, seq = shapes[0] if shapes else (1, None)
+    roles = {0: [(None, None)], 1: [(0, None), (None, 0)], 2: [(0, 1), (1, 0)]}[len(args)]
+    reason = "mask is neither causal nor a causal sliding window over positions"
+    for pos_i, pad_i in roles:
+        pos = np.arange(seq or 0, dtype=np.int64)[None] + 3 * np.arange(batch, dtype=np.int64)[:, None]
+        valid = np.ones_like(pos, dtype=bool)
+        valid[-1, : max(1, (seq or 0) // 3)] = False       # left padding in the last row
+        inputs = [(pos if i == pos_i else valid).astype(a.type.dtype.storage) for i, a in enumerate(args)]
+        try:
+            (value,) = interpret(module, inputs)
+        except Exception as e:    # a mask we cannot evaluate statically is not ours to fuse
+            return f"mask could not be evaluated on probe inputs ({type(e).__name__})"
+        if value.dtype != np.bool_ and not np.all((value == 0) | (value <= -1e4)):
+            return "additive mask holds values other than 0 and -inf (a bias, not a mask)"
+        visible = value if value.dtype == np.bool_ else value == 0
+        if visible.ndim != 4 or visible.shape[1] != 1:
+            return "mask is not [b, 1, q, k]"
+        if seq is None:
+            pos = np.arange(visible.shape[2], dtype=np.int64)[None]
+        keys = valid[:, None, None, :] if pad_i is not None else True
+        visible = np.broadcast_to(visible, (pos.shape[0], 1, pos.shape[1], pos.shape[1]))
+        pos_arg = args[pos_i] if pos_i is not None else None
+        pad_arg = args[pad_i] if pad_i is not None else None
+        if np.array_equal(visible, np.broadcast_to(keys, visible.shape)):
+            return MaskInfo(False, 0, pos_arg, pad_arg)
+        for w in [0] + windows:
+            if np.array_equal(visible, position_mask(pos, pos, True, w) & keys):
+                return MaskInfo(True, w, pos_arg, pad_arg)
+    return reason
 
 
 def positions_for(b: Builder, fn: Function, q: Value, given: Value | None) -> Value:
@@ -109,15 +125,18 @@ def unrepeat(v: Value) -> Value:
 
 
 # -- rules ----------------------------------------------------------------------------------------
-def _emit_attention(m, b: Builder, fn: Function, q, k, v, scale, mask_info):
-    causal, window, given = mask_info
+def _emit_attention(m, b: Builder, fn: Function, q, k, v, scale, info: MaskInfo):
     squeeze = q.type.rank == 3          # single-head [b, s, d] attention gets a head axis
     if squeeze:
         q, k, v = (b.emit("reshape", [t], {"shape": [t.type.shape[0], 1, *t.type.shape[1:]]})
                    for t in (q, k, v))
-    pos = positions_for(b, fn, q, given)
-    out = b.emit("attention", [q, unrepeat(k), unrepeat(v), pos],
-                 {"scale": float(scale), "causal": causal, "window": window})
+    inputs = [q, unrepeat(k), unrepeat(v), positions_for(b, fn, q, info.positions)]
+    if info.padding is not None:
+        pad = info.padding
+        inputs.append(pad if pad.type.dtype == T.bool_ else
+                      b.emit("ne", [pad, b.emit("constant", [], {"value": 0, "dtype": pad.type.dtype})],
+                             name="key_valid"))
+    out = b.emit("attention", inputs, {"scale": float(scale), "causal": info.causal, "window": info.window})
     if squeeze:
         out = b.emit("reshape", [out], {"shape": [out.type.shape[0], *out.type.shape[2:]]})
     return out
@@ -130,7 +149,7 @@ def sdpa_rule(fn: Function) -> list[Rule]:
             if node.attrs["causal"]:
                 return "both a mask and causal=true"
             return classify_mask(fn, node.inputs[3])
-        return node.attrs["causal"], 0, None
+        return MaskInfo(node.attrs["causal"], 0, None, None)
 
     def where(m):
         got = info(m)
@@ -169,7 +188,7 @@ def decomposed_rules(fn: Function) -> list[Rule]:
                     return "scores are not q @ k^T over [.., s, d] tensors"
                 if m.sm.attrs["axis"] not in (-1, rank - 1):
                     return "softmax is not over the keys"
-                got = classify_mask(fn, m.mask) if has_mask else (False, 0, None)
+                got = classify_mask(fn, m.mask) if has_mask else MaskInfo(False, 0, None, None)
                 if isinstance(got, str):
                     return got
                 m["mask_info"] = got

@@ -32,6 +32,9 @@ class KVCache(Pass):
         for n in attn:
             if not n.attrs["causal"]:
                 raise PassError(f"kv-cache: non-causal attention cannot use a cache ({n.loc or n.op})")
+            if len(n.inputs) == 5:
+                raise PassError(f"kv-cache: attention with a padding mask ({n.loc or n.op}); the "
+                                f"runtime batches sequences without padding, trace without attention_mask")
         k = attn[0].inputs[1].type
         cache_type = KVCacheType(len(attn), k.shape[1], k.shape[3], k.dtype)
         prefill = clone_function(fn, "prefill")

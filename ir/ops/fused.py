@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..attrs import Attr
-from ..dtypes import i64
+from ..dtypes import bool_, i64
 from ..registry import register_op
 from ._shapes import broadcast_shapes, fail, same_dtype
 from .elementwise import gelu
@@ -56,8 +56,10 @@ def rope(x, cos, sin, interleaved):
 
 
 def _attention_infer(ts, at):
-    q, k, v, pos = ts
+    q, k, v, pos = ts[:4]
     same_dtype(ts[:3])
+    if len(ts) == 5 and (ts[4].dtype != bool_ or ts[4].shape != pos.shape):
+        fail(f"attention key_valid must be bool{list(pos.shape)}, got {ts[4]}")
     if not (q.rank == k.rank == v.rank == 4) or pos.rank != 2 or pos.dtype != i64:
         fail("attention takes q, k, v as [b, heads, s, d] and positions as i64[b, s]")
     if k.shape != v.shape[:3] + (k.shape[3],) or q.shape[3] != k.shape[3] or q.shape[2] != k.shape[2]:
@@ -85,16 +87,29 @@ def attend(q, k, v, mask, scale):
     rep = q.shape[1] // k.shape[1]
     k, v = np.repeat(k, rep, axis=1).astype(np.float64), np.repeat(v, rep, axis=1).astype(np.float64)
     scores = np.matmul(q.astype(np.float64), np.swapaxes(k, -1, -2)) * scale
+    return np.matmul(masked_softmax(scores, mask), v).astype(q.dtype)
+
+
+def masked_softmax(scores, mask):
+    """softmax over the last axis where `mask`; a row with no visible key gives zeros (not NaN),
+    the convention of flash-attention kernels, so padded queries stay finite."""
     scores = np.where(mask, scores, -np.inf)
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return np.matmul(e / np.sum(e, axis=-1, keepdims=True), v).astype(q.dtype)
+    top = np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isfinite(top), top, 0))
+    total = np.sum(e, axis=-1, keepdims=True)
+    return e / np.where(total > 0, total, 1)
 
 
-@register_op("attention", "q k v positions", {"scale": Attr("float"), "causal": Attr("bool", True),
-                                              "window": Attr("int", 0)}, infer=_attention_infer)
-def attention(q, k, v, positions, scale, causal, window):
-    """Multi-head / grouped-query attention with a position mask (causal, optional sliding window)."""
-    return attend(q, k, v, position_mask(positions, positions, causal, window), scale)
+@register_op("attention", "q k v positions key_valid?",
+             {"scale": Attr("float"), "causal": Attr("bool", True), "window": Attr("int", 0)},
+             infer=_attention_infer)
+def attention(q, k, v, positions, key_valid=None, *, scale, causal, window):
+    """Multi-head / grouped-query attention with a position mask (causal, optional sliding
+    window) and an optional key-padding mask (False = padding token)."""
+    mask = position_mask(positions, positions, causal, window)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]
+    return attend(q, k, v, mask, scale)
 
 
 def _mlp_swiglu_infer(ts, at):

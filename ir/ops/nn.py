@@ -117,8 +117,11 @@ def sdpa(q, k, v, mask=None, *, causal, scale, gqa):
     L, S = q.shape[-2], k.shape[-2]
     if causal:
         scores = np.where(np.tril(np.ones((L, S), dtype=bool)), scores, -np.inf)
+    visible = True
     if mask is not None:
-        scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
-    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    p = e / np.sum(e, axis=-1, keepdims=True)
-    return np.matmul(p, v).astype(dtype)
+        if mask.dtype == np.bool_:
+            visible = mask
+        else:
+            scores = scores + mask
+    from .fused import masked_softmax     # local: fused imports this module
+    return np.matmul(masked_softmax(scores, np.broadcast_to(visible, scores.shape)), v).astype(dtype)
