@@ -216,3 +216,32 @@ def format_stats(module: Module) -> str:
         lines.append(f"  {dt:<10} {d['params']:>8} {d['elements']:>15,} {d['bytes']:>15,} "
                      f"{d['bytes'] / max(d['elements'], 1):>7.3f}")
     return "\n".join(lines)
+
+
+def ensure_artifact(model, *, progress: bool = True) -> Path:
+    """`model` if it is an artifact directory; otherwise its compiled artifact in the cache
+    (`~/.cache/amxc/artifacts`), compiled with the default pipeline on first use."""
+    import hashlib
+
+    from amxc import __version__
+    from amxc.frontend.pull import cache_dir
+    from amxc.passes import DEFAULT_PIPELINE
+
+    path = Path(model)
+    if (path / "manifest.json").is_file():
+        return path
+    source = str(path.resolve()) if path.exists() else str(model)
+    key = hashlib.sha256(f"{source}|{__version__}|{DEFAULT_PIPELINE}".encode()).hexdigest()[:12]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.name or str(model)))
+    art = cache_dir() / "artifacts" / f"{name}-{key}.amxc"
+    if not (art / "manifest.json").is_file():
+        _say(f"compiling {model} into {art} (first use) …", progress)
+        compile(model, art, progress=progress)
+    return art
+
+
+def load(model, *, progress: bool = False, **engine_options):
+    """An inference Engine for an artifact directory, or for a model (compiled on first use)."""
+    from amxc.runtime.engine import Engine
+
+    return Engine.load(ensure_artifact(model, progress=progress), **engine_options)

@@ -13,6 +13,13 @@ EPILOG = """examples:
   amxc inspect smollm2.amxc --format svg -o graph.svg
   amxc compile path/to/hf_checkpoint -o model.amxc
 
+running:
+  amxc run smollm2-135m --chat -p "What is the capital of France?"
+                                              compiles on first use, then generates
+  amxc run smollm2.amxc -p "Once upon a time" --stream -n 64 --temperature 0.8 --seed 1
+  amxc chat smollm2.amxc                      interactive, with the model's chat template
+  amxc bench smollm2.amxc                     prefill/decode tok/s and peak memory
+
 passes (see docs/passes.md):
   amxc compile --print-pipeline               the default pipeline, canonical
   amxc compile MODEL -o m.amxc --dump-ir after:all --dump-ir-diff --timing
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text IR (default), Graphviz DOT, or a standalone SVG drawing")
     i.add_argument("--function", default=None, help="function to draw (default: the main one)")
     i.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+
+    from amxc.cli_run import add_parsers
+    add_parsers(sub)
 
     pl = sub.add_parser("pull", help="download a known model into the local cache")
     pl.add_argument("name", metavar="NAME")
@@ -187,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from amxc.errors import USER_ERRORS
     try:
-        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect,
-                "pull": cmd_pull}[args.command](args)
+        from amxc.cli_run import COMMANDS
+        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull,
+                **COMMANDS}[args.command](args)
     except USER_ERRORS as e:
         print(f"amxc: error: {e}", file=sys.stderr)
         return 2

@@ -41,3 +41,16 @@ def random_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("random_models")
     return {name: save_random_model(name, root / name) for name in FAMILY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def stories_art(tmp_path_factory, stories_dir) -> Path:
+    """stories260K compiled with the default pipeline (once per test session)."""
+    from amxc.api import compile
+    return compile(stories_dir, tmp_path_factory.mktemp("art") / "stories.amxc", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_art(tmp_path_factory, smollm2_gguf) -> Path:
+    from amxc.api import compile
+    return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2.amxc", progress=False)

@@ -1,0 +1,131 @@
+"""`amxc run`, `amxc chat` and `amxc bench`: the commands that execute a compiled model."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def add_parsers(sub) -> None:
+    r = sub.add_parser("run", help="generate text from a prompt",
+                       description="Load ART (or compile MODEL on first use) and continue PROMPT.")
+    _model_arg(r)
+    r.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    r.add_argument("--timing", action="store_true", help="print the prefill/decode/sampling breakdown")
+    _sampling_args(r)
+
+    c = sub.add_parser("chat", help="interactive chat using the model's chat template",
+                       description="Talk to an instruct model. Commands: /reset clears the "
+                                   "conversation, /exit (or end of input) quits.")
+    _model_arg(c)
+    c.add_argument("--system", default=None, help="a system message to start the conversation with")
+    _sampling_args(c)
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
+    _model_arg(b)
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _model_arg(p) -> None:
+    p.add_argument("model", metavar="ART|MODEL", help="an artifact, or a model compiled on first use")
+    p.add_argument("--kv-tokens", type=int, default=4096, help="KV cache size in tokens (default 4096)")
+
+
+def _sampling_args(p) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _engine(args):
+    from amxc.api import load
+    return load(args.model, progress=True, kv_tokens=args.kv_tokens)
+
+
+def cmd_run(args) -> int:
+    engine = _engine(args)
+    prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    options = {**_sampling(args), "add_special_tokens": not args.chat}
+    if args.stream:
+        for event in engine.stream(prompt, **options):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(engine.generate(prompt, **options).text)
+    if args.timing:
+        print(engine.last_timings.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = _engine(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for event in engine.stream(engine.chat_prompt(messages), add_special_tokens=False, **_sampling(args)):
+            reply.append(event.text)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def cmd_bench(args) -> int:
+    engine = _engine(args)
+    vocab = int(engine.config.get("vocab_size", 256))
+    prompt = np.random.default_rng(0).integers(3, vocab, args.prompt_tokens).tolist()
+    t0 = time.perf_counter()
+    engine.generate(prompt, max_new_tokens=args.new_tokens, stop=[])
+    wall = time.perf_counter() - t0
+    t = engine.last_timings
+    figures = {
+        "model": engine.module.name,
+        "prompt_tokens": t.prefill_tokens, "new_tokens": t.decode_tokens + 1,
+        "prefill_tok_s": round(t.prefill_tokens_per_s, 2), "decode_tok_s": round(t.decode_tokens_per_s, 2),
+        "decode_ms_per_token": round(1000 * sum(t.decode) / max(len(t.decode), 1), 2),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "kv_cache_mb": round(engine.cache.nbytes / 2**20, 1),
+        "executor": getattr(engine.executor, "__name__", "executor"),
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for k, v in figures.items():
+            print(f"{k:<22} {v}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "bench": cmd_bench}
