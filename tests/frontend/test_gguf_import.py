@@ -8,9 +8,7 @@ import torch
 import amxc.ir as ir
 from amxc.frontend.hf import import_gguf
 from support.random_models import random_ids
-from support.checks import check_default_pipeline, check_roundtrip
-
-TOL = 1e-4   # same justification as test_hf_import.py
+from support.checks import assert_matches_hf, check_default_pipeline, check_roundtrip, hf_reference_logits
 
 
 def test_smollm2_gguf_matches_hf(smollm2_gguf):
@@ -25,10 +23,7 @@ def test_smollm2_gguf_matches_hf(smollm2_gguf):
     ours = ir.run(module, {"input_ids": ids, "position_ids": pos})[0]
     hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
                                               dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf(torch.from_numpy(ids), position_ids=torch.from_numpy(pos)).logits.numpy()
-    diff = float(np.abs(ours - ref).max())
-    print(f"SmolLM2-135M GGUF: max|logit diff| = {diff:.2e} (max|logit| {np.abs(ref).max():.1f})")
-    assert diff <= TOL
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    ref = hf_reference_logits(hf, ids, pos)
+    assert_matches_hf(ours, ref, "SmolLM2-135M GGUF")
+    assert (ours.argmax(-1) == ref[1].argmax(-1)).all()
     check_default_pipeline(module, ids, pos, ref)
