@@ -33,14 +33,17 @@ class Value:
 
 
 class Param(Value):
-    """A named weight of the module; `load()` returns its data (float or encoded storage)."""
-    __slots__ = ("loader", "digest", "_data")
+    """A named weight of the module; `load()` returns its data (float or encoded storage).
+    `attrs` carry facts about the weight that are not part of its type, such as the error a
+    quantization introduced; they are printed with the parameter and never change semantics."""
+    __slots__ = ("loader", "digest", "attrs", "_data")
 
     def __init__(self, name: str, type: TensorType, loader: Callable[[], np.ndarray] | None = None,
-                 digest: str | None = None):
+                 digest: str | None = None, attrs: dict | None = None):
         super().__init__(name, type)
         self.loader = loader
         self.digest = digest
+        self.attrs = dict(attrs or {})
         self._data = None
 
     @property
@@ -53,7 +56,7 @@ class Param(Value):
         if self.loader is None:
             raise LookupError(f"parameter @{self.name} has no data attached")
         arr = self.loader()
-        want = self.type.concrete_shape({})
+        want = self.type.storage_shape()
         if tuple(arr.shape) != want or arr.dtype != self.type.dtype.storage:
             raise ValueError(f"parameter @{self.name}: data is {arr.dtype}{list(arr.shape)},"
                              f" type says {self.type}")

@@ -17,14 +17,27 @@ from .errors import InterpreterError
 from .registry import OpDef
 from .types import TensorType
 
-_WANTS_ENV: dict[str, bool] = {}
+_WANTS: dict[tuple[str, str], bool] = {}
 
 
-def wants_env(op: OpDef) -> bool:
-    """Whether the op's reference takes the bound symbolic sizes (`env=`)."""
-    if op.name not in _WANTS_ENV:
-        _WANTS_ENV[op.name] = "env" in inspect.signature(op.reference).parameters
-    return _WANTS_ENV[op.name]
+def wants(op: OpDef, keyword: str) -> bool:
+    """Whether the op's reference takes `env=` (the bound symbolic sizes) or `types=` (its
+    inputs' types, which say how quantized operands are encoded)."""
+    key = (op.name, keyword)
+    if key not in _WANTS:
+        _WANTS[key] = keyword in inspect.signature(op.reference).parameters
+    return _WANTS[key]
+
+
+def reference_kwargs(node, env: Mapping[str, int]) -> dict:
+    """The keyword arguments of a node's reference call: its attributes, plus `env` and
+    `types` where the reference asks for them."""
+    kwargs = dict(node.attrs)
+    if wants(node.opdef, "env"):
+        kwargs["env"] = env
+    if wants(node.opdef, "types"):
+        kwargs["types"] = [v.type for v in node.inputs]
+    return kwargs
 
 
 def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str, int]:
@@ -78,11 +91,8 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
 
     for i, node in enumerate(fn.nodes):
         op = node.opdef
-        kwargs = dict(node.attrs)
-        if wants_env(op):
-            kwargs["env"] = env
         try:
-            out = op.reference(*(fetch(v) for v in node.inputs), **kwargs)
+            out = op.reference(*(fetch(v) for v in node.inputs), **reference_kwargs(node, env))
         except Exception as e:   # any numpy failure becomes a located error
             raise InterpreterError(f"{node!r}: {type(e).__name__}: {e}"
                                    + (f"\n  from {node.loc}" if node.loc else "")) from e

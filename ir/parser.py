@@ -240,6 +240,8 @@ class _Parser:
                     break
             self.expect("]")
         encoding = self.attr_dict()[0] if self.at("{") else {}
+        # a bare name in an encoding (scale=fp8_e4m3) is a string, as the printer writes it
+        encoding = {k: v.args[0] if isinstance(v, D.Sym) and v.op == "var" else v for k, v in encoding.items()}
         return TensorType(DTYPES[tok.text], tuple(shape), encoding)
 
     def kv_cache_type(self, tok: Token) -> KVCacheType:
@@ -289,13 +291,20 @@ class _Parser:
         if tok.text[1:] in m.params:
             raise self.error(f"parameter {tok.text} is defined twice", tok)
         self.expect(":")
+        type_tok = self.tok
         t = self.type()
+        if t.dtype.name == "nf4":
+            try:
+                t.nf4_layout()
+            except ValueError as e:
+                raise self.error(str(e), type_tok) from None
         digest = None
         if self.accept("digest"):
             self.expect("(")
             digest = json.loads(self.expect_kind("string", "a digest string").text)
             self.expect(")")
-        m.add_param(Param(tok.text[1:], t, digest=digest))
+        attrs = self.attr_dict()[0] if self.accept("attributes") else {}
+        m.add_param(Param(tok.text[1:], t, digest=digest, attrs=attrs))
 
     def function(self, m: Module):
         self.expect("func")

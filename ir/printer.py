@@ -35,7 +35,8 @@ def format_node(node: Node) -> str:
 
 def format_param(p: Param) -> str:
     text = f"param @{p.name} : {p.type}"
-    return text + (f" digest({json.dumps(p.digest)})" if p.digest else "")
+    text += f" digest({json.dumps(p.digest)})" if p.digest else ""
+    return text + (" attributes" + format_attrs(p.attrs) if p.attrs else "")
 
 
 def format_function(fn: Function, indent: str = "  ") -> str:

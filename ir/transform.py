@@ -41,3 +41,35 @@ def clone_function(fn: Function, name: str, sizes: Mapping[str, D.Dim] | None = 
         out.nodes.append(node)
     out.results = [x if isinstance(x, Param) else new[id(x)] for x in fn.results]
     return out
+
+
+#: where each op reads weights that may be stored quantized: op -> input positions
+WEIGHT_OPERANDS = {"linear": (1,), "linear_nf4": (1,), "mlp_swiglu": (1, 2, 3), "mlp_gelu": (1, 2)}
+#: the op a float op becomes when its weight is nf4 (fused ops take either)
+NF4_OP = {"linear": "linear_nf4"}
+
+
+def weight_uses(module) -> dict[str, list[tuple]]:
+    """param name -> [(node, input position)] for every read of every parameter."""
+    out: dict[str, list[tuple]] = {}
+    for fn in module.functions.values():
+        for n in fn.nodes:
+            for i, v in enumerate(n.inputs):
+                if isinstance(v, Param):
+                    out.setdefault(v.name, []).append((n, i))
+    return out
+
+
+def swap_to_nf4(module, old: Param, new: Param) -> None:
+    """Replace weight `old` by the nf4 parameter `new` (same name and logical shape) in every
+    node that reads it, turning `linear` into `linear_nf4`.  Every use must be a weight
+    operand (WEIGHT_OPERANDS); output types do not change."""
+    from .registry import get_op
+
+    for n, i in weight_uses(module).get(old.name, []):
+        if i not in WEIGHT_OPERANDS.get(n.op, ()):
+            raise ValueError(f"@{old.name} is read by {n.op} as operand {i}, not as a weight")
+        n.inputs[i] = new
+        if n.op in NF4_OP:
+            n.opdef = get_op(NF4_OP[n.op])
+    module.params[old.name] = new

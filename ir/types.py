@@ -54,14 +54,38 @@ class TensorType:
         return n
 
     def nbytes(self) -> int:
+        if self.dtype.name == "nf4":
+            return self.nf4_layout().nbytes
         return (self.numel() * self.dtype.bits + 7) // 8
+
+    def nf4_layout(self):
+        """Where codes and scales lie in an nf4 tensor's bytes (ir/formats/nf4.py)."""
+        from .formats.nf4 import Layout
+        return Layout.of(self)
+
+    def storage_shape(self) -> tuple[int, ...]:
+        """Shape of the array holding a static tensor of this type: its shape, except for nf4,
+        whose codes and scales are one flat byte array."""
+        if self.dtype.name == "nf4":
+            return (self.nbytes(),)
+        return self.concrete_shape({})
 
     def __str__(self) -> str:
         text = f"{self.dtype}{D.fmt_shape(self.shape)}"
         if self.encoding:
-            from .attrs import format_value   # local: attrs imports types
-            text += "{" + ", ".join(f"{k}={format_value(v)}" for k, v in self.encoding) + "}"
+            text += "{" + ", ".join(f"{k}={_format_field(v)}" for k, v in self.encoding) + "}"
         return text
+
+
+_KEYWORDS = {"true", "false", "inf", "nan", "none"}
+
+
+def _format_field(v) -> str:
+    """Encoding values that are names (scale=fp8_e4m3) print bare, like dtypes."""
+    if isinstance(v, str) and v.isidentifier() and v not in _KEYWORDS:
+        return v
+    from .attrs import format_value   # local: attrs imports types
+    return format_value(v)
 
 
 @dataclass(frozen=True)

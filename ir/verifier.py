@@ -12,6 +12,12 @@ def verify(m: Module) -> None:
     """Raise VerifyError naming the first offending node; return None if the module is valid."""
     if not m.functions:
         raise VerifyError(f"module @{m.name} has no function")
+    for p in m.params.values():
+        if p.type.dtype.name == "nf4":
+            try:
+                p.type.nf4_layout()
+            except ValueError as e:
+                raise VerifyError(f"parameter @{p.name}: {e}") from None
     for fn in m.functions.values():
         defined: set[str] = set()     # names, to catch duplicates
         available: set[int] = set()   # ids of values defined so far, to catch use-before-def

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from amxc.ir import Builder, Module, Param
-from amxc.ir.interpreter import wants_env
+from amxc.ir.interpreter import reference_kwargs
 
 from .base import Option, Pass, register_pass
 from .pattern import remove_dead, replace_uses
@@ -30,7 +30,7 @@ class FoldConstants(Pass):
                     continue
                 if node.op not in CREATION and not (node.inputs and all(id(v) in known for v in node.inputs)):
                     continue
-                out = node.opdef.reference(*(known[id(v)] for v in node.inputs), **_kwargs(node))
+                out = node.opdef.reference(*(known[id(v)] for v in node.inputs), **reference_kwargs(node, {}))
                 outs = out if isinstance(out, tuple) else (out,)
                 for v, arr in zip(node.outputs, outs):
                     known[id(v)] = np.asarray(arr)
@@ -53,6 +53,3 @@ class FoldConstants(Pass):
             remove_dead(fn)
         return changed
 
-
-def _kwargs(node):
-    return {**node.attrs, "env": {}} if wants_env(node.opdef) else dict(node.attrs)

@@ -7,6 +7,7 @@ from .base import register_pass
 from .pattern import P, RewritePass, Rule
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+LINEAR = ("linear", "linear_nf4")      # weights may already be quantized (bitsandbytes imports)
 
 
 def _close(value):
@@ -15,9 +16,9 @@ def _close(value):
 
 SWIGLU = Rule(
     "swiglu",
-    P.op("linear", P.op("mul", P.op("silu", P.op("linear", P.var("x"), P.param("w_gate"), one_use=True),
-                                     one_use=True),
-                        P.op("linear", P.var("x"), P.param("w_up"), one_use=True), one_use=True),
+    P.op(LINEAR, P.op("mul", P.op("silu", P.op(LINEAR, P.var("x"), P.param("w_gate"), one_use=True),
+                                   one_use=True),
+                      P.op(LINEAR, P.var("x"), P.param("w_up"), one_use=True), one_use=True),
          P.param("w_down")),
     lambda m, b: b.emit("mlp_swiglu", [m.x, m.w_gate, m.w_up, m.w_down]))
 
@@ -35,10 +36,10 @@ GELU_TANH = Rule(
 
 def _gelu_mlp(with_bias: bool):
     fc_in = [P.var("x"), P.param("w_fc")] + ([P.param("b_fc")] if with_bias else [])
-    proj_in = [P.op("gelu", P.op("linear", *fc_in, one_use=True), one_use=True, name="act"),
+    proj_in = [P.op("gelu", P.op(LINEAR, *fc_in, one_use=True), one_use=True, name="act"),
                P.param("w_proj")] + ([P.param("b_proj")] if with_bias else [])
     return Rule(
-        "gelu-mlp", P.op("linear", *proj_in),
+        "gelu-mlp", P.op(LINEAR, *proj_in),
         lambda m, b: b.emit("mlp_gelu", [m.x, m.w_fc, m.w_proj] + ([m.b_fc, m.b_proj] if with_bias else []),
                             {"approximate": m.act.attrs["approximate"]}))
 

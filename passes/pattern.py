@@ -4,7 +4,7 @@ A pattern is a small tree:
 
     P.op("mul", P.var("w"), P.op("mul", P.var("x"), P.op("rsqrt", ...)))
 
-`P.var(name)` matches any value and binds it; the same name twice must be the same value.
+`P.op` takes one op name or a tuple of alternatives.  `P.var(name)` matches any value and binds it; the same name twice must be the same value.
 `P.const(name)` matches a scalar `constant` node and binds its value; `P.param(name)` a module
 parameter.  `P.op` matches a node by op name, optionally by attributes (exact values or
 predicates), tries both operand orders of commutative ops, and with `one_use=True` refuses a
@@ -80,7 +80,7 @@ class ConstPat(Pattern):
 
 @dataclass
 class OpPat(Pattern):
-    op: str
+    op: str | tuple[str, ...]          # one op name, or alternatives ("linear", "linear_nf4")
     inputs: tuple
     attrs: dict = field(default_factory=dict)
     one_use: bool = False
@@ -88,7 +88,9 @@ class OpPat(Pattern):
 
     def match(self, v, m, users):
         n = v.producer
-        if n is None or n.op != self.op or len(n.inputs) != len(self.inputs):
+        if n is None or len(n.inputs) != len(self.inputs):
+            return False
+        if n.op != self.op if isinstance(self.op, str) else n.op not in self.op:
             return False
         if len(n.outputs) != 1 and n.outputs.index(v) != 0:
             return False
@@ -119,7 +121,8 @@ class P:
     param = ParamPat
 
     @staticmethod
-    def op(op: str, *inputs: Pattern, one_use: bool = False, name: str | None = None, **attrs) -> OpPat:
+    def op(op: str | tuple[str, ...], *inputs: Pattern, one_use: bool = False, name: str | None = None,
+           **attrs) -> OpPat:
         return OpPat(op, tuple(inputs), attrs, one_use, name)
 
 

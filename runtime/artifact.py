@@ -235,7 +235,10 @@ def _view(weights: np.ndarray, entry, param, where: str):
     if not param.type.is_static():
         raise ArtifactError(f"{where}: graph.ir gives it a symbolic shape {param.type}")
     dtype = param.type.dtype.storage
-    shape = tuple(param.type.concrete_shape({}))
+    try:
+        shape = tuple(param.type.storage_shape())
+    except ValueError as e:                   # an nf4 type whose encoding makes no sense
+        raise ArtifactError(f"{where}: {e}") from None
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     offset = entry.get("offset")
     if not _is_int(offset) or offset < 0 or offset % ALIGN:

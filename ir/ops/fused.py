@@ -12,6 +12,7 @@ from ..registry import register_op
 from ._shapes import broadcast_shapes, fail, same_dtype
 from .elementwise import gelu
 from .nn import linear
+from .quant import check_weight, weight_value
 
 
 def _rms_norm_infer(ts, at):
@@ -114,22 +115,26 @@ def attention(q, k, v, positions, key_valid=None, *, scale, causal, window):
 
 def _mlp_swiglu_infer(ts, at):
     x, wg, wu, wd = ts
-    same_dtype(ts)
+    for w in ts[1:]:
+        check_weight(w, x, "mlp_swiglu")
     if not (wg.shape == wu.shape and wg.shape[1] == x.shape[-1] and wd.shape == (x.shape[-1], wg.shape[0])):
         fail(f"mlp_swiglu weights {wg}, {wu}, {wd} do not fit {x}")
     return [x]
 
 
 @register_op("mlp_swiglu", "x w_gate w_up w_down", infer=_mlp_swiglu_infer)
-def mlp_swiglu(x, w_gate, w_up, w_down):
-    """down(silu(gate(x)) * up(x))"""
+def mlp_swiglu(x, w_gate, w_up, w_down, *, types):
+    """down(silu(gate(x)) * up(x)); weights f32 or nf4"""
+    w_gate, w_up, w_down = (weight_value(w, t) for w, t in zip((w_gate, w_up, w_down), types[1:]))
     g = linear(x, w_gate)
     return linear((g / (1.0 + np.exp(-g))) * linear(x, w_up), w_down)
 
 
 def _mlp_gelu_infer(ts, at):
     x, w1, w2 = ts[:3]
-    same_dtype(ts)
+    check_weight(w1, x, "mlp_gelu")
+    check_weight(w2, x, "mlp_gelu")
+    same_dtype([x, *ts[3:]], "activation and biases")
     if w1.shape[1] != x.shape[-1] or w2.shape != (x.shape[-1], w1.shape[0]):
         fail(f"mlp_gelu weights {w1}, {w2} do not fit {x}")
     if len(ts) == 5 and (ts[3].shape != (w1.shape[0],) or ts[4].shape != (w2.shape[0],)):
@@ -141,8 +146,9 @@ def _mlp_gelu_infer(ts, at):
 
 @register_op("mlp_gelu", "x w_fc w_proj b_fc? b_proj?", {"approximate": Attr("str", "none")},
              infer=_mlp_gelu_infer)
-def mlp_gelu(x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate):
-    """proj(gelu(fc(x)))"""
+def mlp_gelu(x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate, types):
+    """proj(gelu(fc(x))); weights f32 or nf4"""
+    w_fc, w_proj = weight_value(w_fc, types[1]), weight_value(w_proj, types[2])
     return linear(gelu(linear(x, w_fc, b_fc), approximate), w_proj, b_proj)
 
 

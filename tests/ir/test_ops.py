@@ -181,5 +181,6 @@ def test_interpreter_checks_declared_shapes():
 
 
 def test_every_registered_op_is_tested():
-    untested = set(ir.all_ops()) - {c[0] for c in CASES} - {"sdpa", "attention", "attention_cached"}
+    # attention ops have their own tests below; linear_nf4 is checked in test_nf4.py
+    untested = set(ir.all_ops()) - {c[0] for c in CASES} - {"sdpa", "attention", "attention_cached", "linear_nf4"}
     assert not untested, f"ops without a torch comparison: {sorted(untested)}"

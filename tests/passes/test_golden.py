@@ -17,7 +17,8 @@ import pytest
 
 import amxc.ir as ir
 from amxc.ir.types import TensorType
-from amxc.passes import REGISTRY
+from amxc.ir.formats import nf4
+from amxc.passes import parse_pipeline
 
 GOLDEN = Path(__file__).parent / "golden"
 FILES = sorted(GOLDEN.glob("*.ir"))
@@ -31,8 +32,8 @@ def cases(path: Path):
 
 
 def run_pipeline(module, pipeline: str):
-    for name in pipeline.split(","):
-        REGISTRY.get(name)().run(module)
+    for p in parse_pipeline(pipeline):
+        p.run(module)
         ir.verify(module)
     return module
 
@@ -52,8 +53,20 @@ def fill_params(module, seed=0):
     """Attach seeded data (without digests, so printing is unaffected)."""
     rng = np.random.default_rng(seed)
     for p in module.params.values():
-        arr = rng.standard_normal(p.type.concrete_shape({})).astype(p.type.dtype.storage)
+        arr = rng.standard_normal(p.type.concrete_shape({})).astype(np.float32)
+        if p.type.dtype.name == "nf4":
+            arr = nf4.quantize(arr, p.type.nf4_layout())
+        arr = arr.astype(p.type.dtype.storage)
         p.loader = lambda arr=arr: arr
+
+
+def decoded_like(before, after):
+    """Weights the pipeline quantized are given to `before` as their decoded values: a
+    quantized graph must compute what the float graph computes on the decoded weights."""
+    for name, p in after.params.items():
+        if p.type.dtype.name == "nf4" and before.params[name].type.dtype.name != "nf4":
+            arr = p.type.nf4_layout().dequantize(p.load())
+            before.params[name].loader = lambda arr=arr: arr
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
@@ -73,6 +86,7 @@ def test_golden(path):
         if "must not fire" in title:
             assert printed == original, f"{path.name}: '{title}' fired"
         if "forward" in after.functions:
+            decoded_like(before, after)
             inputs = random_inputs(before.main, rng)
             want = ir.run(before, inputs)
             got = ir.run(after, inputs, function="forward")
@@ -89,5 +103,5 @@ def test_golden(path):
 
 def test_every_builtin_pass_has_a_golden_file():
     from amxc.passes.pipelines import DEFAULT_PIPELINE
-    covered = {n for p in FILES for n in cases(p)[0].split(",")}
+    covered = {p.name for f in FILES for p in parse_pipeline(cases(f)[0])}
     assert set(DEFAULT_PIPELINE.split(",")) <= covered

@@ -1,0 +1,224 @@
+"""NF4 weights: the 16-value table, bitsandbytes' quantization rule, and the storage layout of
+an `nf4` parameter.
+
+An `nf4[N, K]{block=B, scale=S, scale_block=G}` parameter is one flat byte array (`Layout`):
+
+    codes    ceil(N*K/2) bytes  element 2i in the HIGH nibble of byte i (bitsandbytes order)
+    scales   one per block of B consecutive elements of the row-major tensor:
+               scale="f32"           f32 absmax
+               scale="fp8_e4m3"      E4M3FN code, decoded value times scales2 (our deployment)
+               scale="bnb_dynamic8"  bitsandbytes dynamic-map code, times scales2, plus offset
+    scales2  f32, one per G consecutive scales (fp8_e4m3, bnb_dynamic8)
+    offset   one f32 (bnb_dynamic8: bitsandbytes' `nested_offset`)
+
+Each section starts at a multiple of 4 bytes.  Blocks run over the flattened tensor as in
+bitsandbytes, so an imported checkpoint whose rows are not a multiple of B stays exact; the
+quantize pass itself only quantizes weights with K % B == 0, where blocks never straddle rows.
+
+Quantization follows bitsandbytes (`quantize_4bit`, default backend; research/amx_nf4.md §1.2):
+absmax per block, scaled = clamp(w * (1/max(absmax, 1e-38)), -1, 1) in float32 (a tail block
+divides instead), code = nearest table entry with exact midpoints going to the LOWER code.
+For scale="fp8_e4m3" the scales are quantized first (group max / 448 in fp32, E4M3 round to
+nearest even) and the codes chosen against the decoded scale: that costs +0.5 % weight RMS error
+over fp32 scales where picking codes from the fp32 absmax costs +4.5 % (amx_nf4.md §1.6).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import dynamic8, e4m3
+
+#: the NF4 values, as float32 bit patterns (bitsandbytes `get_4bit_type("nf4")`)
+TABLE = np.array([0xBF800000, 0xBF3239B1, 0xBF066B30, 0xBECA32A0, 0xBE91A24D, 0xBE3D353F,
+                  0xBDBA7871, 0x00000000, 0x3DA2FAFF, 0x3E24CAE3, 0x3E7C04DD, 0x3EAD033A,
+                  0x3EE1A4B8, 0x3F1007AB, 0x3F3913B3, 0x3F800000], dtype=np.uint32).view(np.float32)
+MIDPOINTS = ((TABLE[:-1] + TABLE[1:]) / np.float32(2)).astype(np.float32)
+
+SCALES = ("f32", "fp8_e4m3", "bnb_dynamic8")
+BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def nearest_code(scaled: np.ndarray) -> np.ndarray:
+    """NF4 code of values in [-1, 1]; a value exactly on a midpoint takes the lower code."""
+    return np.searchsorted(MIDPOINTS, scaled, side="left").astype(np.uint8)
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """Two codes per byte, first in the high nibble; an odd count is padded with code 7 (0.0)."""
+    c = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if c.size % 2:
+        c = np.concatenate([c, np.array([7], np.uint8)])
+    return ((c[0::2] << 4) | c[1::2]).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    p = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    out = np.empty(p.size * 2, dtype=np.uint8)
+    out[0::2], out[1::2] = p >> 4, p & 0xF
+    return out[:n]
+
+
+def _align4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each section of an nf4 parameter's bytes lies."""
+    shape: tuple[int, ...]
+    block: int = 64
+    scale: str = "fp8_e4m3"
+    scale_block: int = 256
+
+    def __post_init__(self):
+        if self.block not in BLOCKS:
+            raise ValueError(f"nf4 block {self.block} is not one of {', '.join(map(str, BLOCKS))}")
+        if self.scale not in SCALES:
+            raise ValueError(f"nf4 scale '{self.scale}' is not one of {', '.join(SCALES)}")
+        if self.scale != "f32" and self.scale_block < 1:
+            raise ValueError(f"nf4 scale_block must be positive, got {self.scale_block}")
+
+    @classmethod
+    def of(cls, type) -> "Layout":
+        """The layout of an nf4 TensorType (static shape, encoding with block/scale/scale_block)."""
+        enc = type.enc
+        unknown = set(enc) - {"block", "scale", "scale_block"}
+        if unknown:
+            raise ValueError(f"nf4 type has unknown encoding field '{sorted(unknown)[0]}'")
+        if not type.is_static():
+            raise ValueError(f"nf4 type {type} needs a static shape")
+        scale = enc.get("scale", "f32")
+        default_sb = 0 if scale == "f32" else 256
+        if scale == "f32" and "scale_block" in enc:
+            raise ValueError("nf4 with scale=\"f32\" has no scale_block")
+        return cls(tuple(type.shape), enc.get("block", 64), scale, enc.get("scale_block", default_sb))
+
+    def encoding(self) -> dict:
+        enc = {"block": self.block, "scale": self.scale}
+        if self.scale != "f32":
+            enc["scale_block"] = self.scale_block
+        return enc
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.numel // self.block)
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_blocks // self.scale_block) if self.scale != "f32" else 0
+
+    def sections(self) -> dict[str, tuple[int, int]]:
+        """name -> (byte offset, byte count)."""
+        out, at = {}, 0
+        sizes = {"codes": -(-self.numel // 2),
+                 "scales": self.num_blocks * (4 if self.scale == "f32" else 1),
+                 "scales2": 4 * self.num_groups,
+                 "offset": 4 if self.scale == "bnb_dynamic8" else 0}
+        for name, size in sizes.items():
+            if size:
+                out[name] = (at, size)
+                at = _align4(at + size)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        off, size = list(self.sections().values())[-1]
+        return _align4(off + size)
+
+    # -- views of a parameter's bytes ------------------------------------------------------
+    def split(self, blob: np.ndarray) -> dict[str, np.ndarray]:
+        blob = np.asarray(blob, dtype=np.uint8).reshape(-1)
+        if blob.size != self.nbytes:
+            raise ValueError(f"nf4{list(self.shape)} storage has {blob.size} bytes, layout needs {self.nbytes}")
+        views = {}
+        for name, (off, size) in self.sections().items():
+            raw = blob[off:off + size]
+            as_f32 = name in ("scales2", "offset") or (name == "scales" and self.scale == "f32")
+            views[name] = raw.view(np.float32) if as_f32 else raw
+        return views
+
+    def join(self, codes: np.ndarray, scales: np.ndarray, scales2=None, offset=None) -> np.ndarray:
+        """The parameter bytes from its parts (codes unpacked, one per element)."""
+        blob = np.zeros(self.nbytes, dtype=np.uint8)
+        parts = {"codes": pack(codes), "scales": scales, "scales2": scales2,
+                 "offset": None if offset is None else np.asarray([offset], np.float32)}
+        for name, (off, size) in self.sections().items():
+            data = np.ascontiguousarray(parts[name]).view(np.uint8).reshape(-1)
+            if data.size != size:
+                raise ValueError(f"nf4 {name}: {data.size} bytes given, layout needs {size}")
+            blob[off:off + size] = data
+        return blob
+
+    # -- numbers -----------------------------------------------------------------------------
+    def block_scales(self, blob: np.ndarray) -> np.ndarray:
+        """Decoded f32 scale of every block."""
+        v = self.split(blob)
+        if self.scale == "f32":
+            return v["scales"].copy()
+        group = np.repeat(v["scales2"], self.scale_block)[:self.num_blocks]
+        if self.scale == "fp8_e4m3":
+            return (e4m3.decode(v["scales"]) * group).astype(np.float32)
+        return (dynamic8.MAP[v["scales"]] * group + v["offset"][0]).astype(np.float32)
+
+    def codes(self, blob: np.ndarray) -> np.ndarray:
+        return unpack(self.split(blob)["codes"], self.numel)
+
+    def dequantize(self, blob: np.ndarray) -> np.ndarray:
+        """The f32 weight: table[code] * its block's scale (bitsandbytes' dequantize_4bit)."""
+        scales = np.repeat(self.block_scales(blob), self.block)[:self.numel]
+        return (TABLE[self.codes(blob)] * scales).astype(np.float32).reshape(self.shape)
+
+
+def _codes_for(flat: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """Codes of `flat` against given per-block scales (reciprocal multiply, as bitsandbytes)."""
+    n = flat.size
+    full = n - n % block
+    recip = (np.float32(1) / np.maximum(scales, np.float32(1e-38))).astype(np.float32)
+    scaled = np.clip(flat[:full].reshape(-1, block) * recip[:full // block, None], -1, 1).reshape(-1)
+    if n % block:
+        tail = np.clip(flat[full:] / np.maximum(scales[-1], np.float32(1e-38)), -1, 1)
+        scaled = np.concatenate([scaled, tail])
+    return nearest_code(scaled.astype(np.float32))
+
+
+def quantize(weight: np.ndarray, layout: Layout) -> np.ndarray:
+    """The nf4 parameter bytes of a float weight."""
+    flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
+    if flat.size != layout.numel:
+        raise ValueError(f"weight of {flat.size} elements does not fit nf4{list(layout.shape)}")
+    if not np.isfinite(flat).all():
+        raise ValueError("weight has NaN or infinite values")
+    codes, absmax = dynamic8._blockwise(flat, layout.block, nearest_code)
+    if layout.scale == "f32":
+        return layout.join(codes, absmax)
+    if layout.scale == "bnb_dynamic8":
+        # bitsandbytes compress_statistics=True: codes from the fp32 absmax, then the absmax
+        # minus its mean quantized blockwise with the dynamic map
+        offset = np.float32(absmax.astype(np.float64).mean())
+        q, absmax2 = dynamic8.quantize_blockwise(absmax - offset, layout.scale_block)
+        return layout.join(codes, q, absmax2, offset)
+    # fp8_e4m3: scales first, then codes against the decoded scales
+    g = layout.scale_block
+    padded = np.concatenate([absmax, np.zeros(-absmax.size % g, np.float32)])
+    scales2 = (padded.reshape(-1, g).max(axis=1) / np.float32(e4m3.MAX)).astype(np.float32)
+    per_block = np.repeat(scales2, g)[:absmax.size]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(per_block > 0, absmax / per_block, 0).astype(np.float32)
+    q = e4m3.encode(ratio)
+    decoded = (e4m3.decode(q) * per_block).astype(np.float32)
+    return layout.join(_codes_for(flat, decoded, layout.block), q, scales2)
+
+
+def error_stats(weight: np.ndarray, dequantized: np.ndarray) -> dict[str, float]:
+    """How far the quantized weight is from the original: relative RMS and max abs error."""
+    w = np.asarray(weight, dtype=np.float64)
+    d = np.asarray(dequantized, dtype=np.float64) - w
+    norm = float(np.sqrt((w * w).sum()))
+    return {"rel_rms": float(np.sqrt((d * d).sum())) / norm if norm else 0.0,
+            "max_abs": float(np.abs(d).max()) if d.size else 0.0}

@@ -1,0 +1,96 @@
+"""quantize-nf4: store linear weights as NF4 codes with double-quantized block scales.
+
+Every float weight read only as a weight (by linear, mlp_swiglu, mlp_gelu) becomes an `nf4`
+parameter and `linear` becomes `linear_nf4`.  Formats and rounding rules: ir/formats/nf4.py.
+
+    double=fp8   E4M3FN block scales + one fp32 per scale_block blocks, codes chosen against the
+                 decoded scale (our deployment: 0.5 + 1/64 + 4/(64*256) bytes per weight)
+    double=bnb   bitsandbytes compress_statistics=True: dynamic 8-bit scales, mean offset
+    double=none  fp32 block scales (bitsandbytes without double quantization)
+
+Weights whose names match `skip` (default: embeddings and lm_head) stay in float, as do weights
+with another use (a tied embedding) or whose input size is not a multiple of `block` (their
+blocks would straddle rows, which the kernels do not stream).  Each quantized parameter records
+its error (relative RMS, max abs) in its attributes, so the IR dump shows where precision went.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from amxc.ir import Module, Param, TensorType
+from amxc.ir.dtypes import f32, nf4
+from amxc.ir.formats import nf4 as fmt
+from amxc.ir.transform import WEIGHT_OPERANDS, swap_to_nf4, weight_uses
+
+from .base import Option, Pass, PassError, register_pass
+
+SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
+
+
+@register_pass("quantize-nf4")
+class QuantizeNF4(Pass):
+    options = {
+        "block": Option(int, 64, "elements per block scale (32 ... 4096)"),
+        "double": Option(str, "fp8", "how block scales are stored: fp8 | bnb | none"),
+        "scale_block": Option(int, 256, "block scales per second-level fp32 scale"),
+        "skip": Option(str, "embed|lm_head|wte|wpe", "regex: weights whose names match stay float"),
+    }
+
+    def run(self, module: Module) -> bool:
+        layout = self._layout()
+        self.quantized: list[str] = []
+        self.skipped: dict[str, str] = {}
+        todo = []
+        for name, uses in weight_uses(module).items():
+            reason = self._why_not(module.params[name], uses)
+            if reason:
+                if any(i in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
+                    self.skipped[name] = reason        # only weights are worth reporting
+            else:
+                todo.append(module.params[name])
+        from tqdm import tqdm
+        for old in tqdm(todo, desc="quantizing nf4", unit="weight", file=sys.stderr, leave=False,
+                        delay=1.0):
+            swap_to_nf4(module, old, self._quantize(old, layout))
+            self.quantized.append(old.name)
+        return bool(todo)
+
+    def _layout(self) -> dict:
+        double = self.opts["double"]
+        if double not in SCALE_OF:
+            raise PassError(f"quantize-nf4: double={double!r} is not one of {', '.join(SCALE_OF)}")
+        try:
+            fmt.Layout((self.opts["block"],), self.opts["block"], SCALE_OF[double], self.opts["scale_block"])
+        except ValueError as e:
+            raise PassError(f"quantize-nf4: {e}") from None
+        try:
+            self._skip = re.compile(self.opts["skip"]) if self.opts["skip"] else None
+        except re.error as e:
+            raise PassError(f"quantize-nf4: skip={self.opts['skip']!r} is not a regex ({e})") from None
+        return {"block": self.opts["block"], "scale": SCALE_OF[double],
+                "scale_block": self.opts["scale_block"]}
+
+    def _why_not(self, p: Param, uses) -> str | None:
+        if any(i not in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
+            other = next(n.op for n, i in uses if i not in WEIGHT_OPERANDS.get(n.op, ()))
+            return f"also read by {other}"
+        if p.type.dtype != f32:
+            return f"already {p.type.dtype}"
+        if p.type.rank != 2 or not p.type.is_static():
+            return f"not a static matrix ({p.type})"
+        if self._skip is not None and self._skip.search(p.name):
+            return f"name matches skip={self.opts['skip']!r}"
+        if p.type.shape[1] % self.opts["block"]:
+            return f"input size {p.type.shape[1]} is not a multiple of block {self.opts['block']}"
+        return None
+
+    def _quantize(self, old: Param, enc: dict) -> Param:
+        t = TensorType(nf4, old.type.shape, fmt.Layout(tuple(old.type.shape), **enc).encoding())
+        layout = t.nf4_layout()
+        weight = old.load()
+        blob = fmt.quantize(weight, layout)
+        stats = fmt.error_stats(weight, layout.dequantize(blob))
+        new = Param(old.name, t, attrs={k: round(v, 6) for k, v in stats.items()})
+        new.set_data(blob)
+        return new
