@@ -30,12 +30,26 @@ def trace(model, *, progress: bool = False) -> Module:
     return module
 
 
-def compile(model, output: str | os.PathLike, *, pipeline: str | None = None,
+def with_quant(pipeline: str | None, quant: str | None) -> str | None:
+    """The pipeline with a quantization step appended: `quant` is 'nf4' or 'nf4{options}'
+    (the options of quantize-nf4, e.g. 'nf4{double=bnb,block=128}'); None or 'none' adds
+    nothing."""
+    if quant in (None, "", "none"):
+        return pipeline
+    from amxc.errors import UsageError
+    if not (quant == "nf4" or quant.startswith("nf4{")):
+        raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{double=fp8|bnb|none, "
+                         f"block=N, scale_block=N, skip=REGEX}}, none)")
+    from amxc.passes import DEFAULT_PIPELINE
+    return f"{DEFAULT_PIPELINE if pipeline is None else pipeline},quantize-{quant}"
+
+
+def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, quant: str | None = None,
             dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
             instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True) -> Path:
     """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
-    artifact directory at `output`.
+    artifact directory at `output`.  `quant="nf4"` appends weight quantization (see with_quant).
 
     `plugins` are `--pass-plugin` specs, loaded with the installed `amxc.passes` entry points
     for this call only.  `dump_ir` points (`after:all`, `before:NAME`, ...) write numbered IR
@@ -46,6 +60,7 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None,
     from amxc.frontend import write_tokenizer
     from amxc.runtime.artifact import save_artifact
 
+    pipeline = with_quant(pipeline, quant)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
         dumps = _dumps(passes, dump_ir, dump_dir or f"{Path(output)}.ir-dumps", dump_diff)
@@ -55,9 +70,11 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None,
     for dump in dumps:
         _say(f"wrote {len(dump.written)} dump files to {dump.directory}", progress)
     fusions = _fusion_report(module, passes, strict_fusion, progress)
+    quantization = _quant_report(module, passes, progress)
     t0 = time.perf_counter()
     out = save_artifact(module, output, config=config, progress=progress, pipeline=manager.pipeline,
-                        extra={"passes": [r.to_json() for r in manager.records], "fusions": fusions},
+                        extra={"passes": [r.to_json() for r in manager.records], "fusions": fusions,
+                               **({"quantization": quantization} if quantization else {})},
                         write_tokenizer=lambda d: write_tokenizer(model, d))
     _say(f"wrote {out} in {time.perf_counter() - t0:.1f} s", progress)
     return out
@@ -80,6 +97,19 @@ def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict
         for w in warnings:
             print(f"amxc: warning: {w}", file=sys.stderr)
     return {k: report.layers_with(k) for k in report.expected} | {"layers": report.num_layers}
+
+
+def _quant_report(module: Module, passes, progress: bool) -> dict:
+    """Print what quantize-nf4 did (per layer: bytes per weight, error); the summary goes to the
+    manifest."""
+    from amxc.passes.quantize_nf4 import format_quant_summary, quant_summary
+
+    runs = [p for p in passes if p.name == "quantize-nf4"]
+    if not runs:
+        return {}
+    summary = quant_summary(module, getattr(runs[-1], "skipped", {}))
+    _say("nf4 weights:\n" + format_quant_summary(summary), progress)
+    return summary
 
 
 def optimize(module: Module, pipeline: str | None = None, *, dump_ir: Sequence[str] = (),
@@ -207,6 +237,7 @@ def stats(module: Module) -> dict:
 
 
 def format_stats(module: Module) -> str:
+    from amxc.passes.quantize_nf4 import format_quant_summary, quant_summary
     s = stats(module)
     lines = [f"module @{module.name}: {s['nodes']} ops, {s['param_elements']:,} parameter elements, "
              f"{s['param_bytes']:,} bytes", "", "ops:"]
@@ -215,12 +246,15 @@ def format_stats(module: Module) -> str:
     for dt, d in s["params"].items():
         lines.append(f"  {dt:<10} {d['params']:>8} {d['elements']:>15,} {d['bytes']:>15,} "
                      f"{d['bytes'] / max(d['elements'], 1):>7.3f}")
+    if "nf4" in s["params"]:
+        lines += ["", "nf4 weights (bytes include codes, scales and second-level scales; rel RMS = "
+                  "|W - deq(W)| / |W|):", format_quant_summary(quant_summary(module))]
     return "\n".join(lines)
 
 
-def ensure_artifact(model, *, progress: bool = True) -> Path:
+def ensure_artifact(model, *, quant: str | None = None, progress: bool = True) -> Path:
     """`model` if it is an artifact directory; otherwise its compiled artifact in the cache
-    (`~/.cache/amxc/artifacts`), compiled with the default pipeline on first use."""
+    (`~/.cache/amxc/artifacts`), compiled with the default pipeline (plus `quant`) on first use."""
     import hashlib
 
     from amxc import __version__
@@ -229,19 +263,25 @@ def ensure_artifact(model, *, progress: bool = True) -> Path:
 
     path = Path(model)
     if (path / "manifest.json").is_file():
+        if quant not in (None, "none"):
+            from amxc.errors import UsageError
+            raise UsageError(f"{path} is already compiled; quantization is chosen at compile time "
+                             f"(amxc compile MODEL --quant {quant})")
         return path
     source = str(path.resolve()) if path.exists() else str(model)
-    key = hashlib.sha256(f"{source}|{__version__}|{DEFAULT_PIPELINE}".encode()).hexdigest()[:12]
+    pipeline = with_quant(DEFAULT_PIPELINE, quant)
+    key = hashlib.sha256(f"{source}|{__version__}|{pipeline}".encode()).hexdigest()[:12]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.name or str(model)))
     art = cache_dir() / "artifacts" / f"{name}-{key}.amxc"
     if not (art / "manifest.json").is_file():
         _say(f"compiling {model} into {art} (first use) …", progress)
-        compile(model, art, progress=progress)
+        compile(model, art, pipeline=pipeline, progress=progress)
     return art
 
 
-def load(model, *, progress: bool = False, **engine_options):
-    """An inference Engine for an artifact directory, or for a model (compiled on first use)."""
+def load(model, *, quant: str | None = None, progress: bool = False, **engine_options):
+    """An inference Engine for an artifact directory, or for a model (compiled on first use,
+    quantized if `quant` says so: 'nf4')."""
     from amxc.runtime.engine import Engine
 
-    return Engine.load(ensure_artifact(model, progress=progress), **engine_options)
+    return Engine.load(ensure_artifact(model, quant=quant, progress=progress), **engine_options)

@@ -12,6 +12,9 @@ EPILOG = """examples:
   amxc inspect smollm2.amxc                   print the IR
   amxc inspect smollm2.amxc --format svg -o graph.svg
   amxc compile path/to/hf_checkpoint -o model.amxc
+  amxc compile smollm2-135m -o smollm2-nf4.amxc --quant nf4
+                                              NF4 weights, E4M3 double-quantized scales
+  amxc eval smollm2-nf4.amxc --text book.txt  perplexity (compare fp32 and NF4 artifacts)
 
 running:
   amxc run smollm2-135m --chat -p "What is the capital of France?"
@@ -76,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", nargs="?")
     c.add_argument("-o", "--output", metavar="ART", help="artifact directory to write (required)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("--quant", metavar="SPEC", default=None,
+                   help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks), "
+                        "or 'nf4{double=bnb|none,block=N,scale_block=N,skip=REGEX}'")
     c.add_argument("--strict-fusion", action="store_true",
                    help="fail if an expected fusion (attention, norm, RoPE, MLP) misses a layer")
     _add_pass_options(c, "ART.ir-dumps")
@@ -113,11 +119,11 @@ def cmd_compile(args) -> int:
     from amxc.passes.manager import Timing
 
     if args.print_pipeline:
-        return _print_pipeline(args)
+        return _print_pipeline(args, getattr(args, "quant", None))
     if args.model is None or args.output is None:
         args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
     timing = Timing()
-    compile(args.model, args.output, pipeline=args.pipeline, dump_ir=args.dump_ir,
+    compile(args.model, args.output, pipeline=args.pipeline, quant=args.quant, dump_ir=args.dump_ir,
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,
             progress=not args.quiet)
@@ -145,9 +151,9 @@ def cmd_opt(args) -> int:
     return 0
 
 
-def _print_pipeline(args) -> int:
-    from amxc.api import canonical_pipeline
-    print(canonical_pipeline(args.pipeline, plugins=args.pass_plugin))
+def _print_pipeline(args, quant: str | None = None) -> int:
+    from amxc.api import canonical_pipeline, with_quant
+    print(canonical_pipeline(with_quant(args.pipeline, quant), plugins=args.pass_plugin))
     return 0
 
 

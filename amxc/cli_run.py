@@ -26,6 +26,19 @@ def add_parsers(sub) -> None:
     c.add_argument("--system", default=None, help="a system message to start the conversation with")
     _sampling_args(c)
 
+    e = sub.add_parser("eval", help="perplexity of a model on a text file",
+                       description="Sliding-window perplexity: the text is one token stream read in "
+                                   "windows of --window tokens, --stride apart; each window scores "
+                                   "only the tokens the previous one did not.  Compare an fp32 and "
+                                   "an NF4 artifact of the same model on the same text.")
+    _model_arg(e)
+    e.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    e.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default: the model's context, at most 512)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window/2)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+
     b = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
     _model_arg(b)
     b.add_argument("--prompt-tokens", type=int, default=128)
@@ -36,6 +49,8 @@ def add_parsers(sub) -> None:
 def _model_arg(p) -> None:
     p.add_argument("model", metavar="ART|MODEL", help="an artifact, or a model compiled on first use")
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV cache size in tokens (default 4096)")
+    p.add_argument("--quant", metavar="SPEC", default=None,
+                   help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
 
 
 def _sampling_args(p) -> None:
@@ -55,7 +70,7 @@ def _sampling(args) -> dict:
 
 def _engine(args):
     from amxc.api import load
-    return load(args.model, progress=True, kv_tokens=args.kv_tokens)
+    return load(args.model, quant=args.quant, progress=True, kv_tokens=args.kv_tokens)
 
 
 def cmd_run(args) -> int:
@@ -102,6 +117,25 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+def cmd_eval(args) -> int:
+    from pathlib import Path
+    text = Path(args.text).read_text(encoding="utf-8")
+    engine = _engine(args)
+    try:
+        r = engine.perplexity(text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                              progress=True)
+    except ValueError as e:
+        from amxc.errors import UsageError
+        raise UsageError(f"{args.text}: {e}") from None
+    figures = {"model": engine.module.name, "text": args.text, **r.to_json()}
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"{args.text}: perplexity {r.perplexity:.4f} (mean NLL {r.mean_nll:.4f}) over "
+              f"{r.tokens_scored} tokens, {r.windows} windows of {r.window}, stride {r.stride}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     engine = _engine(args)
     vocab = int(engine.config.get("vocab_size", 256))
@@ -128,4 +162,4 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "bench": cmd_bench}
+COMMANDS = {"run": cmd_run, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench}

@@ -5,6 +5,12 @@ from amxc.frontend.pull import PullError
 from amxc.ir.errors import InterpreterError, ParseError, VerifyError
 from amxc.passes.base import PassError
 from amxc.runtime.artifact import ArtifactError
+from amxc.runtime.kv_cache import KVCacheError
+
+
+class UsageError(ValueError):
+    """An option or combination of options that cannot work, with what to do instead."""
+
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, FileNotFoundError)
+               PassError, ArtifactError, KVCacheError, UsageError, FileNotFoundError)

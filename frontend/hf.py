@@ -85,15 +85,19 @@ def trace(config, name: str):
     return ep, buffers, aliases
 
 
-def import_config(config, source: WeightSource, name: str, attrs: dict | None = None) -> Module:
+def import_config(config, source: WeightSource, name: str, attrs: dict | None = None,
+                  bnb_4bit: bool = False) -> Module:
     from .torch_export import import_exported_program
 
     check_family(config, name)
     ep, buffers, aliases = trace(config, name)
     prefix = getattr(config, "base_model_prefix", None) or ""
     prefixes = (prefix + ".",) if prefix else ()
-    module = import_exported_program(ep, name, dim_names=DIM_NAMES,
-                                     param_data=resolver(source, aliases, prefixes, buffers))
+    param_data = resolver(source, aliases, prefixes, buffers)
+    module = import_exported_program(ep, name, dim_names=DIM_NAMES, param_data=param_data)
+    if bnb_4bit:
+        from .bnb import import_quantized
+        import_quantized(module, source, param_data.find)
     missing = [p.name for p in module.params.values() if p.loader is None]
     if missing:
         raise FrontendError(f"{name}: weights not found in the checkpoint: {', '.join(missing[:5])}"
@@ -116,8 +120,14 @@ def import_hf_checkpoint(model_dir: str | os.PathLike) -> Module:
     if raw.get("model_type") not in SUPPORTED_FAMILIES:
         raise FrontendError(f"{cfg_path}: architecture '{raw.get('model_type')}' is not supported "
                             f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    from .bnb import check_config
+    bnb_4bit = check_config(raw, str(cfg_path))
     config = AutoConfig.from_pretrained(model_dir)
-    return import_config(config, SafetensorsSource(model_dir), _model_name(model_dir.name))
+    if bnb_4bit:            # trace the float model; the quantized weights replace its linears
+        config.quantization_config = None
+        del config.quantization_config
+    return import_config(config, SafetensorsSource(model_dir), _model_name(model_dir.name),
+                         {"source_quantization": "bitsandbytes-nf4"} if bnb_4bit else None, bnb_4bit)
 
 
 def import_gguf(path: str | os.PathLike) -> Module:

@@ -52,6 +52,13 @@ class SafetensorsSource:
             t = h.get_tensor(name)
         return np.ascontiguousarray(t.to(torch.float32).numpy())
 
+    def load_raw(self, name: str) -> np.ndarray:
+        """A tensor in its stored dtype (quantized codes, scales)."""
+        if name not in self.files:
+            raise FrontendError(f"{self.dir}: tensor {name} is missing")
+        with self._safe_open(self.files[name], framework="np") as h:
+            return np.ascontiguousarray(h.get_tensor(name))
+
 
 class GGUFSource:
     def __init__(self, checkpoint):
@@ -88,4 +95,5 @@ def resolver(source: WeightSource, aliases: dict[str, list[str]], prefixes: tupl
         if key is None:
             return None
         return lambda: source.load(key)
+    param_data.find = find        # the checkpoint key of a parameter (bitsandbytes import)
     return param_data

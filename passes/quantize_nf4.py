@@ -43,6 +43,8 @@ class QuantizeNF4(Pass):
         self.skipped: dict[str, str] = {}
         todo = []
         for name, uses in weight_uses(module).items():
+            if module.params[name].type.dtype == nf4:
+                continue                               # imported already quantized
             reason = self._why_not(module.params[name], uses)
             if reason:
                 if any(i in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
@@ -76,7 +78,7 @@ class QuantizeNF4(Pass):
             other = next(n.op for n, i in uses if i not in WEIGHT_OPERANDS.get(n.op, ()))
             return f"also read by {other}"
         if p.type.dtype != f32:
-            return f"already {p.type.dtype}"
+            return f"stored as {p.type.dtype}"
         if p.type.rank != 2 or not p.type.is_static():
             return f"not a static matrix ({p.type})"
         if self._skip is not None and self._skip.search(p.name):
@@ -94,3 +96,44 @@ class QuantizeNF4(Pass):
         new = Param(old.name, t, attrs={k: round(v, 6) for k, v in stats.items()})
         new.set_data(blob)
         return new
+
+
+def layer_of(name: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'layer 3'; anything outside the layers -> 'other'."""
+    m = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", name)
+    return f"layer {m.group(1)}" if m else "other"
+
+
+def quant_summary(module: Module, skipped: dict[str, str] | None = None) -> dict:
+    """What quantization did to a module: per layer and in total, weights, elements, bytes,
+    bytes per element and the element-weighted mean relative RMS error of the nf4 weights."""
+    rows: dict[str, dict] = {}
+    for p in module.params.values():
+        if p.type.dtype != nf4:
+            continue
+        for key in (layer_of(p.name), "total"):
+            r = rows.setdefault(key, {"weights": 0, "elements": 0, "bytes": 0, "err": 0.0})
+            n = p.type.numel()
+            r["weights"] += 1
+            r["elements"] += n
+            r["bytes"] += p.type.nbytes()
+            r["err"] += n * float(p.attrs.get("rel_rms", float("nan")))
+    for r in rows.values():
+        r["bytes_per_element"] = r["bytes"] / r["elements"]
+        r["rel_rms"] = r.pop("err") / r["elements"]
+    order = sorted((k for k in rows if k.startswith("layer")), key=lambda k: int(k.split()[1]))
+    out = {k: rows[k] for k in order + [k for k in ("other", "total") if k in rows]}
+    return {"layers": out, "skipped": dict(skipped or {})}
+
+
+def format_quant_summary(summary: dict) -> str:
+    rows = summary["layers"]
+    if not rows:
+        return "no nf4 weights"
+    lines = [f"  {'':<10} {'weights':>7} {'elements':>13} {'bytes':>13} {'B/elem':>8} {'rel RMS':>8}"]
+    for key, r in rows.items():
+        lines.append(f"  {key:<10} {r['weights']:>7} {r['elements']:>13,} {r['bytes']:>13,} "
+                     f"{r['bytes_per_element']:>8.5f} {r['rel_rms']:>8.4f}")
+    for name, why in summary.get("skipped", {}).items():
+        lines.append(f"  kept float: @{name} ({why})")
+    return "\n".join(lines)

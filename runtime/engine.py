@@ -134,6 +134,28 @@ class Engine:
             raise ValueError("this model has no chat template")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab] logits of one prefill of `ids` from an empty cache (scoring)."""
+        seq = -1                                  # never a generate() sequence id
+        self.cache.reserve(seq, len(ids))
+        try:
+            out = self._step("prefill", [seq], np.asarray([ids], dtype=np.int64),
+                             np.arange(len(ids), dtype=np.int64)[None])
+        finally:
+            self.cache.free(seq)
+        return out[0]
+
+    def perplexity(self, text: str, *, window: int | None = None, stride: int | None = None,
+                   max_tokens: int | None = None, progress: bool = False):
+        """Sliding-window perplexity of `text` (see runtime/perplexity.py).  Default window:
+        the model's context, at most 512; default stride: half the window."""
+        from .perplexity import perplexity
+        if self.tokenizer is None:
+            raise ValueError("this artifact has no tokenizer: perplexity needs one")
+        ids = self.tokenizer.encode(text, add_special_tokens=True)[:max_tokens]
+        window = window or min(int(self.config.get("max_position_embeddings", 512)), 512)
+        return perplexity(self.logits, ids, window, stride or window // 2, progress)
+
     # -- the loop ------------------------------------------------------------------------------
     def _run(self, results: list[Generation], max_new_tokens: int, params: SamplingParams, stop):
         stop_ids = self._stop_ids(stop)
