@@ -30,6 +30,13 @@ def stories_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_eval() -> Path:
+    if not SHARED_EVAL.exists():
+        pytest.skip(f"evaluation texts not found in {SHARED_EVAL}")
+    return SHARED_EVAL
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     return shared_model("smollm2-135m-instruct-q4_1") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -1,0 +1,84 @@
+"""NF4 quality on real models: perplexity of fp32 vs NF4 (each double-quantization variant) on
+the texts in ../shared/eval, plus greedy samples from the quantized models.  A measurement,
+not a test (issue #5, shows 3-5).
+
+    python benchmarks/nf4_quality.py [--max-tokens N] [--window W] [--stride S] [--out DIR]
+
+Artifacts are compiled once into --out (default /tmp/amxc-nf4-quality) and reused.  Prints a
+markdown table (perplexity, change vs fp32, bytes per quantized weight) and writes results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MODELS = {"stories260K": SHARED / "models" / "stories260K",
+          "SmolLM2-135M": SHARED / "models" / "smollm2-135m-instruct-q4_1"}
+TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
+VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
+            "nf4 none (fp32 absmax)": "nf4{double=none}"}
+PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
+
+
+def main() -> int:
+    import amxc
+    from amxc.passes.quantize_nf4 import quant_summary
+    from amxc.runtime.artifact import load_artifact
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/amxc-nf4-quality"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for model, src in MODELS.items():
+        for variant, quant in VARIANTS.items():
+            art = args.out / f"{model}-{(quant or 'fp32').replace('{', '-').replace('}', '').replace('=', '')}.amxc"
+            if not (art / "manifest.json").exists():
+                amxc.compile(src, art, quant=quant, progress=False)
+            module, manifest = load_artifact(art)
+            total = quant_summary(module)["layers"].get("total")
+            engine = amxc.load(art)
+            row = {"model": model, "variant": variant,
+                   "bytes_per_quantized_weight": total["bytes_per_element"] if total else None,
+                   "weight_rel_rms": total["rel_rms"] if total else None}
+            for text, path in TEXTS.items():
+                t0 = time.perf_counter()
+                r = engine.perplexity(path.read_text(), window=args.window, stride=args.stride,
+                                      max_tokens=args.max_tokens)
+                row[text] = r.to_json() | {"seconds": round(time.perf_counter() - t0, 1)}
+                print(f"{model:<13} {variant:<28} {text:<12} ppl {r.perplexity:8.4f}  "
+                      f"({r.tokens_scored} tokens, {row[text]['seconds']} s)", file=sys.stderr, flush=True)
+            row["sample"] = engine.generate(PROMPTS[model], max_new_tokens=48).text
+            results.append(row)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"\nwindow {args.window}, stride {args.stride}, first {args.max_tokens} tokens of each text\n")
+    print("| model | weights | B/quantized weight | weight rel RMS | ppl TinyStories | Δ vs fp32 | ppl Botchan | Δ vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {}
+    for r in results:
+        if r["variant"] == "fp32":
+            base[r["model"]] = r
+        b = base[r["model"]]
+        cells = []
+        for text in TEXTS:
+            p, p0 = r[text]["perplexity"], b[text]["perplexity"]
+            cells += [f"{p:.4f}", "—" if r is b else f"{100 * (p / p0 - 1):+.2f} %"]
+        bpw = f"{r['bytes_per_quantized_weight']:.5f}" if r["bytes_per_quantized_weight"] else "4"
+        err = f"{r['weight_rel_rms']:.4f}" if r["weight_rel_rms"] else "—"
+        print(f"| {r['model']} | {r['variant']} | {bpw} | {err} | " + " | ".join(cells) + " |")
+    print("\nGreedy samples:")
+    for r in results:
+        print(f"- {r['model']}, {r['variant']}: {PROMPTS[r['model']]!r} -> {r['sample']!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
