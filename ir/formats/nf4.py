@@ -15,6 +15,15 @@ Each section starts at a multiple of 4 bytes.  Blocks run over the flattened ten
 bitsandbytes, so an imported checkpoint whose rows are not a multiple of B stays exact; the
 quantize pass itself only quantizes weights with K % B == 0, where blocks never straddle rows.
 
+`pack=r16k4` is the kernels' order of the same numbers (the `lower` pass repacks to it; the
+bitsandbytes order is only an interchange format).  Rows go in groups of 16 (N padded with
+zero rows), and each group's 64-wide block is 512 bytes: chunk j = 0..7 holds, at byte 4r + t,
+the codes of row r at k = 4j + t (low nibble) and k = 4(j + 8) + t (high nibble).  One 64-byte
+chunk, nibbles looked up, is 16 rows x 4 consecutive k: the operand of a VNNI dot product
+(vpdpbusd) against 4 broadcast activation bytes, and a row of an AMX int8 B tile.  Block scales
+follow the same grouping, [group][block][16 rows] (E4M3 codes, or f32 values: a bitsandbytes
+scale decodes exactly to f32); the second-level scales stay flat.  Only block 64 packs.
+
 Quantization follows bitsandbytes (`quantize_4bit`, default backend; research/amx_nf4.md §1.2):
 absmax per block, scaled = clamp(w * (1/max(absmax, 1e-38)), -1, 1) in float32 (a tail block
 divides instead), code = nearest table entry with exact midpoints going to the LOWER code.
@@ -64,6 +73,10 @@ def _align4(n: int) -> int:
     return -(-n // 4) * 4
 
 
+PACKS = ("flat", "r16k4")
+ROWS = 16          # rows per r16k4 group
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each section of an nf4 parameter's bytes lies."""
@@ -71,6 +84,7 @@ class Layout:
     block: int = 64
     scale: str = "fp8_e4m3"
     scale_block: int = 256
+    pack: str = "flat"
 
     def __post_init__(self):
         if self.block not in BLOCKS:
@@ -79,12 +93,20 @@ class Layout:
             raise ValueError(f"nf4 scale '{self.scale}' is not one of {', '.join(SCALES)}")
         if self.scale != "f32" and self.scale_block < 1:
             raise ValueError(f"nf4 scale_block must be positive, got {self.scale_block}")
+        if self.pack not in PACKS:
+            raise ValueError(f"nf4 pack '{self.pack}' is not one of {', '.join(PACKS)}")
+        if self.pack == "r16k4":
+            if self.block != 64 or len(self.shape) != 2 or self.shape[1] % 64:
+                raise ValueError(f"nf4 pack r16k4 needs block 64 and a [N, K] weight with K % 64 == 0, "
+                                 f"got block {self.block}, shape {list(self.shape)}")
+            if self.scale == "bnb_dynamic8":
+                raise ValueError("nf4 pack r16k4 stores bitsandbytes scales decoded (scale=f32)")
 
     @classmethod
     def of(cls, type) -> "Layout":
         """The layout of an nf4 TensorType (static shape, encoding with block/scale/scale_block)."""
         enc = type.enc
-        unknown = set(enc) - {"block", "scale", "scale_block"}
+        unknown = set(enc) - {"block", "scale", "scale_block", "pack"}
         if unknown:
             raise ValueError(f"nf4 type has unknown encoding field '{sorted(unknown)[0]}'")
         if not type.is_static():
@@ -93,13 +115,25 @@ class Layout:
         default_sb = 0 if scale == "f32" else 256
         if scale == "f32" and "scale_block" in enc:
             raise ValueError("nf4 with scale=\"f32\" has no scale_block")
-        return cls(tuple(type.shape), enc.get("block", 64), scale, enc.get("scale_block", default_sb))
+        return cls(tuple(type.shape), enc.get("block", 64), scale, enc.get("scale_block", default_sb),
+                   enc.get("pack", "flat"))
 
     def encoding(self) -> dict:
         enc = {"block": self.block, "scale": self.scale}
         if self.scale != "f32":
             enc["scale_block"] = self.scale_block
+        if self.pack != "flat":
+            enc["pack"] = self.pack
         return enc
+
+    def packed(self, pack: str = "r16k4") -> "Layout":
+        """This layout in another pack (bitsandbytes scales become their f32 values)."""
+        scale = "f32" if self.scale == "bnb_dynamic8" else self.scale
+        return Layout(self.shape, self.block, scale, self.scale_block if scale != "f32" else 0, pack)
+
+    @property
+    def row_groups(self) -> int:
+        return -(-self.shape[0] // ROWS)
 
     @property
     def numel(self) -> int:
@@ -116,8 +150,9 @@ class Layout:
     def sections(self) -> dict[str, tuple[int, int]]:
         """name -> (byte offset, byte count)."""
         out, at = {}, 0
-        sizes = {"codes": -(-self.numel // 2),
-                 "scales": self.num_blocks * (4 if self.scale == "f32" else 1),
+        slots = self.num_blocks if self.pack == "flat" else self.row_groups * ROWS * (self.shape[1] // 64)
+        sizes = {"codes": -(-self.numel // 2) if self.pack == "flat" else slots * 32,
+                 "scales": slots * (4 if self.scale == "f32" else 1),
                  "scales2": 4 * self.num_groups,
                  "offset": 4 if self.scale == "bnb_dynamic8" else 0}
         for name, size in sizes.items():
@@ -144,9 +179,14 @@ class Layout:
         return views
 
     def join(self, codes: np.ndarray, scales: np.ndarray, scales2=None, offset=None) -> np.ndarray:
-        """The parameter bytes from its parts (codes unpacked, one per element)."""
+        """The parameter bytes from its parts: codes one per element and scales one per block,
+        both in row-major (logical) order, whatever the pack."""
         blob = np.zeros(self.nbytes, dtype=np.uint8)
-        parts = {"codes": pack(codes), "scales": scales, "scales2": scales2,
+        if self.pack == "r16k4":
+            codes, scales = _to_r16k4(np.asarray(codes, np.uint8), np.asarray(scales), self.shape)
+        else:
+            codes = pack(codes)
+        parts = {"codes": codes, "scales": scales, "scales2": scales2,
                  "offset": None if offset is None else np.asarray([offset], np.float32)}
         for name, (off, size) in self.sections().items():
             data = np.ascontiguousarray(parts[name]).view(np.uint8).reshape(-1)
@@ -157,8 +197,10 @@ class Layout:
 
     # -- numbers -----------------------------------------------------------------------------
     def block_scales(self, blob: np.ndarray) -> np.ndarray:
-        """Decoded f32 scale of every block."""
+        """Decoded f32 scale of every block, in row-major block order."""
         v = self.split(blob)
+        if self.pack == "r16k4":
+            v["scales"] = _from_rows16(v["scales"], self.shape[0], self.shape[1] // 64)
         if self.scale == "f32":
             return v["scales"].copy()
         group = np.repeat(v["scales2"], self.scale_block)[:self.num_blocks]
@@ -167,12 +209,52 @@ class Layout:
         return (dynamic8.MAP[v["scales"]] * group + v["offset"][0]).astype(np.float32)
 
     def codes(self, blob: np.ndarray) -> np.ndarray:
-        return unpack(self.split(blob)["codes"], self.numel)
+        """One code per element, row-major."""
+        raw = self.split(blob)["codes"]
+        if self.pack == "r16k4":
+            return _from_r16k4(raw, self.shape)
+        return unpack(raw, self.numel)
 
     def dequantize(self, blob: np.ndarray) -> np.ndarray:
         """The f32 weight: table[code] * its block's scale (bitsandbytes' dequantize_4bit)."""
         scales = np.repeat(self.block_scales(blob), self.block)[:self.numel]
         return (TABLE[self.codes(blob)] * scales).astype(np.float32).reshape(self.shape)
+
+
+def _to_r16k4(codes: np.ndarray, scales: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    n, k = shape
+    groups, nb = -(-n // ROWS), k // 64
+    c = np.full((groups * ROWS, k), 7, np.uint8)            # padding rows decode to 0.0
+    c[:n] = codes.reshape(n, k)
+    # [g, r, b, half, j, t] -> [g, b, j, r, t] with half 0 = low nibble, 1 = high
+    c = c.reshape(groups, ROWS, nb, 2, 8, 4).transpose(0, 2, 4, 1, 5, 3)
+    packed = (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
+    sc = np.zeros((groups * ROWS, nb), scales.dtype)
+    sc[:n] = scales.reshape(n, nb)
+    return packed.reshape(-1), np.ascontiguousarray(sc.reshape(groups, ROWS, nb).transpose(0, 2, 1)).reshape(-1)
+
+
+def _from_r16k4(packed: np.ndarray, shape) -> np.ndarray:
+    n, k = shape
+    groups, nb = -(-n // ROWS), k // 64
+    p = packed.reshape(groups, nb, 8, ROWS, 4)
+    c = np.stack([p & 0xF, p >> 4], axis=-1)                    # [g, b, j, r, t, half]
+    return c.transpose(0, 3, 1, 5, 2, 4).reshape(groups * ROWS, k)[:n].reshape(-1)
+
+
+def _from_rows16(scales: np.ndarray, n: int, nb: int) -> np.ndarray:
+    groups = -(-n // ROWS)
+    return scales.reshape(groups, nb, ROWS).transpose(0, 2, 1).reshape(groups * ROWS, nb)[:n].reshape(-1)
+
+
+def repack(blob: np.ndarray, layout: Layout, pack: str = "r16k4") -> tuple[np.ndarray, Layout]:
+    """The same weight in another pack; every decoded value is unchanged."""
+    target = layout.packed(pack)
+    scales = layout.block_scales(blob) if target.scale == "f32" else \
+        (layout.split(blob)["scales"] if layout.pack == "flat"
+         else _from_rows16(layout.split(blob)["scales"], layout.shape[0], layout.shape[1] // 64))
+    scales2 = layout.split(blob).get("scales2") if target.scale != "f32" else None
+    return target.join(layout.codes(blob), scales, scales2), target
 
 
 def _codes_for(flat: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:

@@ -1,0 +1,40 @@
+// AVX2 helpers of the avx2 tier (x86-64-v3: avx2, fma, f16c, bmi2).
+#pragma once
+#include <immintrin.h>
+#include "amxc_nf4.h"
+
+namespace amxc {
+
+struct GroupScales : GroupScales16 {
+  __m256 v0, v1;                                  // rows 0-7, 8-15
+  GroupScales(const float* s2_, int64_t g_, int64_t n_, int64_t nb_, int64_t sb_)
+      : GroupScales16(s2_, g_, n_, nb_, sb_) { reload(); }
+  inline void reload() { v0 = _mm256_loadu_ps(lane); v1 = _mm256_loadu_ps(lane + 8); }
+  inline void at(int64_t b) { if (advance(b)) reload(); }
+};
+
+// 8 E4M3 codes -> 8 floats (see decode_e4m3)
+static inline __m256 decode_e4m3_x8(const uint8_t* p) {
+  const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  const __m256i bits = _mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(0x7F)), 20);
+  return _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
+}
+
+static inline __m256 exp_x8(__m256 x) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, x);
+  for (int i = 0; i < 8; ++i) t[i] = expf(t[i]);
+  return _mm256_load_ps(t);
+}
+
+static inline __m256 silu_mul_x8(__m256 g, __m256 u) {
+  const __m256 e = exp_x8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+static inline __m256i mask_first(int64_t n) {    // lanes [0, n) set, n in 0..8
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);
+}
+
+}  // namespace amxc
