@@ -131,24 +131,31 @@ static void layer_norm(const float* x, const float* w, const float* bias, int64_
 }
 
 // ---- rotary embedding -------------------------------------------------------------------
-// x: rows of `dim` floats; row r uses the cos/sin row at table_row[r] (broadcast over heads)
-static void rope(const float* x, const float* cs, const float* sn, float* out, int64_t rows, int64_t dim,
-                 const int64_t* table_row, bool interleaved) {
+// x: rows of `dim` floats over `rank` leading dims `lead`; the cos/sin row of x's leading index
+// is sum(idx[d] * cs_stride[d]) (stride 0 where the tables broadcast, e.g. over heads)
+static void rope(const float* x, const float* cs, const float* sn, float* out, int rank, const int64_t* lead,
+                 const int64_t* cs_stride, int64_t dim, bool interleaved) {
   const int64_t half = dim / 2;
+  int64_t rows = 1;
+  for (int d = 0; d < rank; ++d) rows *= lead[d];
+  int64_t idx[6] = {0, 0, 0, 0, 0, 0};
   for (int64_t r = 0; r < rows; ++r) {
+    int64_t tr = 0;
+    for (int d = 0; d < rank; ++d) tr += idx[d] * cs_stride[d];
     const float* xr = x + r * dim;
-    const float* c = cs + table_row[r] * dim;
-    const float* s = sn + table_row[r] * dim;
+    const float* c = cs + tr * dim;
+    const float* s = sn + tr * dim;
     float* o = out + r * dim;
     if (interleaved) {
       for (int64_t i = 0; i < dim; i += 2) {
-        o[i] = xr[i] * c[i] - xr[i + 1] * s[i];
+        o[i] = xr[i] * c[i] + (-xr[i + 1]) * s[i];
         o[i + 1] = xr[i + 1] * c[i + 1] + xr[i] * s[i + 1];
       }
     } else {
-      for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * c[i] - xr[i + half] * s[i];
+      for (int64_t i = 0; i < half; ++i) o[i] = xr[i] * c[i] + (-xr[i + half]) * s[i];
       for (int64_t i = half; i < dim; ++i) o[i] = xr[i] * c[i] + xr[i - half] * s[i];
     }
+    for (int d = rank - 1; d >= 0; --d) { if (++idx[d] < lead[d]) break; idx[d] = 0; }
   }
 }
 
