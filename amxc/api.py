@@ -30,26 +30,33 @@ def trace(model, *, progress: bool = False) -> Module:
     return module
 
 
-def with_quant(pipeline: str | None, quant: str | None) -> str | None:
-    """The pipeline with a quantization step appended: `quant` is 'nf4' or 'nf4{options}'
-    (the options of quantize-nf4, e.g. 'nf4{double=bnb,block=128}'); None or 'none' adds
-    nothing."""
-    if quant in (None, "", "none"):
-        return pipeline
+def compile_pipeline(pipeline: str | None = None, quant: str | None = None, target: str = "auto") -> str:
+    """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
+    passes), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
+    'nf4{double=bnb,block=128}'), then lower{target} when the pipeline makes the cache-aware form
+    and does not lower itself."""
     from amxc.errors import UsageError
-    if not (quant == "nf4" or quant.startswith("nf4{")):
-        raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{double=fp8|bnb|none, "
-                         f"block=N, scale_block=N, skip=REGEX}}, none)")
     from amxc.passes import DEFAULT_PIPELINE
-    return f"{DEFAULT_PIPELINE if pipeline is None else pipeline},quantize-{quant}"
+
+    out = DEFAULT_PIPELINE if pipeline is None else pipeline
+    if quant not in (None, "", "none"):
+        if not (quant == "nf4" or quant.startswith("nf4{")):
+            raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{double=fp8|bnb|none, "
+                             f"block=N, scale_block=N, skip=REGEX}}, none)")
+        out += f",quantize-{quant}"
+    names = [p.split("{")[0] for p in out.split(",")]
+    if "kv-cache" in names and "lower" not in names:
+        out += ",lower" if target == "auto" else f",lower{{target={target}}}"
+    return out
 
 
 def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, quant: str | None = None,
-            dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
+            target: str = "auto", dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
             instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True) -> Path:
     """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
-    artifact directory at `output`.  `quant="nf4"` appends weight quantization (see with_quant).
+    artifact directory at `output`.  `quant="nf4"` adds weight quantization and `target` the lowest
+    ISA tier the artifact must run on (see compile_pipeline).
 
     `plugins` are `--pass-plugin` specs, loaded with the installed `amxc.passes` entry points
     for this call only.  `dump_ir` points (`after:all`, `before:NAME`, ...) write numbered IR
@@ -60,7 +67,7 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
     from amxc.frontend import write_tokenizer
     from amxc.runtime.artifact import save_artifact
 
-    pipeline = with_quant(pipeline, quant)
+    pipeline = compile_pipeline(pipeline, quant, target)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
         dumps = _dumps(passes, dump_ir, dump_dir or f"{Path(output)}.ir-dumps", dump_diff)
@@ -149,7 +156,9 @@ def _pass_scope(plugins: Sequence[str]):
 
 
 def _parse(pipeline: str | None):
-    # imported here, at call time: importing amxc.passes registers the passes the default names
+    # imported here, at call time: importing amxc.passes (and amxc.backends, for `lower`)
+    # registers the passes the default names
+    import amxc.backends  # noqa: F401
     from amxc.passes import DEFAULT_PIPELINE
     from amxc.passes.pipeline import parse_pipeline
 
@@ -269,7 +278,7 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True) -
                              f"(amxc compile MODEL --quant {quant})")
         return path
     source = str(path.resolve()) if path.exists() else str(model)
-    pipeline = with_quant(DEFAULT_PIPELINE, quant)
+    pipeline = compile_pipeline(None, quant)
     key = hashlib.sha256(f"{source}|{__version__}|{pipeline}".encode()).hexdigest()[:12]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.name or str(model)))
     art = cache_dir() / "artifacts" / f"{name}-{key}.amxc"

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", metavar="SPEC", default=None,
                    help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks), "
                         "or 'nf4{double=bnb|none,block=N,scale_block=N,skip=REGEX}'")
+    c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
+                   help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
+                        "best tier chosen at load)")
     c.add_argument("--strict-fusion", action="store_true",
                    help="fail if an expected fusion (attention, norm, RoPE, MLP) misses a layer")
     _add_pass_options(c, "ART.ir-dumps")
@@ -119,11 +122,12 @@ def cmd_compile(args) -> int:
     from amxc.passes.manager import Timing
 
     if args.print_pipeline:
-        return _print_pipeline(args, getattr(args, "quant", None))
+        return _print_pipeline(args, args.quant, args.target)
     if args.model is None or args.output is None:
         args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
     timing = Timing()
-    compile(args.model, args.output, pipeline=args.pipeline, quant=args.quant, dump_ir=args.dump_ir,
+    compile(args.model, args.output, pipeline=args.pipeline, quant=args.quant, target=args.target,
+            dump_ir=args.dump_ir,
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,
             progress=not args.quiet)
@@ -151,9 +155,10 @@ def cmd_opt(args) -> int:
     return 0
 
 
-def _print_pipeline(args, quant: str | None = None) -> int:
-    from amxc.api import canonical_pipeline, with_quant
-    print(canonical_pipeline(with_quant(args.pipeline, quant), plugins=args.pass_plugin))
+def _print_pipeline(args, quant: str | None = None, target: str = "auto") -> int:
+    from amxc.api import canonical_pipeline, compile_pipeline
+    pipeline = compile_pipeline(args.pipeline, quant, target) if args.command == "compile" else args.pipeline
+    print(canonical_pipeline(pipeline, plugins=args.pass_plugin))
     return 0
 
 

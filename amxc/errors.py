@@ -6,6 +6,9 @@ from amxc.ir.errors import InterpreterError, ParseError, VerifyError
 from amxc.passes.base import PassError
 from amxc.runtime.artifact import ArtifactError
 from amxc.runtime.kv_cache import KVCacheError
+from amxc.backends.executor import NativeError
+from amxc.backends.isa import ISAError
+from amxc.backends.codegen import CodegenError
 
 
 class UsageError(ValueError):
@@ -13,4 +16,5 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, KVCacheError, UsageError, FileNotFoundError)
+               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, UsageError,
+               FileNotFoundError)

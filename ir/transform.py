@@ -73,3 +73,15 @@ def swap_to_nf4(module, old: Param, new: Param) -> None:
         if n.op in NF4_OP:
             n.opdef = get_op(NF4_OP[n.op])
     module.params[old.name] = new
+
+
+def swap_to_float(module, old: Param, new: Param) -> None:
+    """The inverse of swap_to_nf4: weight `old` (nf4) becomes the float parameter `new`."""
+    from .registry import get_op
+
+    back = {v: k for k, v in NF4_OP.items()}
+    for n, i in weight_uses(module).get(old.name, []):
+        n.inputs[i] = new
+        if n.op in back:
+            n.opdef = get_op(back[n.op])
+    module.params[old.name] = new

@@ -3,7 +3,7 @@
 Sequences are prefilled one at a time (each its own length) and decoded together, one token per
 sequence per step, so a batch of prompts of different lengths needs no padding: row r of every
 decode step is sequence r at its own position.  Execution goes through an executor: the
-reference interpreter today, native kernels (issue #6) behind the same call later.
+native kernels for the machine's best ISA tier (amxc.backends), or the reference interpreter.
 """
 from __future__ import annotations
 
@@ -72,12 +72,44 @@ def interpreter_executor(module: Module, function: str, inputs: list) -> np.ndar
     return interpret(module, inputs, function=function)[0]
 
 
+interpreter_executor.__name__ = "interpreter"
+
+
+def default_executor(module: Module, isa: str | None = None) -> Executor:
+    """Native kernels for this machine's best ISA tier (AMXC_ISA or `isa` may ask for a lower
+    one), else the reference interpreter.  AMXC_EXECUTOR=interpreter forces the interpreter.
+    A module compiled without the lower pass is lowered here, in memory."""
+    import os
+    import sys
+
+    if os.environ.get("AMXC_EXECUTOR", "native") == "interpreter" or isa == "interpreter":
+        return interpreter_executor
+    from amxc.backends import isa as isas
+    from amxc.backends.executor import NativeExecutor
+    from amxc.backends.toolchain import BuildError
+
+    if "target" not in module.attrs:
+        from amxc.backends.lower import Lower
+        Lower().run(module)
+    try:
+        return NativeExecutor(module, isa)
+    except BuildError as e:
+        if isa or os.environ.get(isas.ENV):
+            raise
+        print(f"amxc: warning: native kernels unavailable, using the reference interpreter ({e})",
+              file=sys.stderr)
+        return interpreter_executor
+
+
 class Engine:
     def __init__(self, module: Module, manifest: dict | None = None, tokenizer=None, *,
-                 kv_tokens: int = 4096, block_size: int = 16, executor: Executor = interpreter_executor):
+                 kv_tokens: int = 4096, block_size: int = 16, executor: Executor | None = None,
+                 isa: str | None = None):
         for fn in ("prefill", "decode"):
             if fn not in module.functions:
                 raise ValueError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
+        if executor is None:
+            executor = default_executor(module, isa)
         self.module, self.manifest, self.tokenizer, self.executor = module, manifest or {}, tokenizer, executor
         cache_type = module.functions["prefill"].args[-1].type
         self.cache = PagedKVCache(cache_type, num_blocks=-(-kv_tokens // block_size), block_size=block_size)

@@ -30,7 +30,7 @@ def stories_art(tmp_path_factory, stories_dir) -> Path:
     art = tmp_path_factory.mktemp("art") / "stories.amxc"
     proc = amxc("compile", stories_dir, "-o", art)
     assert "traced" in proc.stderr and "wrote" in proc.stderr      # progress is shown
-    assert f"ran {DEFAULT_PIPELINE.count(',') + 1} passes" in proc.stderr
+    assert f"ran {DEFAULT_PIPELINE.count(',') + 2} passes" in proc.stderr     # the graph passes + lower
     return art
 
 
@@ -44,8 +44,9 @@ def test_version_and_help():
 def test_compile_writes_a_complete_artifact(stories_art, stories_dir):
     manifest = json.loads((stories_art / "manifest.json").read_text())
     assert manifest["format"] == "amxc-artifact" and manifest["config"]["num_layers"] == 5
-    assert manifest["pipeline"] == DEFAULT_PIPELINE           # the default pipeline ran
-    assert [p["name"] for p in manifest["passes"]] == DEFAULT_PIPELINE.split(",")
+    assert manifest["pipeline"] == DEFAULT_PIPELINE + ",lower"     # the default pipeline ran
+    assert [p["name"] for p in manifest["passes"]] == DEFAULT_PIPELINE.split(",") + ["lower"]
+    assert manifest["target"] == "auto" and manifest["required_isa"] == ["ref"]
     assert {p["origin"] for p in manifest["passes"]} == {"builtin"}
     assert set(manifest["files"]) >= {"graph.ir", "weights.bin", "tokenizer/tokenizer.json"}
     for entry in manifest["params"].values():

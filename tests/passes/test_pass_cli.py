@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import amxc.ir as ir
+import amxc.backends  # noqa: F401  (registers `lower`)
 from amxc.passes import DEFAULT_PIPELINE
 from amxc.passes.pipeline import format_pipeline, parse_pipeline
 
@@ -57,7 +58,7 @@ def test_help_shows_the_pass_flags_and_opt():
 
 def test_print_pipeline_needs_no_model():
     proc = amxc("compile", "--print-pipeline")
-    assert proc.returncode == 0 and proc.stdout == DEFAULT_PIPELINE + "\n"
+    assert proc.returncode == 0 and proc.stdout == DEFAULT_PIPELINE + ",lower\n"    # compile lowers last
     assert format_pipeline(parse_pipeline(proc.stdout.strip())) == proc.stdout.strip()
     proc = amxc("opt", "--print-pipeline", "--pipeline", " kv-cache { keep_forward = true , seq = s } , dce ")
     assert proc.stdout == "kv-cache{keep_forward=true},dce\n"
