@@ -27,8 +27,9 @@ TIER_KERNELS = {
 }
 #: headers each tier's translation unit includes
 TIER_HEADERS = {"ref": ["amxc_rt.h", "amxc_nf4.h"], "avx2": ["amxc_rt.h", "amxc_avx2.h"],
-                "avx512": ["amxc_rt.h", "amxc_avx512.h"], "amx": ["amxc_rt.h", "amxc_avx512.h", "amx_compat.h"],
-                "amx-emulated": ["amxc_rt.h", "amxc_avx2.h", "amx_compat.h"]}
+                "avx512": ["amxc_rt.h", "amxc_avx512.h"],
+                "amx": ["amxc_rt.h", "amxc_avx512.h", "amx_compat.h", "amxc_tiles.h"],
+                "amx-emulated": ["amxc_rt.h", "amxc_avx2.h", "amx_compat.h", "amxc_tiles.h"]}
 
 
 @lru_cache(maxsize=1)

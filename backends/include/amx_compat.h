@@ -13,6 +13,7 @@
 // memory operand, so the compiler may sink stores past it; a compiler barrier comes first.
 #pragma once
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
