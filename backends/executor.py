@@ -51,7 +51,7 @@ class NativeExecutor:
     """executor(module, function, [ids, positions, kv_view]) -> logits, natively."""
 
     def __init__(self, module: Module, tier: str | None = None, *, limits: Limits | None = None,
-                 gemv: str | None = None, threads: int | None = None):
+                 gemv: str | None = None, threads: int | None = None, profile: bool | None = None):
         self.tier = isa.select_tier(tier)
         need = required_tier(module)
         if need not in ("auto", "ref") and isa.TIERS.index(_base(self.tier)) < isa.TIERS.index(need):
@@ -61,7 +61,10 @@ class NativeExecutor:
         self.module = module
         self.limits = limits or Limits()
         self.gemv = gemv or os.environ.get("AMXC_GEMV", "int8")
-        gen = generate(module, self.tier, self.limits, self.gemv)
+        self.tiles = os.environ.get("AMXC_TILES", "bf16")
+        self.profiling = profile if profile is not None else os.environ.get("AMXC_PROFILE", "") not in ("", "0")
+        gen = generate(module, self.tier, self.limits, self.gemv, self.tiles, self.profiling)
+        self.profiled = gen.profiled
         self.source = gen.source
         self.library = toolchain.build(gen.source, self.tier, name=_safe(module.name))
         lib = toolchain.load(self.library)
@@ -76,6 +79,16 @@ class NativeExecutor:
         self.vocab = {f: module.functions[f].results[0].type.shape[-1] for f in gen.functions}
         self.embed_rows = _embedding_rows(module)
         self.__name__ = f"native-{self.tier}"
+
+    def profile(self, function: str) -> list[tuple[object, float]]:
+        """(IR node, seconds) for every timed node of `function` since the library was loaded
+        (AMXC_PROFILE=1 builds only)."""
+        if not self.profiling:
+            raise NativeError("profiling is off: build the executor with profile=True or AMXC_PROFILE=1")
+        fn = getattr(toolchain.load(self.library), f"amxc_profile_{function}")
+        fn.restype = ctypes.POINTER(ctypes.c_double)
+        times = fn()
+        return [(node, times[i]) for i, node in enumerate(self.profiled[function])]
 
     def __call__(self, module: Module, function: str, inputs: list) -> np.ndarray:
         ids, pos, view = inputs

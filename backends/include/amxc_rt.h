@@ -6,6 +6,7 @@
 #include <string.h>
 #include <math.h>
 #include <algorithm>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -27,7 +28,15 @@ struct StepArgs {
 
 #define AMXC_RESTRICT __restrict__
 
+#include <time.h>
+
 namespace amxc {
+
+static inline double now() {                    // seconds, for AMXC_PROFILE builds
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
 
 static inline int threads_for(int64_t work, int nt) { return work < 2 ? 1 : nt; }
 
@@ -172,9 +181,57 @@ static void gelu(const float* x, float* out, int64_t n, bool tanh_approx) {
 }
 
 // ---- cache-aware attention --------------------------------------------------------------
+// exp for x <= 0 (softmax after subtracting the max), written so loops over it vectorize:
+// 2^(x log2 e) split into 2^n (exponent bits) and 2^f, f in [-0.5, 0.5], by a degree-6
+// polynomial; relative error < 2e-7 over the range, 0 below -87.
+static inline float exp_neg(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.4426950408889634f;
+  const float n = nearbyintf(t);
+  const float f = t - n;
+  float p = 1.5353362e-4f;
+  p = p * f + 1.3398874e-3f;
+  p = p * f + 9.6180642e-3f;
+  p = p * f + 5.5503340e-2f;
+  p = p * f + 2.4022650e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+static constexpr float MASKED = -1e30f;          // a score that is not there (exp gives 0)
+
+// the inner loops of attention, each over one contiguous run so the compiler vectorizes it
+static inline void axpy(float* AMXC_RESTRICT y, float w, const float* AMXC_RESTRICT x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT y, int64_t n) {
+  float acc = 0.0f;
+  #pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += x[i] * y[i];
+  return acc;
+}
+static inline void running_max(float* AMXC_RESTRICT mx, const float* AMXC_RESTRICT x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) mx[i] = mx[i] > x[i] ? mx[i] : x[i];
+}
+static inline void exp_and_sum(float* AMXC_RESTRICT sc, const float* AMXC_RESTRICT mx,
+                               float* AMXC_RESTRICT sum, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    // below e^-69 ~ 1e-30 a weight cannot move an fp32 sum whose largest term is 1, and
+    // keeping it would make denormal products in P.V (microcode assists, 100x slower)
+    const float x = sc[i] - mx[i];
+    const float e = x < -69.0f ? 0.0f : exp_neg(x);
+    sc[i] = e;
+    sum[i] += e;
+  }
+}
+
 // q, k, v: [b, heads, s, d] (k, v with kv_heads).  Stores k, v at their positions through the
-// block tables, then each query attends, causally and within `window` (0 = unbounded), over its
-// row's cached positions 0..pos.  Online softmax in fp32; one (row, head, query) per task.
+// block tables, then every query attends, causally and within `window` (0 = unbounded), over
+// its row's cached positions.  Work is split by (row, kv head, block of queries): the query
+// heads sharing a kv head (GQA) read each cached key and value once.  Scores are kept per
+// query, softmax is exact two-pass in fp32.
 static void attention_cached(const float* q, const float* k, const float* v, const int64_t* pos,
                              const StepArgs* a, int layer, int64_t heads, int64_t kv_heads,
                              int64_t d, float scale, int64_t window, float* out) {
@@ -191,33 +248,84 @@ static void attention_cached(const float* q, const float* k, const float* v, con
         memcpy(kc + slot, k + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
         memcpy(vc + slot, v + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
       }
-  const int64_t group = heads / kv_heads, tasks = b * heads * s;
-  #pragma omp parallel for num_threads(threads_for(tasks, a->nthreads)) schedule(static)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t r = t / (heads * s), h = (t / s) % heads, i = t % s, hk = h / group;
-    const int64_t p = pos[r * s + i];
-    const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    const float* qr = q + ((r * heads + h) * s + i) * d;
-    float acc[512];
-    for (int64_t j = 0; j < d; ++j) acc[j] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
-    for (int64_t kp = first; kp <= p; ++kp) {
-      const int64_t blk = a->block_tables[r * a->max_blocks + kp / bs];
-      const int64_t slot = ((blk * kv_heads + hk) * bs + kp % bs) * d;
-      const float* kr = kc + slot;
-      float sc = 0.0f;
-      for (int64_t j = 0; j < d; ++j) sc += qr[j] * kr[j];
-      sc *= scale;
-      const float mn = std::max(m, sc);
-      const float corr = expf(m - mn), e = expf(sc - mn);
-      l = l * corr + e;
-      const float* vr = vc + slot;
-      for (int64_t j = 0; j < d; ++j) acc[j] = acc[j] * corr + e * vr[j];
-      m = mn;
+  const int64_t group = heads / kv_heads, QB = 32;
+  const int64_t qblocks = (s + QB - 1) / QB, tasks = b * kv_heads * qblocks;
+  #pragma omp parallel num_threads(threads_for(tasks, a->nthreads))
+  {
+    // per-thread scratch that persists across calls: fresh multi-100-KB mallocs are mmaps,
+    // and their page faults cost more than the attention itself
+    static thread_local float* scores = nullptr;   // [key][query]
+    static thread_local int64_t cap = 0;
+    static thread_local float* qt = nullptr;       // [d][query], query = (i - i0) * group + g
+    static thread_local int64_t qt_cap = 0;
+    static thread_local float* qrow = nullptr;     // [query][d]
+    if (QB * group * d > qt_cap) {
+      free(qt); free(qrow);
+      qt_cap = QB * group * d;
+      qt = (float*)malloc(qt_cap * sizeof(float));
+      qrow = (float*)malloc(qt_cap * sizeof(float));
     }
-    float* o = out + ((r * heads + h) * s + i) * d;
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
-    for (int64_t j = 0; j < d; ++j) o[j] = acc[j] * inv;
+    float mx[QB * 64], inv[QB * 64];
+    int64_t qpos[QB * 64];
+    #pragma omp for schedule(dynamic)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t r = t / (kv_heads * qblocks), hk = (t / qblocks) % kv_heads, i0 = (t % qblocks) * QB;
+      const int64_t i1 = std::min(s, i0 + QB), nq = (i1 - i0) * group;
+      int64_t last = 0, first = INT64_MAX;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p = pos[r * s + i];
+        last = std::max(last, p);
+        first = std::min(first, window > 0 ? std::max<int64_t>(0, p - window + 1) : (int64_t)0);
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t qi = (i - i0) * group + g;
+          qpos[qi] = p;
+          const float* qr = q + ((r * heads + hk * group + g) * s + i) * d;
+          for (int64_t e = 0; e < d; ++e) {
+            qt[e * nq + qi] = qr[e] * scale;
+            qrow[qi * d + e] = qr[e] * scale;
+          }
+        }
+      }
+      const int64_t span = last - first + 1;
+      if (nq * span > cap) { free(scores); cap = nq * span; scores = (float*)malloc(cap * sizeof(float)); }
+      for (int64_t j = 0; j < span; ++j) {         // scores = (q scale) . k, one key at a time
+        const int64_t kp = first + j;
+        const int64_t blk = a->block_tables[r * a->max_blocks + kp / bs];
+        const float* kr = kc + ((blk * kv_heads + hk) * bs + kp % bs) * d;
+        float* sc = scores + j * nq;
+        if (nq >= 16) {                             // many queries: vectorize across them
+          for (int64_t qi = 0; qi < nq; ++qi) sc[qi] = 0.0f;
+          for (int64_t e = 0; e < d; ++e) axpy(sc, kr[e], qt + e * nq, nq);
+        } else {                                    // decode: one dot product per query head
+          for (int64_t qi = 0; qi < nq; ++qi) sc[qi] = dot(qrow + qi * d, kr, d);
+        }
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const int64_t p = qpos[qi];
+          if (kp > p || (window > 0 && p - kp >= window)) sc[qi] = MASKED;
+        }
+      }
+      for (int64_t qi = 0; qi < nq; ++qi) { mx[qi] = MASKED; inv[qi] = 0.0f; }
+      for (int64_t j = 0; j < span; ++j) running_max(mx, scores + j * nq, nq);
+      for (int64_t j = 0; j < span; ++j) exp_and_sum(scores + j * nq, mx, inv, nq);   // sums in inv
+      for (int64_t qi = 0; qi < nq; ++qi) inv[qi] = inv[qi] > 0.0f ? 1.0f / inv[qi] : 0.0f;  // no key: zeros
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t g = 0; g < group; ++g) {
+          float* o = out + ((r * heads + hk * group + g) * s + i) * d;
+          for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
+        }
+      for (int64_t j = 0; j < span; ++j) {
+        const int64_t kp = first + j;
+        const int64_t blk = a->block_tables[r * a->max_blocks + kp / bs];
+        const float* vr = vc + ((blk * kv_heads + hk) * bs + kp % bs) * d;
+        const float* sc = scores + j * nq;
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const float w = sc[qi] * inv[qi];
+          if (w == 0.0f) continue;
+          const int64_t i = i0 + qi / group, g = qi % group;
+          axpy(out + ((r * heads + hk * group + g) * s + i) * d, w, vr, d);
+        }
+      }
+    }
   }
 }
 
