@@ -392,8 +392,7 @@ class FunctionCodegen:
             if self.k.has("gemm_nf4_tiles"):           # AMX: tiles once a call has TILE_ROWS rows
                 extra = {"q8": self.k.get("q8", K=k_in)} if self.tiles == "int8" else {}
                 tiles = self.k.get("gemm_nf4_tiles", **params, mode=self.tiles, **extra)
-                tile_rows = 1 if self.k.tier == "amx-emulated" else TILE_ROWS
-                gemm_call = (f"if ({m} >= {tile_rows}) {tiles}({self.p(x)}, {m}, {codes}, {scales}, {s2}, "
+                gemm_call = (f"if ({m} >= {TILE_ROWS}) {tiles}({self.p(x)}, {m}, {codes}, {scales}, {s2}, "
                              f"{bias}, {resid}, {out}, nt); else {gemm_call}")
             if self.gemv == "int8":
                 q = self.quantized(x, node)

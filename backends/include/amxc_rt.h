@@ -29,6 +29,9 @@ struct StepArgs {
 #define AMXC_RESTRICT __restrict__
 
 #include <time.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace amxc {
 
@@ -206,11 +209,39 @@ static constexpr float MASKED = -1e30f;          // a score that is not there (e
 static inline void axpy(float* AMXC_RESTRICT y, float w, const float* AMXC_RESTRICT x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
+// The one summation order every tier uses for a dot product, so tiers agree to the bit: 16
+// partial sums (lane l takes k = l mod 16, fma in order), folded 8-4-2-1 (lane l += lane l+h),
+// then the n mod 16 tail in order.  AVX-512 is one 16-lane register, AVX2 two 8-lane ones.
 static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT y, int64_t n) {
-  float acc = 0.0f;
-  #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += x[i] * y[i];
-  return acc;
+  const int64_t n16 = n / 16 * 16;
+  float s;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
+  __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+  __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  h4 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  s = _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
+#elif defined(__AVX2__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), a1);
+  }
+  __m256 h8 = _mm256_add_ps(a0, a1);
+  __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  h4 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  s = _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
+#else
+  float l[16] = {0};
+  for (int64_t i = 0; i < n16; i += 16)
+    for (int j = 0; j < 16; ++j) l[j] = fmaf(x[i + j], y[i + j], l[j]);
+  for (int h = 8; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) l[j] = l[j] + l[j + h];
+  s = l[0];
+#endif
+  for (int64_t i = n16; i < n; ++i) s = fmaf(x[i], y[i], s);
+  return s;
 }
 static inline void running_max(float* AMXC_RESTRICT mx, const float* AMXC_RESTRICT x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) mx[i] = mx[i] > x[i] ? mx[i] : x[i];
