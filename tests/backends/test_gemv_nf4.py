@@ -37,7 +37,7 @@ def rel_rms(a, b):
 
 
 @pytest.mark.parametrize("tier", runnable_tiers())
-@pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"),
+@pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
                                             (16, 64, 4, "bnb_dynamic8")])
 def test_gemv_nf4_q8(tier, n, k, m, scale):
