@@ -124,7 +124,7 @@ def test_amx_tiles_on_a_long_prompt(artifacts):
     those of the fp32 GEMM tiers on stories260K; natively (where AMX exists) they equal the
     emulator's, since this machine's TDPBF16PS matches the SDM model bit for bit."""
     art = artifacts["stories", "nf4"]
-    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park"
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog"
     tokens = {t: engine(art, tier=t).generate(prompt, max_new_tokens=16).ids
               for t in ("avx2", isa.EMULATED, "amx") if isa.supported(t)}
     assert len(engine(art).tokenizer.encode(prompt)) >= 32
