@@ -1,0 +1,264 @@
+"""Decode and prefill speed of amxc against llama.cpp and PyTorch eager, in one run, with the
+memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measurement, not a test.
+
+    python benchmarks/decode_speed.py [--models tinyllama,smollm2] [--reps 3] [--threads 2]
+                                      [--work /tmp/amxc-bench] [--no-llamacpp] [--no-torch]
+
+Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
+../shared/models.  Systems (each measurement a fresh process; peak RSS from getrusage):
+  amxc NF4      artifacts compiled with --quant nf4 (and, for TinyLlama, nf4{skip=embed_tokens},
+                which quantizes lm_head too, as llama.cpp's 4-bit files do with Q6_K)
+  llama.cpp     llama-cpp-python (optional): F16, Q4_0 and IQ4_NL GGUFs of the same weights,
+                quantized by llama.cpp itself
+  PyTorch       HF transformers eager, fp32, with its KV cache
+Protocol (research/baselines.md): 128 pseudo-random prompt tokens, a warm-up pass, then one
+prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode steps (decode
+tok/s = 63 / their time); the median of --reps processes.  Roofline: decode tok/s x bytes
+read per token / the read bandwidth measured here (numpy, 1 GiB float32, --threads threads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parents[0].parent / "shared" / "models"
+SMOLLM2 = SHARED / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_TOKENS, NEW_TOKENS = 128, 64
+
+
+# -- children: one measurement per process -------------------------------------------------------
+def prompt_ids(vocab: int) -> list[int]:
+    import numpy as np
+    return np.random.default_rng(0).integers(3, vocab, PROMPT_TOKENS).tolist()
+
+
+def child_amxc(art: str, threads: int) -> dict:
+    os.environ["AMXC_NUM_THREADS"] = str(threads)
+    from amxc.runtime.engine import Engine
+    engine = Engine.load(art)
+    prompt = prompt_ids(int(engine.config["vocab_size"]))
+    engine.generate(prompt[:16], max_new_tokens=4, stop=[])                 # warm-up
+    engine.generate(prompt, max_new_tokens=NEW_TOKENS, stop=[])
+    t = engine.last_timings
+    return {"prefill": PROMPT_TOKENS / t.prefill, "decode": (len(t.decode)) / sum(t.decode),
+            "executor": getattr(engine.executor, "__name__", "?")}
+
+
+def child_llamacpp(gguf: str, threads: int) -> dict:
+    import numpy as np
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+    prompt = prompt_ids(vocab)
+
+    def run(n_new, prompt):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        tok = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
+        t2 = time.perf_counter()
+        for _ in range(n_new - 1):
+            llm.eval([tok])
+            tok = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
+        return len(prompt) / (t1 - t0), (n_new - 1) / (time.perf_counter() - t2)
+
+    run(4, prompt[:16])
+    prefill, decode = run(NEW_TOKENS, prompt)
+    return {"prefill": prefill, "decode": decode}
+
+
+def child_torch(model: str, threads: int) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    path = Path(model)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    hf = AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=torch.float32,
+                                              attn_implementation="eager", **kwargs).eval()
+    prompt = torch.tensor([prompt_ids(hf.config.vocab_size)])
+
+    def run(ids, n_new):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = hf(ids, use_cache=True)
+            t1 = time.perf_counter()
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            for _ in range(n_new - 1):
+                out = hf(tok, past_key_values=past, use_cache=True)
+                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return ids.shape[1] / (t1 - t0), (n_new - 1) / (time.perf_counter() - t2)
+
+    run(prompt[:, :16], 4)
+    prefill, decode = run(prompt, NEW_TOKENS)
+    return {"prefill": prefill, "decode": decode}
+
+
+def child_bandwidth(threads: int) -> dict:
+    """Read bandwidth: `threads` threads each summing its slice of a 1 GiB float32 array."""
+    import threading
+
+    import numpy as np
+    a = np.ones(1 << 28, np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(5):
+        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
+    return {"read_GBps": best}
+
+
+CHILDREN = {"amxc": child_amxc, "llamacpp": child_llamacpp, "torch": child_torch, "bandwidth": child_bandwidth}
+
+
+def measure(kind: str, target: str, threads: int, reps: int) -> dict:
+    results = []
+    for _ in range(reps):
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = {k: statistics.median(r[k] for r in results) if isinstance(results[0][k], float) else results[0][k]
+           for k in results[0]}
+    out["runs"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in results]
+    return out
+
+
+# -- preparing models ------------------------------------------------------------------------
+def prepare(model: str, work: Path, llamacpp: bool) -> dict:
+    """Artifacts and GGUFs for `model` (built once, reused)."""
+    import amxc
+    sys.path.insert(0, str(HERE))
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict] = {"amxc": {}, "llamacpp": {}, "torch": None}
+    if model == "tinyllama":
+        import trace_memory
+        ckpt = work / "tinyllama-random"
+        if not (ckpt / "config.json").exists():
+            trace_memory.write_checkpoint(ckpt)
+        source, out["torch"] = ckpt, str(ckpt)
+        variants = {"nf4 (lm_head NF4)": "nf4{skip=embed_tokens}", "nf4 (lm_head f32)": "nf4"}
+    else:
+        source, out["torch"] = SMOLLM2, str(SMOLLM2)
+        variants = {"nf4": "nf4"}
+    for label, quant in variants.items():
+        art = work / f"{model}-{quant.replace('{', '-').replace('}', '').replace('=', '_')}.amxc"
+        if not (art / "manifest.json").exists():
+            print(f"compiling {art.name} …", file=sys.stderr, flush=True)
+            amxc.compile(source, art, quant=quant, progress=False)
+        out["amxc"][label] = str(art)
+    if llamacpp:
+        from gguf_export import export_f16, quantize
+        base = work / f"{model}-f16.gguf"
+        if not base.exists():
+            print(f"writing {base.name} …", file=sys.stderr, flush=True)
+            if model == "tinyllama":
+                export_f16(source, base)
+            else:
+                quantize(SMOLLM2, base, "f16")
+        out["llamacpp"]["F16"] = str(base)
+        for q in ("q4_0", "iq4_nl"):
+            path = work / f"{model}-{q}.gguf"
+            if not path.exists():
+                print(f"quantizing {path.name} with llama.cpp …", file=sys.stderr, flush=True)
+                quantize(base, path, q)
+            out["llamacpp"][q.upper()] = str(path)
+        if model == "smollm2":
+            out["llamacpp"]["Q4_1 (as shipped)"] = str(SMOLLM2)
+    return out
+
+
+def bytes_per_token(art: str) -> int:
+    """Weight bytes a decode step reads: every parameter but the input embedding table (one
+    row of it), unless the table is also the output head."""
+    from amxc.runtime.artifact import load_artifact
+    module, _ = load_artifact(art, check_hashes=False)
+    embed = {n.inputs[0].name for fn in module.functions.values() for n in fn.nodes if n.op == "embedding"}
+    heads = {n.inputs[1].name for fn in module.functions.values() for n in fn.nodes
+             if n.op in ("linear", "linear_nf4")}
+    return sum(p.type.nbytes() for name, p in module.params.items() if name not in embed or name in heads)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
+    ap.add_argument("--models", default="tinyllama,smollm2")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/amxc-bench"))
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write all figures here")
+    args = ap.parse_args()
+    if args.child:
+        kind, target = args.child
+        result = CHILDREN[kind](target, args.threads) if kind != "bandwidth" else CHILDREN[kind](args.threads)
+        result["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return 0
+    llamacpp = not args.no_llamacpp
+    if llamacpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed: llama.cpp is left out (pip install llama-cpp-python)",
+                  file=sys.stderr)
+            llamacpp = False
+    report = {"threads": args.threads, "bandwidth": measure("bandwidth", "-", args.threads, 1), "models": {}}
+    bw = report["bandwidth"]["read_GBps"]
+    for model in args.models.split(","):
+        files = prepare(model, args.work, llamacpp)
+        rows = {}
+        for label, art in files["amxc"].items():
+            rows[f"amxc {label}"] = measure("amxc", art, args.threads, args.reps) | \
+                {"GB_per_token": bytes_per_token(art) / 1e9}
+        for label, gguf in files["llamacpp"].items():
+            rows[f"llama.cpp {label}"] = measure("llamacpp", gguf, args.threads, args.reps)
+        if not args.no_torch:
+            rows["PyTorch eager fp32"] = measure("torch", files["torch"], args.threads, args.reps)
+        report["models"][model] = rows
+        print_table(model, rows, bw)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def print_table(model: str, rows: dict, bw: float) -> None:
+    amxc_rows = [k for k in rows if k.startswith("amxc") and "error" not in rows[k]]
+    ref = {k: rows[k] for k in rows if "error" not in rows[k]}
+    print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each, median); "
+          f"read bandwidth {bw:.1f} GB/s\n")
+    print("| system | prefill tok/s | decode tok/s | peak RSS MB | decode % of roofline |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | |")
+            continue
+        roof = f"{100 * r['decode'] * r['GB_per_token'] / bw:.0f} % ({r['GB_per_token']:.3f} GB/token)" \
+            if "GB_per_token" in r else ""
+        print(f"| {name} | {r['prefill']:.1f} | {r['decode']:.2f} | {r['peak_rss_MB']:.0f} | {roof} |")
+    for a in amxc_rows:
+        ratios = [f"{other}: decode {rows[a]['decode'] / r['decode']:.2f}x, prefill "
+                  f"{rows[a]['prefill'] / r['prefill']:.2f}x" for other, r in ref.items() if not other.startswith("amxc")]
+        print(f"\n{a} vs " + "; ".join(ratios))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
