@@ -50,6 +50,33 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     return out
 
 
+def calibration_file(model, text_path: str | os.PathLike, tokens: int = 2048, length: int = 512) -> Path:
+    """Token ids of the first `tokens` tokens of a text file, cut into sequences of `length`,
+    as the .npy quantize-nf4{method=gptq,calib=...} reads (written into the amxc cache)."""
+    import hashlib
+
+    import numpy as np
+
+    from amxc.frontend import write_tokenizer
+    from amxc.frontend.pull import cache_dir
+    from amxc.runtime.tokenizer import Tokenizer
+
+    text = Path(text_path).read_text(encoding="utf-8")
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        if not write_tokenizer(model, Path(tmp)):
+            from amxc.errors import UsageError
+            raise UsageError(f"{model}: no tokenizer to turn the calibration text into tokens")
+        ids = Tokenizer.from_dir(Path(tmp)).encode(text, add_special_tokens=False)
+    length = min(length, len(ids))
+    rows = np.asarray(ids[:max(length, tokens // length * length)], np.int64).reshape(-1, length)
+    key = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+    out = cache_dir() / "calibration" / f"{key}.npy"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, rows)
+    return out
+
+
 def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, quant: str | None = None,
             target: str = "auto", dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,

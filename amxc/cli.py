@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quant", metavar="SPEC", default=None,
                    help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks), "
                         "or 'nf4{double=bnb|none,block=N,scale_block=N,skip=REGEX}'")
+    c.add_argument("--calib", metavar="TEXT", default=None,
+                   help="calibration text for --quant 'nf4{method=gptq}' (tokenized with the model's "
+                        "tokenizer; the first --calib-tokens tokens are used)")
+    c.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
                    help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
                         "best tier chosen at load)")
@@ -126,7 +130,14 @@ def cmd_compile(args) -> int:
     if args.model is None or args.output is None:
         args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
     timing = Timing()
-    compile(args.model, args.output, pipeline=args.pipeline, quant=args.quant, target=args.target,
+    quant = args.quant
+    if args.calib:
+        from amxc.api import calibration_file
+        if not quant or "gptq" not in quant:
+            args.parser.error("--calib is for --quant 'nf4{method=gptq}'")
+        calib = calibration_file(args.model, args.calib, args.calib_tokens)
+        quant = quant[:-1] + f',calib="{calib}"}}'
+    compile(args.model, args.output, pipeline=args.pipeline, quant=quant, target=args.target,
             dump_ir=args.dump_ir,
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,

@@ -16,7 +16,7 @@ Decisions made here, per node:
     the fp32 GEMM on decoded panels (the exact path; `gemv="exact"` forces it everywhere);
   * mlp_swiglu runs gate and up as one paired GEMV with the silu(gate) * up epilogue;
   * on the amx tier, NF4 GEMMs of TILE_ROWS rows or more run on AMX tiles (`tiles="bf16"`,
-    or `"int8"`: the same bits as the int8 GEMV).
+    or `"int8"`: the same bits as the int8 GEMV; `"off"`: the fp32 GEMM).
 """
 from __future__ import annotations
 
@@ -398,7 +398,7 @@ class FunctionCodegen:
             params = dict(N=n_out, K=k_in, scale=lay.scale, scale_block=lay.scale_block)
             gemm = self.k.get("gemm_nf4", **params)
             gemm_call = f"{gemm}({self.p(x)}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, {out}, nt);"
-            if self.k.has("gemm_nf4_tiles"):           # AMX: tiles once a call has TILE_ROWS rows
+            if self.k.has("gemm_nf4_tiles") and self.tiles != "off":   # AMX: tiles from TILE_ROWS rows
                 extra = {"q8": self.k.get("q8", K=k_in)} if self.tiles == "int8" else {}
                 tiles = self.k.get("gemm_nf4_tiles", **params, mode=self.tiles, **extra)
                 gemm_call = (f"if ({m} >= {TILE_ROWS}) {tiles}({self.p(x)}, {m}, {codes}, {scales}, {s2}, "

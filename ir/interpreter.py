@@ -64,8 +64,11 @@ def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str,
 
 
 def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
-        function: str | None = None) -> list[np.ndarray]:
-    """Run a function (default: the module's main) on numpy inputs; returns its results."""
+        function: str | None = None, observe=None) -> list[np.ndarray]:
+    """Run a function (default: the module's main) on numpy inputs; returns its results.
+    `observe(node, input_arrays)`, if given, sees every node's inputs before it runs and may
+    return replacements (calibration for quantization: statistics, and running a layer with
+    its just-quantized weights)."""
     fn = module.functions[function] if function else module.main
     if isinstance(inputs, Mapping):
         missing = [a.name for a in fn.args if a.name not in inputs]
@@ -91,8 +94,11 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
 
     for i, node in enumerate(fn.nodes):
         op = node.opdef
+        args = [fetch(v) for v in node.inputs]
+        if observe is not None:
+            args = observe(node, args) or args
         try:
-            out = op.reference(*(fetch(v) for v in node.inputs), **reference_kwargs(node, env))
+            out = op.reference(*args, **reference_kwargs(node, env))
         except Exception as e:   # any numpy failure becomes a located error
             raise InterpreterError(f"{node!r}: {type(e).__name__}: {e}"
                                    + (f"\n  from {node.loc}" if node.loc else "")) from e

@@ -12,11 +12,20 @@ Weights whose names match `skip` (default: embeddings and lm_head) stay in float
 with another use (a tied embedding) or whose input size is not a multiple of `block` (their
 blocks would straddle rows, which the kernels do not stream).  Each quantized parameter records
 its error (relative RMS, max abs) in its attributes, so the IR dump shows where precision went.
+
+    method=rtn   round to nearest, bitsandbytes' rule (the default)
+    method=gptq  GPTQ error compensation (passes/gptq.py) on calibration token ids: `calib`,
+                 a .npy of int64 [sequences, tokens] (amxc compile --calib TEXT writes one with
+                 the model's tokenizer).  The model runs once on them through the reference
+                 interpreter; each layer is quantized when reached, from its inputs, and the
+                 rest of the run sees it quantized (sequential GPTQ).  fp8 and none only.
 """
 from __future__ import annotations
 
 import re
 import sys
+
+import numpy as np
 
 from amxc.ir import Module, Param, TensorType
 from amxc.ir.dtypes import f32, nf4
@@ -35,6 +44,9 @@ class QuantizeNF4(Pass):
         "double": Option(str, "fp8", "how block scales are stored: fp8 | bnb | none"),
         "scale_block": Option(int, 256, "block scales per second-level fp32 scale"),
         "skip": Option(str, "embed|lm_head|wte|wpe", "regex: weights whose names match stay float"),
+        "method": Option(str, "rtn", "rtn (round to nearest) | gptq (needs calibration tokens)"),
+        "search": Option(int, 10, "gptq: E4M3 scale codes tried below each block's absmax"),
+        "calib": Option(str, "", "gptq: .npy of int64 calibration token ids [sequences, tokens]"),
     }
 
     def run(self, module: Module) -> bool:
@@ -51,12 +63,83 @@ class QuantizeNF4(Pass):
                     self.skipped[name] = reason        # only weights are worth reporting
             else:
                 todo.append(module.params[name])
+        if self.opts["method"] == "gptq":
+            blobs = self._gptq(module, todo, layout)
+        elif self.opts["method"] == "rtn":
+            blobs = None
+        else:
+            raise PassError(f"quantize-nf4: method={self.opts['method']!r} is not rtn or gptq")
         from tqdm import tqdm
         for old in tqdm(todo, desc="quantizing nf4", unit="weight", file=sys.stderr, leave=False,
                         delay=1.0):
-            swap_to_nf4(module, old, self._quantize(old, layout))
+            swap_to_nf4(module, old, self._quantize(old, layout, None if blobs is None else blobs[old.name]))
             self.quantized.append(old.name)
         return bool(todo)
+
+    def _gptq(self, module: Module, todo: list[Param], enc: dict) -> dict[str, np.ndarray]:
+        """Run @prefill (or @forward) on the calibration tokens, quantizing every weight in
+        `todo` with GPTQ when the run reaches it; returns the nf4 bytes by name."""
+        from amxc.ir.interpreter import run
+        from amxc.ir.ops.cache import DenseKVCache
+        from amxc.ir.ops.fused import linear
+        from amxc.ir.ops.elementwise import gelu
+
+        from .gptq import quantize_gptq
+
+        if enc["scale"] == "bnb_dynamic8":
+            raise PassError("quantize-nf4{method=gptq} supports double=fp8 or double=none")
+        ids = self._calibration_ids()
+        wanted = {p.name for p in todo}
+        blobs: dict[str, np.ndarray] = {}
+        decoded: dict[str, np.ndarray] = {}
+
+        def quantized(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+            if name not in wanted or name in decoded:
+                return decoded.get(name, w)
+            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            p = module.params[name]
+            lay = fmt.Layout(tuple(p.type.shape), **enc)
+            blobs[name] = quantize_gptq(w, x2.T @ x2, lay, search=self.opts["search"])
+            decoded[name] = lay.dequantize(blobs[name])
+            return decoded[name]
+
+        def observe(node, args):
+            names = [v.name for v in node.inputs]
+            if node.op in ("linear", "linear_nf4"):
+                return [args[0], quantized(names[1], args[1], args[0]), *args[2:]]
+            if node.op == "mlp_swiglu":
+                x = args[0]
+                wg, wu = quantized(names[1], args[1], x), quantized(names[2], args[2], x)
+                g = linear(x, wg)
+                return [x, wg, wu, quantized(names[3], args[3], (g / (1.0 + np.exp(-g))) * linear(x, wu))]
+            if node.op == "mlp_gelu":
+                x = args[0]
+                w1 = quantized(names[1], args[1], x)
+                h = gelu(linear(x, w1, args[3] if len(args) > 3 else None), node.attrs["approximate"])
+                return [x, w1, quantized(names[2], args[2], h), *args[3:]]
+            return None
+
+        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        if "prefill" in module.functions:
+            cache = DenseKVCache(module.functions["prefill"].args[-1].type, ids.shape[0], ids.shape[1])
+            run(module, [ids, pos, cache], function="prefill", observe=observe)
+        else:
+            run(module, {"input_ids": ids, "position_ids": pos}, observe=observe)
+        return blobs
+
+    def _calibration_ids(self) -> np.ndarray:
+        path = self.opts["calib"]
+        if not path:
+            raise PassError("quantize-nf4{method=gptq} needs calibration tokens: calib=FILE.npy "
+                            "(amxc compile --quant 'nf4{method=gptq}' --calib TEXT writes it)")
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise PassError(f"quantize-nf4: calib={path!r}: {e}") from None
+        if ids.ndim != 2 or ids.dtype != np.int64 or ids.size == 0:
+            raise PassError(f"quantize-nf4: calib={path!r} must hold int64 [sequences, tokens], "
+                            f"got {ids.dtype}{list(ids.shape)}")
+        return ids
 
     def _layout(self) -> dict:
         double = self.opts["double"]
@@ -87,13 +170,17 @@ class QuantizeNF4(Pass):
             return f"input size {p.type.shape[1]} is not a multiple of block {self.opts['block']}"
         return None
 
-    def _quantize(self, old: Param, enc: dict) -> Param:
+    def _quantize(self, old: Param, enc: dict, blob: np.ndarray | None = None) -> Param:
         t = TensorType(nf4, old.type.shape, fmt.Layout(tuple(old.type.shape), **enc).encoding())
         layout = t.nf4_layout()
         weight = old.load()
-        blob = fmt.quantize(weight, layout)
+        if blob is None:
+            blob = fmt.quantize(weight, layout)
         stats = fmt.error_stats(weight, layout.dequantize(blob))
-        new = Param(old.name, t, attrs={k: round(v, 6) for k, v in stats.items()})
+        attrs = {k: round(v, 6) for k, v in stats.items()}
+        if self.opts["method"] != "rtn":
+            attrs["method"] = self.opts["method"]
+        new = Param(old.name, t, attrs=attrs)
         new.set_data(blob)
         return new
 
