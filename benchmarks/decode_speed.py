@@ -5,7 +5,7 @@ memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measur
                                       [--work /tmp/amxc-bench] [--no-llamacpp] [--no-torch]
 
 Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
-../shared/models.  Systems (each measurement a fresh process; peak RSS from getrusage):
+../shared/models.  Systems (each measurement a fresh process; peak RSS = its VmHWM):
   amxc NF4      artifacts compiled with --quant nf4 (and, for TinyLlama, nf4{skip=embed_tokens},
                 which quantizes lm_head too, as llama.cpp's 4-bit files do with Q6_K)
   llama.cpp     llama-cpp-python (optional): F16, Q4_0 and IQ4_NL GGUFs of the same weights,
@@ -14,7 +14,7 @@ Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Ins
 Protocol (research/baselines.md): 128 pseudo-random prompt tokens, a warm-up pass, then one
 prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode steps (decode
 tok/s = 63 / their time); the median of --reps processes.  Roofline: decode tok/s x bytes
-read per token / the read bandwidth measured here (numpy, 1 GiB float32, --threads threads).
+read per token / the read bandwidth measured here (numpy, 1 GiB float32, --threads threads); peak RSS is VmHWM.
 """
 from __future__ import annotations
 
@@ -124,6 +124,15 @@ def child_bandwidth(threads: int) -> dict:
     return {"read_GBps": best}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory.  VmHWM, not getrusage: Linux carries ru_maxrss
+    across exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 CHILDREN = {"amxc": child_amxc, "llamacpp": child_llamacpp, "torch": child_torch, "bandwidth": child_bandwidth}
 
 
@@ -210,7 +219,7 @@ def main() -> int:
     if args.child:
         kind, target = args.child
         result = CHILDREN[kind](target, args.threads) if kind != "bandwidth" else CHILDREN[kind](args.threads)
-        result["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_MB"] = peak_rss_mb()
         print(json.dumps(result))
         return 0
     llamacpp = not args.no_llamacpp

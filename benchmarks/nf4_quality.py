@@ -6,6 +6,8 @@ not a test (issue #5, shows 3-5).
 
 Artifacts are compiled once into --out (default /tmp/amxc-nf4-quality) and reused.  Prints a
 markdown table (perplexity, change vs fp32, bytes per quantized weight) and writes results.json.
+Scored natively with the fp32 prefill GEMM (AMXC_TILES=off), so only the weights differ; the GPTQ
+variant calibrates on 8192 tokens of the second half of tinystories_dev.txt.
 """
 from __future__ import annotations
 
@@ -21,13 +23,19 @@ MODELS = {"stories260K": SHARED / "models" / "stories260K",
           "SmolLM2-135M": SHARED / "models" / "smollm2-135m-instruct-q4_1"}
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
 VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
-            "nf4 none (fp32 absmax)": "nf4{double=none}"}
+            "nf4 none (fp32 absmax)": "nf4{double=none}",
+            "nf4 fp8, GPTQ": "nf4{method=gptq}"}
+CALIB_TOKENS = 8192       # GPTQ calibration: the second half of tinystories_dev.txt (disjoint from the scored text)
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
 
 
 def main() -> int:
+    import os
+
     import amxc
+    import amxc.api
     from amxc.passes.quantize_nf4 import quant_summary
+    os.environ.setdefault("AMXC_TILES", "off")   # score with the fp32 GEMM: only quantization differs
     from amxc.runtime.artifact import load_artifact
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,6 +50,12 @@ def main() -> int:
         for variant, quant in VARIANTS.items():
             art = args.out / f"{model}-{(quant or 'fp32').replace('{', '-').replace('}', '').replace('=', '')}.amxc"
             if not (art / "manifest.json").exists():
+                if quant and "gptq" in quant:
+                    text = TEXTS["tinystories"].read_text()
+                    calib_txt = args.out / "calibration.txt"
+                    calib_txt.write_text(text[len(text) // 2:])
+                    calib = amxc.api.calibration_file(src, calib_txt, CALIB_TOKENS)
+                    quant = quant[:-1] + f',calib="{calib}"}}'
                 amxc.compile(src, art, quant=quant, progress=False)
             module, manifest = load_artifact(art)
             total = quant_summary(module)["layers"].get("total")
