@@ -111,6 +111,10 @@ class Layout:
             raise ValueError(f"nf4 type has unknown encoding field '{sorted(unknown)[0]}'")
         if not type.is_static():
             raise ValueError(f"nf4 type {type} needs a static shape")
+        for field, kind in (("block", int), ("scale", str), ("scale_block", int), ("pack", str)):
+            if field in enc and (not isinstance(enc[field], kind) or isinstance(enc[field], bool)):
+                raise ValueError(f"nf4 encoding field '{field}' must be {'an integer' if kind is int else 'a string'}, "
+                                 f"got {enc[field]!r}")
         scale = enc.get("scale", "f32")
         default_sb = 0 if scale == "f32" else 256
         if scale == "f32" and "scale_block" in enc:
