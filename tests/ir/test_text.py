@@ -54,6 +54,8 @@ def test_parse_error_points_at_line_and_column():
     (("{axis = 1}", "{axsi = 1}"), "has no attribute 'axsi'"),
     (("f32[b, s, 6]", "f33[b, s, 6]"), "unknown dtype 'f33'"),
     (("return %y, %cat", "return %y"), "returned types do not match"),
+    (("scale_block=256", "scale_block=f32"), "'scale_block' must be an integer"),
+    (("block=64,", "block=\"64\","), "'block' must be an integer"),
 ])
 def test_semantic_errors_are_parse_errors(edit, message):
     with pytest.raises(ir.ParseError, match=message):
