@@ -6,8 +6,10 @@ memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measur
 
 Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
 ../shared/models.  Systems (each measurement a fresh process; peak RSS = its VmHWM):
-  amxc NF4      artifacts compiled with --quant nf4 (and, for TinyLlama, nf4{skip=embed_tokens},
-                which quantizes lm_head too, as llama.cpp's 4-bit files do with Q6_K)
+  amxc NF4      artifacts compiled with --quant nf4, and with lm_head quantized too, as
+                llama.cpp's 4-bit files do (Q6_K, or Q8_0 for SmolLM2's tied embedding):
+                nf4{skip=embed_tokens} for TinyLlama, nf4{skip=embed|wte|wpe, untie=true}
+                for SmolLM2, whose lm_head is the embedding table
   llama.cpp     llama-cpp-python (optional): F16, Q4_0 and IQ4_NL GGUFs of the same weights,
                 quantized by llama.cpp itself
   PyTorch       HF transformers eager, fp32, with its KV cache
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -166,9 +169,10 @@ def prepare(model: str, work: Path, llamacpp: bool) -> dict:
         variants = {"nf4 (lm_head NF4)": "nf4{skip=embed_tokens}", "nf4 (lm_head f32)": "nf4"}
     else:
         source, out["torch"] = SMOLLM2, str(SMOLLM2)
-        variants = {"nf4": "nf4"}
+        # the embedding is tied to lm_head: untie=true gives the head an NF4 copy
+        variants = {"nf4 (lm_head NF4)": "nf4{skip=embed|wte|wpe, untie=true}", "nf4 (lm_head f32)": "nf4"}
     for label, quant in variants.items():
-        art = work / f"{model}-{quant.replace('{', '-').replace('}', '').replace('=', '_')}.amxc"
+        art = work / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant).strip('_')}.amxc"
         if not (art / "manifest.json").exists():
             print(f"compiling {art.name} …", file=sys.stderr, flush=True)
             amxc.compile(source, art, quant=quant, progress=False)

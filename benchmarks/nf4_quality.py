@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ MODELS = {"stories260K": SHARED / "models" / "stories260K",
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
 VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
             "nf4 none (fp32 absmax)": "nf4{double=none}",
-            "nf4 fp8, GPTQ": "nf4{method=gptq}"}
+            "nf4 fp8, GPTQ": "nf4{method=gptq}",
+            "nf4 fp8 + tied lm_head": "nf4{skip=embed|wte|wpe, untie=true}"}
 CALIB_TOKENS = 8192       # GPTQ calibration: the second half of tinystories_dev.txt (disjoint from the scored text)
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
 
@@ -43,12 +45,15 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("/tmp/amxc-nf4-quality"))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for model, src in MODELS.items():
         for variant, quant in VARIANTS.items():
-            art = args.out / f"{model}-{(quant or 'fp32').replace('{', '-').replace('}', '').replace('=', '')}.amxc"
+            if variant not in args.variants.split(","):
+                continue
+            art = args.out / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant or 'fp32').strip('_')}.amxc"
             if not (art / "manifest.json").exists():
                 if quant and "gptq" in quant:
                     text = TEXTS["tinystories"].read_text()
@@ -80,11 +85,11 @@ def main() -> int:
     for r in results:
         if r["variant"] == "fp32":
             base[r["model"]] = r
-        b = base[r["model"]]
+        b = base.get(r["model"])
         cells = []
         for text in TEXTS:
-            p, p0 = r[text]["perplexity"], b[text]["perplexity"]
-            cells += [f"{p:.4f}", "—" if r is b else f"{100 * (p / p0 - 1):+.2f} %"]
+            p = r[text]["perplexity"]
+            cells += [f"{p:.4f}", "—" if b is None or r is b else f"{100 * (p / b[text]['perplexity'] - 1):+.2f} %"]
         bpw = f"{r['bytes_per_quantized_weight']:.5f}" if r["bytes_per_quantized_weight"] else "4"
         err = f"{r['weight_rel_rms']:.4f}" if r["weight_rel_rms"] else "—"
         print(f"| {r['model']} | {r['variant']} | {bpw} | {err} | " + " | ".join(cells) + " |")

@@ -10,7 +10,10 @@ parameter and `linear` becomes `linear_nf4`.  Formats and rounding rules: ir/for
 
 Weights whose names match `skip` (default: embeddings and lm_head) stay in float, as do weights
 with another use (a tied embedding) or whose input size is not a multiple of `block` (their
-blocks would straddle rows, which the kernels do not stream).  Each quantized parameter records
+blocks would straddle rows, which the kernels do not stream).  `untie=true` quantizes a tied
+embedding's weight uses anyway, into a copy `@NAME.nf4`: the embedding keeps reading the float
+rows (one row per token), while the lm_head GEMV, which reads the whole matrix every decode
+step, streams 0.52 instead of 4 bytes per weight.  Each quantized parameter records
 its error (relative RMS, max abs) in its attributes, so the IR dump shows where precision went.
 
     method=rtn   round to nearest, bitsandbytes' rule (the default)
@@ -44,6 +47,7 @@ class QuantizeNF4(Pass):
         "double": Option(str, "fp8", "how block scales are stored: fp8 | bnb | none"),
         "scale_block": Option(int, 256, "block scales per second-level fp32 scale"),
         "skip": Option(str, "embed|lm_head|wte|wpe", "regex: weights whose names match stay float"),
+        "untie": Option(bool, False, "quantize a tied embedding's linear uses into a copy @NAME.nf4"),
         "method": Option(str, "rtn", "rtn (round to nearest) | gptq (needs calibration tokens)"),
         "search": Option(int, 10, "gptq: E4M3 scale codes tried below each block's absmax"),
         "calib": Option(str, "", "gptq: .npy of int64 calibration token ids [sequences, tokens]"),
@@ -57,6 +61,9 @@ class QuantizeNF4(Pass):
         for name, uses in weight_uses(module).items():
             if module.params[name].type.dtype == nf4:
                 continue                               # imported already quantized
+            if self.opts["untie"]:
+                uses = self._untie(module, module.params[name], uses)
+                name = uses[0][0].inputs[uses[0][1]].name
             reason = self._why_not(module.params[name], uses)
             if reason:
                 if any(i in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
@@ -155,6 +162,21 @@ class QuantizeNF4(Pass):
             raise PassError(f"quantize-nf4: skip={self.opts['skip']!r} is not a regex ({e})") from None
         return {"block": self.opts["block"], "scale": SCALE_OF[double],
                 "scale_block": self.opts["scale_block"]}
+
+    def _untie(self, module: Module, p: Param, uses: list) -> list:
+        """Move the weight uses of a parameter that is also read otherwise onto a float copy
+        `@NAME.nf4` (quantized next if eligible); returns the uses to judge."""
+        weight = [(n, i) for n, i in uses if i in WEIGHT_OPERANDS.get(n.op, ())]
+        if not weight or len(weight) == len(uses) or self._why_not(p, weight):
+            return uses
+        name = f"{p.name}.nf4"
+        if name in module.params:
+            raise PassError(f"quantize-nf4{{untie}}: @{name} already exists")
+        copy = Param(name, p.type, p.loader, p.digest, p.attrs)
+        for n, i in weight:
+            n.inputs[i] = copy
+        module.params[name] = copy
+        return weight
 
     def _why_not(self, p: Param, uses) -> str | None:
         if any(i not in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):

@@ -16,6 +16,7 @@ from support.native import runnable_tiers
 
 PROMPTS = {"stories": "Once upon a time, there was a", "smollm2": "The capital of France is"}
 N_TOKENS = 32
+UNTIED = "nf4{skip=embed|wte|wpe, untie=true}"   # both models tie lm_head to the embedding
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,8 @@ def artifacts(tmp_path_factory, stories_dir, smollm2_gguf):
     root = tmp_path_factory.mktemp("native")
     out = {}
     for name, src in (("stories", stories_dir), ("smollm2", smollm2_gguf)):
-        for quant in (None, "nf4"):
-            out[name, quant] = compile(src, root / f"{name}-{quant}.amxc", quant=quant, progress=False)
+        for quant in (None, "nf4", UNTIED):
+            out[name, quant] = compile(src, root / f"{name}-{len(out)}.amxc", quant=quant, progress=False)
     return out
 
 
@@ -74,9 +75,13 @@ def test_fp32_native_equals_the_interpreter(artifacts, model):
         ref.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
 
 
+@pytest.mark.parametrize("quant", ["nf4", UNTIED], ids=["nf4", "nf4-lm_head"])
 @pytest.mark.parametrize("model", ["stories", "smollm2"])
-def test_nf4_native_against_the_interpreter(artifacts, model):
-    art = artifacts[model, "nf4"]
+def test_nf4_native_against_the_interpreter(artifacts, model, quant):
+    art = artifacts[model, quant]
+    if quant == UNTIED:
+        module, _ = load_artifact(art)
+        assert module.params["lm_head.weight.nf4"].type.dtype.name == "nf4"
     ref = engine(art, executor=interpreter_executor)
     want = ref.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
     exact = engine(art, gemv="exact").generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
