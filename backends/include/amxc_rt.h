@@ -258,6 +258,86 @@ static inline void exp_and_sum(float* AMXC_RESTRICT sc, const float* AMXC_RESTRI
   }
 }
 
+// Decode (one query position per row): split-K over fixed chunks of DECODE_CHUNK cached keys,
+// so a few kv heads still give every thread work.  Each (row, kv head, chunk) task keeps, per
+// query head of the group, its chunk's max m, sum of exp l and unnormalized P.V; the chunks are
+// then merged in chunk order (flash-decoding).  The chunking depends on the positions only,
+// never on the thread count, so results do not either.
+static constexpr int64_t DECODE_CHUNK = 64;
+
+static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
+                             const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d,
+                             float scale, int64_t window, float* out) {
+  const int64_t b = a->b, bs = a->block_size, group = heads / kv_heads;
+  int64_t chunks = 1;
+  for (int64_t r = 0; r < b; ++r) chunks = std::max(chunks, (pos[r] + DECODE_CHUNK) / DECODE_CHUNK);
+  const int64_t tasks = b * kv_heads * chunks, part = group * (d + 2);   // per task: [g][m, l, o[d]]
+  static thread_local float* parts = nullptr;     // persists across calls (see attention_cached)
+  static thread_local int64_t parts_cap = 0;
+  if (tasks * part > parts_cap) { free(parts); parts_cap = tasks * part; parts = (float*)malloc(parts_cap * sizeof(float)); }
+  float* P = parts;
+  #pragma omp parallel for schedule(dynamic) num_threads(threads_for(tasks, a->nthreads))
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t r = t / (kv_heads * chunks), hk = (t / chunks) % kv_heads, c = t % chunks;
+    const int64_t p = pos[r], first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+    const int64_t j0 = std::max(first, c * DECODE_CHUNK), j1 = std::min(p + 1, (c + 1) * DECODE_CHUNK);
+    float* mine = P + t * part;
+    for (int64_t g = 0; g < group; ++g) { mine[g * (d + 2)] = MASKED; mine[g * (d + 2) + 1] = 0.0f; }
+    for (int64_t e = 0; e < group * (d + 2); ++e) if (e % (d + 2) >= 2) mine[e] = 0.0f;
+    if (j0 >= j1) continue;                         // a chunk outside the row's keys
+    float sc[64 * DECODE_CHUNK], qs[64 * 256];
+    const int64_t n = j1 - j0;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qr = q + (r * heads + hk * group + g) * d;
+      for (int64_t e = 0; e < d; ++e) qs[g * d + e] = qr[e] * scale;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t kp = j0 + j;
+      const float* kr = kc + ((a->block_tables[r * a->max_blocks + kp / bs] * kv_heads + hk) * bs + kp % bs) * d;
+      for (int64_t g = 0; g < group; ++g) sc[g * DECODE_CHUNK + j] = dot(qs + g * d, kr, d);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* s = sc + g * DECODE_CHUNK;
+      float m = MASKED, l = 0.0f;
+      for (int64_t j = 0; j < n; ++j) m = m > s[j] ? m : s[j];
+      for (int64_t j = 0; j < n; ++j) {
+        const float x = s[j] - m;
+        s[j] = x < -69.0f ? 0.0f : exp_neg(x);      // see exp_and_sum
+        l += s[j];
+      }
+      mine[g * (d + 2)] = m;
+      mine[g * (d + 2) + 1] = l;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t kp = j0 + j;
+      const float* vr = vc + ((a->block_tables[r * a->max_blocks + kp / bs] * kv_heads + hk) * bs + kp % bs) * d;
+      for (int64_t g = 0; g < group; ++g) {
+        const float w = sc[g * DECODE_CHUNK + j];
+        if (w != 0.0f) axpy(mine + g * (d + 2) + 2, w, vr, d);
+      }
+    }
+  }
+  for (int64_t r = 0; r < b; ++r)                   // merge the chunks, in order
+    for (int64_t hk = 0; hk < kv_heads; ++hk)
+      for (int64_t g = 0; g < group; ++g) {
+        const float* first = P + ((r * kv_heads + hk) * chunks) * part + g * (d + 2);
+        float M = MASKED;
+        for (int64_t c = 0; c < chunks; ++c) M = std::max(M, first[c * part]);
+        float* o = out + (r * heads + hk * group + g) * d;
+        for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
+        float L = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* pc = first + c * part;
+          if (pc[1] == 0.0f) continue;              // no key in this chunk
+          const float f = exp_neg(pc[0] - M);
+          L += pc[1] * f;
+          axpy(o, f, pc + 2, d);
+        }
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;   // no key: zeros
+        for (int64_t e = 0; e < d; ++e) o[e] *= inv;
+      }
+}
+
 // q, k, v: [b, heads, s, d] (k, v with kv_heads).  Stores k, v at their positions through the
 // block tables, then every query attends, causally and within `window` (0 = unbounded), over
 // its row's cached positions.  Work is split by (row, kv head, block of queries): the query
@@ -280,6 +360,10 @@ static void attention_cached(const float* q, const float* k, const float* v, con
         memcpy(vc + slot, v + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
       }
   const int64_t group = heads / kv_heads, QB = 32;
+  if (s == 1 && group <= 64 && d <= 256) {     // the decode task's stack buffers
+    attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, scale, window, out);
+    return;
+  }
   const int64_t qblocks = (s + QB - 1) / QB, tasks = b * kv_heads * qblocks;
   #pragma omp parallel num_threads(threads_for(tasks, a->nthreads))
   {
