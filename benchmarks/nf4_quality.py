@@ -25,7 +25,7 @@ MODELS = {"stories260K": SHARED / "models" / "stories260K",
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
 VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
             "nf4 none (fp32 absmax)": "nf4{double=none}",
-            "nf4 fp8, GPTQ": "nf4{method=gptq}",
+            "nf4 fp8 GPTQ": "nf4{method=gptq}",
             "nf4 fp8 + tied lm_head": "nf4{skip=embed|wte|wpe, untie=true}"}
 CALIB_TOKENS = 8192       # GPTQ calibration: the second half of tinystories_dev.txt (disjoint from the scored text)
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
@@ -47,6 +47,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/amxc-nf4-quality"))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     args = ap.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variant {sorted(unknown)[0]!r}; the variants are: {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for model, src in MODELS.items():
