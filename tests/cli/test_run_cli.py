@@ -39,3 +39,14 @@ def test_bench_reports_speed_and_memory(stories_art):
                               "--json").stdout)
     assert figures["prompt_tokens"] == 16 and figures["new_tokens"] == 8
     assert figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0 and figures["peak_rss_mb"] > 0
+
+
+def test_compile_quant_nf4_then_run(stories_dir, tmp_path):
+    """The NF4 path as a user takes it: `amxc compile --quant nf4`, then `amxc run`."""
+    art = tmp_path / "stories-nf4.amxc"
+    amxc("compile", stories_dir, "-o", art, "--quant", "nf4")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert "quantize-nf4" in json.dumps(manifest["pipeline"])
+    out = amxc("run", art, "-p", "Once upon a time", "-n", "24").stdout
+    assert out.rstrip("\n") == Engine.load(art).generate("Once upon a time", max_new_tokens=24).text
+    assert len(out.split()) >= 10                  # it generated words, not nothing
