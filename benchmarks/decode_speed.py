@@ -15,7 +15,7 @@ Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Ins
   PyTorch       HF transformers eager, fp32, with its KV cache
 Protocol (research/baselines.md): 128 pseudo-random prompt tokens, a warm-up pass, then one
 prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode steps (decode
-tok/s = 63 / their time); the median of --reps processes.  Roofline: decode tok/s x bytes
+tok/s = 63 / their time); the median of --reps processes, run round-robin across the systems.  Roofline: decode tok/s x bytes
 read per token / the read bandwidth measured here (numpy, 1 GiB float32, --threads threads); peak RSS is VmHWM.
 """
 from __future__ import annotations
@@ -139,18 +139,38 @@ def peak_rss_mb() -> float:
 CHILDREN = {"amxc": child_amxc, "llamacpp": child_llamacpp, "torch": child_torch, "bandwidth": child_bandwidth}
 
 
-def measure(kind: str, target: str, threads: int, reps: int) -> dict:
-    results = []
-    for _ in range(reps):
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads)],
-                              capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+def run_child(kind: str, target: str, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(results: list[dict]) -> dict:
+    """The median of each figure over the runs, and the runs themselves."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed:
+        return failed
     out = {k: statistics.median(r[k] for r in results) if isinstance(results[0][k], float) else results[0][k]
            for k in results[0]}
     out["runs"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in results]
     return out
+
+
+def measure(kind: str, target: str, threads: int, reps: int) -> dict:
+    return summarize([run_child(kind, target, threads) for _ in range(reps)])
+
+
+def measure_interleaved(systems: dict[str, tuple[str, str]], threads: int, reps: int) -> dict:
+    """Round-robin: repetition i of every system runs before repetition i+1 of any, so a slow
+    patch of a shared machine hits every system alike instead of one system's runs."""
+    runs = {label: [] for label in systems}
+    for _ in range(reps):
+        for label, (kind, target) in systems.items():
+            if not any("error" in r for r in runs[label]):
+                runs[label].append(run_child(kind, target, threads))
+    return {label: summarize(results) for label, results in runs.items()}
 
 
 # -- preparing models ------------------------------------------------------------------------
@@ -238,14 +258,14 @@ def main() -> int:
     bw = report["bandwidth"]["read_GBps"]
     for model in args.models.split(","):
         files = prepare(model, args.work, llamacpp)
-        rows = {}
-        for label, art in files["amxc"].items():
-            rows[f"amxc {label}"] = measure("amxc", art, args.threads, args.reps) | \
-                {"GB_per_token": bytes_per_token(art) / 1e9}
-        for label, gguf in files["llamacpp"].items():
-            rows[f"llama.cpp {label}"] = measure("llamacpp", gguf, args.threads, args.reps)
+        systems = {f"amxc {label}": ("amxc", art) for label, art in files["amxc"].items()}
+        systems |= {f"llama.cpp {label}": ("llamacpp", gguf) for label, gguf in files["llamacpp"].items()}
         if not args.no_torch:
-            rows["PyTorch eager fp32"] = measure("torch", files["torch"], args.threads, args.reps)
+            systems["PyTorch eager fp32"] = ("torch", files["torch"])
+        rows = measure_interleaved(systems, args.threads, args.reps)
+        for label, art in files["amxc"].items():
+            if "error" not in rows[f"amxc {label}"]:
+                rows[f"amxc {label}"]["GB_per_token"] = bytes_per_token(art) / 1e9
         report["models"][model] = rows
         print_table(model, rows, bw)
     if args.json:
