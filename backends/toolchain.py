@@ -3,7 +3,7 @@
 The cache key is sha256 over the source, the flags, the compiler's version line and the tier,
 so a cached library is reused only for exactly what produced it.  A library is built into a
 temporary file and moved into place with os.replace, so concurrent builds of the same source
-(test workers, two engines) never see a half-written file.  Never -ffast-math: in a shared
+(test workers, two engines) never see a half-written file.  No fast-math flags: in a shared
 library gcc links crtfastmath, whose constructor sets FTZ/DAZ in the loading process and would
 change numpy's results (and decode E4M3 subnormal scales as 0) — research/amx_nf4.md §6.3.
 """

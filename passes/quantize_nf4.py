@@ -62,15 +62,15 @@ class QuantizeNF4(Pass):
         for name, uses in weight_uses(module).items():
             if module.params[name].type.dtype == nf4:
                 continue                               # imported already quantized
+            p = module.params[name]
             if self.opts["untie"]:
-                uses = self._untie(module, module.params[name], uses)
-                name = uses[0][0].inputs[uses[0][1]].name
-            reason = self._why_not(module.params[name], uses)
+                p, uses = self._untie(module, p, uses)
+            reason = self._why_not(p, uses)
             if reason:
                 if any(i in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
-                    self.skipped[name] = reason        # only weights are worth reporting
+                    self.skipped[p.name] = reason      # only weights are worth reporting
             else:
-                todo.append(module.params[name])
+                todo.append(p)
         if self.opts["method"] == "gptq":
             blobs = self._gptq(module, todo, layout)
         elif self.opts["method"] == "rtn":
@@ -164,12 +164,12 @@ class QuantizeNF4(Pass):
         return {"block": self.opts["block"], "scale": SCALE_OF[double],
                 "scale_block": self.opts["scale_block"]}
 
-    def _untie(self, module: Module, p: Param, uses: list) -> list:
+    def _untie(self, module: Module, p: Param, uses: list) -> tuple[Param, list]:
         """Move the weight uses of a parameter that is also read otherwise onto a float copy
-        `@NAME.nf4` (quantized next if eligible); returns the uses to judge."""
+        `@NAME.nf4`, to be quantized next; returns the parameter to judge and its uses."""
         weight = [(n, i) for n, i in uses if i in WEIGHT_OPERANDS.get(n.op, ())]
         if not weight or len(weight) == len(uses) or self._why_not(p, weight):
-            return uses
+            return p, uses
         name = f"{p.name}.nf4"
         if name in module.params:
             raise PassError(f"quantize-nf4{{untie}}: @{name} already exists")
@@ -177,7 +177,7 @@ class QuantizeNF4(Pass):
         for n, i in weight:
             n.inputs[i] = copy
         module.params[name] = copy
-        return weight
+        return copy, weight
 
     def _why_not(self, p: Param, uses) -> str | None:
         if any(i not in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):

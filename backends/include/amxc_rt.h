@@ -246,16 +246,26 @@ static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT
 static inline void running_max(float* AMXC_RESTRICT mx, const float* AMXC_RESTRICT x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) mx[i] = mx[i] > x[i] ? mx[i] : x[i];
 }
+// exp(x) for a score x minus its row max.  Below e^-69 ~ 1e-30 a weight cannot move an fp32
+// sum whose largest term is 1, and keeping it would make denormal products in P.V (microcode
+// assists, 100x slower).
+static inline float softmax_weight(float x) { return x < -69.0f ? 0.0f : exp_neg(x); }
+
 static inline void exp_and_sum(float* AMXC_RESTRICT sc, const float* AMXC_RESTRICT mx,
                                float* AMXC_RESTRICT sum, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    // below e^-69 ~ 1e-30 a weight cannot move an fp32 sum whose largest term is 1, and
-    // keeping it would make denormal products in P.V (microcode assists, 100x slower)
-    const float x = sc[i] - mx[i];
-    const float e = x < -69.0f ? 0.0f : exp_neg(x);
+    const float e = softmax_weight(sc[i] - mx[i]);
     sc[i] = e;
     sum[i] += e;
   }
+}
+
+// Where position p of row r, kv head h lies in a layer's K or V cache:
+// [block, kv_heads, block_size, d], blocks through the row's block table.
+static inline int64_t kv_slot(const StepArgs* a, int64_t r, int64_t p, int64_t h, int64_t kv_heads,
+                              int64_t d) {
+  const int64_t bs = a->block_size;
+  return ((a->block_tables[r * a->max_blocks + p / bs] * kv_heads + h) * bs + p % bs) * d;
 }
 
 // Decode (one query position per row): split-K over fixed chunks of DECODE_CHUNK cached keys,
@@ -264,11 +274,12 @@ static inline void exp_and_sum(float* AMXC_RESTRICT sc, const float* AMXC_RESTRI
 // then merged in chunk order (flash-decoding).  The chunking depends on the positions only,
 // never on the thread count, so results do not either.
 static constexpr int64_t DECODE_CHUNK = 64;
+static constexpr int64_t DECODE_MAX_GROUP = 64, DECODE_MAX_D = 256;   // its stack buffers
 
 static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
                              const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d,
                              float scale, int64_t window, float* out) {
-  const int64_t b = a->b, bs = a->block_size, group = heads / kv_heads;
+  const int64_t b = a->b, group = heads / kv_heads;
   int64_t chunks = 1;
   for (int64_t r = 0; r < b; ++r) chunks = std::max(chunks, (pos[r] + DECODE_CHUNK) / DECODE_CHUNK);
   const int64_t tasks = b * kv_heads * chunks, part = group * (d + 2);   // per task: [g][m, l, o[d]]
@@ -282,10 +293,13 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
     const int64_t p = pos[r], first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
     const int64_t j0 = std::max(first, c * DECODE_CHUNK), j1 = std::min(p + 1, (c + 1) * DECODE_CHUNK);
     float* mine = P + t * part;
-    for (int64_t g = 0; g < group; ++g) { mine[g * (d + 2)] = MASKED; mine[g * (d + 2) + 1] = 0.0f; }
-    for (int64_t e = 0; e < group * (d + 2); ++e) if (e % (d + 2) >= 2) mine[e] = 0.0f;
+    for (int64_t g = 0; g < group; ++g) {
+      float* pg = mine + g * (d + 2);
+      pg[0] = MASKED;
+      std::fill(pg + 1, pg + d + 2, 0.0f);
+    }
     if (j0 >= j1) continue;                         // a chunk outside the row's keys
-    float sc[64 * DECODE_CHUNK], qs[64 * 256];
+    float sc[DECODE_MAX_GROUP * DECODE_CHUNK], qs[DECODE_MAX_GROUP * DECODE_MAX_D];
     const int64_t n = j1 - j0;
     for (int64_t g = 0; g < group; ++g) {
       const float* qr = q + (r * heads + hk * group + g) * d;
@@ -293,7 +307,7 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t kp = j0 + j;
-      const float* kr = kc + ((a->block_tables[r * a->max_blocks + kp / bs] * kv_heads + hk) * bs + kp % bs) * d;
+      const float* kr = kc + kv_slot(a, r, kp, hk, kv_heads, d);
       for (int64_t g = 0; g < group; ++g) sc[g * DECODE_CHUNK + j] = dot(qs + g * d, kr, d);
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -301,8 +315,7 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
       float m = MASKED, l = 0.0f;
       for (int64_t j = 0; j < n; ++j) m = m > s[j] ? m : s[j];
       for (int64_t j = 0; j < n; ++j) {
-        const float x = s[j] - m;
-        s[j] = x < -69.0f ? 0.0f : exp_neg(x);      // see exp_and_sum
+        s[j] = softmax_weight(s[j] - m);
         l += s[j];
       }
       mine[g * (d + 2)] = m;
@@ -310,7 +323,7 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
     }
     for (int64_t j = 0; j < n; ++j) {
       const int64_t kp = j0 + j;
-      const float* vr = vc + ((a->block_tables[r * a->max_blocks + kp / bs] * kv_heads + hk) * bs + kp % bs) * d;
+      const float* vr = vc + kv_slot(a, r, kp, hk, kv_heads, d);
       for (int64_t g = 0; g < group; ++g) {
         const float w = sc[g * DECODE_CHUNK + j];
         if (w != 0.0f) axpy(mine + g * (d + 2) + 2, w, vr, d);
@@ -354,13 +367,12 @@ static void attention_cached(const float* q, const float* k, const float* v, con
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t i = 0; i < s; ++i) {
         const int64_t p = pos[r * s + i];
-        const int64_t blk = a->block_tables[r * a->max_blocks + p / bs];
-        const int64_t slot = ((blk * kv_heads + h) * bs + p % bs) * d;
+        const int64_t slot = kv_slot(a, r, p, h, kv_heads, d);
         memcpy(kc + slot, k + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
         memcpy(vc + slot, v + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
       }
   const int64_t group = heads / kv_heads, QB = 32;
-  if (s == 1 && group <= 64 && d <= 256) {     // the decode task's stack buffers
+  if (s == 1 && group <= DECODE_MAX_GROUP && d <= DECODE_MAX_D) {
     attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, scale, window, out);
     return;
   }
@@ -405,8 +417,7 @@ static void attention_cached(const float* q, const float* k, const float* v, con
       if (nq * span > cap) { free(scores); cap = nq * span; scores = (float*)malloc(cap * sizeof(float)); }
       for (int64_t j = 0; j < span; ++j) {         // scores = (q scale) . k, one key at a time
         const int64_t kp = first + j;
-        const int64_t blk = a->block_tables[r * a->max_blocks + kp / bs];
-        const float* kr = kc + ((blk * kv_heads + hk) * bs + kp % bs) * d;
+        const float* kr = kc + kv_slot(a, r, kp, hk, kv_heads, d);
         float* sc = scores + j * nq;
         if (nq >= 16) {                             // many queries: vectorize across them
           for (int64_t qi = 0; qi < nq; ++qi) sc[qi] = 0.0f;
@@ -430,8 +441,7 @@ static void attention_cached(const float* q, const float* k, const float* v, con
         }
       for (int64_t j = 0; j < span; ++j) {
         const int64_t kp = first + j;
-        const int64_t blk = a->block_tables[r * a->max_blocks + kp / bs];
-        const float* vr = vc + ((blk * kv_heads + hk) * bs + kp % bs) * d;
+        const float* vr = vc + kv_slot(a, r, kp, hk, kv_heads, d);
         const float* sc = scores + j * nq;
         for (int64_t qi = 0; qi < nq; ++qi) {
           const float w = sc[qi] * inv[qi];

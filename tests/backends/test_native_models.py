@@ -136,3 +136,15 @@ def test_amx_tiles_on_a_long_prompt(artifacts):
     if "amx" in tokens:
         assert tokens["amx"] == tokens[isa.EMULATED]
     assert tokens[isa.EMULATED][:8] == tokens["avx2"][:8]
+
+
+def test_loading_native_code_keeps_subnormals(artifacts):
+    """The kernels are built without fast-math (whose crtfastmath would set FTZ/DAZ in this
+    process on load): after building, loading and running a model, numpy still computes
+    subnormals, and no flag of the build asks for fast math."""
+    from amxc.backends import toolchain
+    for tier in toolchain.TIER_FLAGS:
+        assert not any("fast-math" in f or f == "-Ofast" for f in toolchain.flags(tier)), tier
+    engine(artifacts["stories", "nf4"]).generate([1, 2, 3], max_new_tokens=2)
+    tiny = np.float32(1e-39)                       # subnormal in fp32
+    assert tiny * np.float32(1.0) != 0.0 and np.float32(1e-38) / np.float32(100.0) != 0.0
