@@ -7,7 +7,7 @@ not a test (issue #5, shows 3-5).
 Artifacts are compiled once into --out (default /tmp/amxc-nf4-quality) and reused.  Prints a
 markdown table (perplexity, change vs fp32, bytes per quantized weight) and writes results.json.
 Scored natively with the fp32 prefill GEMM (AMXC_TILES=off), so only the weights differ; the GPTQ
-variant calibrates on 8192 tokens of the second half of tinystories_dev.txt.
+variants calibrate on 16384 held-out tokens, half from each text (see calibration()).
 """
 from __future__ import annotations
 
@@ -25,10 +25,29 @@ MODELS = {"stories260K": SHARED / "models" / "stories260K",
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
 VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
             "nf4 none (fp32 absmax)": "nf4{double=none}",
-            "nf4 fp8 GPTQ": "nf4{method=gptq}",
+            "nf4 fp8 GPTQ": "nf4{method=gptq,toward_float=0}",
+            "nf4 fp8 GPTQ toward float": "nf4{method=gptq,toward_float=0.5}",
             "nf4 fp8 + tied lm_head": "nf4{skip=embed|wte|wpe, untie=true}"}
-CALIB_TOKENS = 8192       # GPTQ calibration: the second half of tinystories_dev.txt (disjoint from the scored text)
+CALIB_TOKENS = 16384      # GPTQ calibration, half from each text, disjoint from the scored tokens:
+                          # the second half of tinystories_dev.txt and the last 45 % of botchan.txt
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
+
+
+def calibration(src: Path, out: Path) -> Path:
+    """GPTQ calibration ids: CALIB_TOKENS / 2 from held-out parts of each text (never scored:
+    the scored tokens are the first --max-tokens, the calibration text starts past them)."""
+    import numpy as np
+
+    import amxc.api
+    rows = []
+    for name, start in (("tinystories", 0.5), ("botchan", 0.55)):
+        text = TEXTS[name].read_text()
+        part = out / f"calibration-{name}.txt"
+        part.write_text(text[int(len(text) * start):])
+        rows.append(np.load(amxc.api.calibration_file(src, part, CALIB_TOKENS // 2)))
+    path = out / f"calibration-{src.name}.npy"
+    np.save(path, np.concatenate(rows))
+    return path
 
 
 def main() -> int:
@@ -59,10 +78,7 @@ def main() -> int:
             art = args.out / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant or 'fp32').strip('_')}.amxc"
             if not (art / "manifest.json").exists():
                 if quant and "gptq" in quant:
-                    text = TEXTS["tinystories"].read_text()
-                    calib_txt = args.out / "calibration.txt"
-                    calib_txt.write_text(text[len(text) // 2:])
-                    calib = amxc.api.calibration_file(src, calib_txt, CALIB_TOKENS)
+                    calib = calibration(src, args.out)
                     quant = quant[:-1] + f',calib="{calib}"}}'
                 amxc.compile(src, art, quant=quant, progress=False)
             module, manifest = load_artifact(art)

@@ -23,6 +23,10 @@ its error (relative RMS, max abs) in its attributes, so the IR dump shows where 
                  the model's tokenizer).  The model runs once on them through the reference
                  interpreter; each layer is quantized when reached, from its inputs, and the
                  rest of the run sees it quantized (sequential GPTQ).  fp8 and none only.
+                 act_order=true visits columns by input energy; toward_float=0.5 aims each
+                 layer halfway at the float model's outputs (passes/gptq.py).  Both measured
+                 on SmolLM2-135M and stories260K (issue #5 note); toward_float=0 saves
+                 the float run and its recorded inputs.
 """
 from __future__ import annotations
 
@@ -52,6 +56,9 @@ class QuantizeNF4(Pass):
         "method": Option(str, "rtn", "rtn (round to nearest) | gptq (needs calibration tokens)"),
         "search": Option(int, 10, "gptq: E4M3 scale codes tried below each block's absmax"),
         "calib": Option(str, "", "gptq: .npy of int64 calibration token ids [sequences, tokens]"),
+        "act_order": Option(bool, True, "gptq: sweep columns by descending input energy"),
+        "toward_float": Option(float, 0.5, "gptq: 0..1, how far each layer's target moves from "
+                                           "its own outputs toward the float model's (GPTAQ)"),
     }
 
     def run(self, module: Module) -> bool:
@@ -86,18 +93,25 @@ class QuantizeNF4(Pass):
 
     def _gptq(self, module: Module, todo: list[Param], enc: dict) -> dict[str, np.ndarray]:
         """Run @prefill (or @forward) on the calibration tokens, quantizing every weight in
-        `todo` with GPTQ when the run reaches it; returns the nf4 bytes by name."""
-        from amxc.ir.interpreter import run
-        from amxc.ir.ops.cache import DenseKVCache
-        from amxc.ir.ops.fused import linear
-        from amxc.ir.ops.elementwise import gelu
-
-        from .gptq import quantize_gptq
+        `todo` with GPTQ when the run reaches it; returns the nf4 bytes by name.  With
+        toward_float > 0 a float run first records each weight's inputs (float32, held until
+        the weight is quantized: tokens x the summed input widths x 4 bytes)."""
+        from .gptq import quantize_gptq, toward_float
 
         if enc["scale"] == "bnb_dynamic8":
             raise PassError("quantize-nf4{method=gptq} supports double=fp8 or double=none")
+        amount = self.opts["toward_float"]
+        if not 0.0 <= amount <= 1.0:
+            raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
         ids = self._calibration_ids()
         wanted = {p.name for p in todo}
+        float_inputs: dict[str, np.ndarray] = {}
+        if amount > 0:
+            def record(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+                if name in wanted:
+                    float_inputs[name] = x.reshape(-1, x.shape[-1])
+                return w
+            _calibration_run(module, ids, record)
         blobs: dict[str, np.ndarray] = {}
         decoded: dict[str, np.ndarray] = {}
 
@@ -105,34 +119,16 @@ class QuantizeNF4(Pass):
             if name not in wanted or name in decoded:
                 return decoded.get(name, w)
             x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            p = module.params[name]
-            lay = fmt.Layout(tuple(p.type.shape), **enc)
-            blobs[name] = quantize_gptq(w, x2.T @ x2, lay, search=self.opts["search"])
+            h = x2.T @ x2
+            if amount > 0:
+                w = toward_float(w, h, x2.T @ float_inputs.pop(name).astype(np.float64), amount)
+            lay = fmt.Layout(tuple(module.params[name].type.shape), **enc)
+            blobs[name] = quantize_gptq(w, h, lay, search=self.opts["search"],
+                                        act_order=self.opts["act_order"])
             decoded[name] = lay.dequantize(blobs[name])
             return decoded[name]
 
-        def observe(node, args):
-            names = [v.name for v in node.inputs]
-            if node.op in ("linear", "linear_nf4"):
-                return [args[0], quantized(names[1], args[1], args[0]), *args[2:]]
-            if node.op == "mlp_swiglu":
-                x = args[0]
-                wg, wu = quantized(names[1], args[1], x), quantized(names[2], args[2], x)
-                g = linear(x, wg)
-                return [x, wg, wu, quantized(names[3], args[3], (g / (1.0 + np.exp(-g))) * linear(x, wu))]
-            if node.op == "mlp_gelu":
-                x = args[0]
-                w1 = quantized(names[1], args[1], x)
-                h = gelu(linear(x, w1, args[3] if len(args) > 3 else None), node.attrs["approximate"])
-                return [x, w1, quantized(names[2], args[2], h), *args[3:]]
-            return None
-
-        pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-        if "prefill" in module.functions:
-            cache = DenseKVCache(module.functions["prefill"].args[-1].type, ids.shape[0], ids.shape[1])
-            run(module, [ids, pos, cache], function="prefill", observe=observe)
-        else:
-            run(module, {"input_ids": ids, "position_ids": pos}, observe=observe)
+        _calibration_run(module, ids, quantized)
         return blobs
 
     def _calibration_ids(self) -> np.ndarray:
@@ -207,6 +203,39 @@ class QuantizeNF4(Pass):
         new.set_data(blob)
         return new
 
+
+
+def _calibration_run(module: Module, ids: np.ndarray, weight_for) -> None:
+    """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight a
+    linear or fused MLP reads goes through `weight_for(name, weight, its input)`, whose result
+    the node then uses (the MLPs' inner inputs are recomputed from the weights it returns)."""
+    from amxc.ir.interpreter import run
+    from amxc.ir.ops.cache import DenseKVCache
+    from amxc.ir.ops.elementwise import gelu
+    from amxc.ir.ops.fused import linear
+
+    def observe(node, args):
+        names = [v.name for v in node.inputs]
+        if node.op in ("linear", "linear_nf4"):
+            return [args[0], weight_for(names[1], args[1], args[0]), *args[2:]]
+        if node.op == "mlp_swiglu":
+            x = args[0]
+            wg, wu = weight_for(names[1], args[1], x), weight_for(names[2], args[2], x)
+            g = linear(x, wg)
+            return [x, wg, wu, weight_for(names[3], args[3], (g / (1.0 + np.exp(-g))) * linear(x, wu))]
+        if node.op == "mlp_gelu":
+            x = args[0]
+            w1 = weight_for(names[1], args[1], x)
+            h = gelu(linear(x, w1, args[3] if len(args) > 3 else None), node.attrs["approximate"])
+            return [x, w1, weight_for(names[2], args[2], h), *args[3:]]
+        return None
+
+    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+    if "prefill" in module.functions:
+        cache = DenseKVCache(module.functions["prefill"].args[-1].type, ids.shape[0], ids.shape[1])
+        run(module, [ids, pos, cache], function="prefill", observe=observe)
+    else:
+        run(module, {"input_ids": ids, "position_ids": pos}, observe=observe)
 
 def layer_of(name: str) -> str:
     """'model.layers.3.mlp.up_proj.weight' -> 'layer 3'; anything outside the layers -> 'other'."""
