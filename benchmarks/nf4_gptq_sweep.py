@@ -5,11 +5,12 @@ order), perplexity as runtime/perplexity.py (window 512, stride 512, first --n t
 
     python benchmarks/nf4_gptq_sweep.py [--calib ts|bot|mix] [--ntok N] [--act 0|1] [--toward F] [--n N]
 """
-import os, sys, time, math
+import os, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from amxc.ir.formats import nf4 as fmt
+from amxc.runtime.perplexity import perplexity
 torch.set_num_threads(2)
 from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -21,7 +22,7 @@ def load():
     tok = AutoTokenizer.from_pretrained(D, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     return m.eval(), tok
 
-def texts(tok, n=16384):
+def texts(tok):
     out = {}
     for name, f in (("tinystories", "tinystories_dev.txt"), ("botchan", "botchan.txt")):
         ids = tok.encode(open(EV + f).read(), add_special_tokens=True)
@@ -30,28 +31,12 @@ def texts(tok, n=16384):
 
 @torch.no_grad()
 def ppl(m, ids, n=16384, window=512):
-    ids = ids[:n]
-    tot, cnt = 0.0, 0
-    first = 1
-    for b in range(0, len(ids) - 1, window):
-        e = min(b + window, len(ids))
-        if e <= first: break
-        chunk = torch.tensor(ids[b:e])[None]
-        lg = m(chunk).logits[0].double()
-        rows = torch.arange(first - b - 1, e - b - 1)
-        lp = torch.log_softmax(lg[rows], -1)
-        tot += -lp[torch.arange(len(rows)), chunk[0, rows + 1]].sum().item()
-        cnt += len(rows)
-        first = e
-        if e == len(ids): break
-    return math.exp(tot / cnt)
+    """runtime/perplexity.py's sliding window, scored on HF logits."""
+    logits_of = lambda chunk: m(torch.tensor(chunk)[None]).logits[0].numpy()
+    return perplexity(logits_of, ids[:n], window, window).perplexity
 
 def linears(m):
     return [(n, mod) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear) and "lm_head" not in n]
-
-def rtn(w, **enc):
-    lay = fmt.Layout(tuple(w.shape), **({"block": 64, "scale": "fp8_e4m3", "scale_block": 256} | enc))
-    return lay.dequantize(fmt.quantize(w, lay))
 
 
 from amxc.passes.gptq import quantize_gptq, toward_float
@@ -63,7 +48,6 @@ ap.add_argument("--ntok", type=int, default=8192)
 ap.add_argument("--act", type=int, default=1)
 ap.add_argument("--toward", type=float, default=0.5)  # toward_float of the pass
 ap.add_argument("--n", type=int, default=8192)
-ap.add_argument("--save", default="")
 a = ap.parse_args()
 m, tok = load(); T = texts(tok)
 txt = open(EV+"tinystories_dev.txt").read()
@@ -98,6 +82,5 @@ t = time.time()
 with torch.no_grad(): m(ids)
 print("quantized in", round(time.time()-t), "s", flush=True)
 for h in hs: h.remove()
-if a.save: torch.save({n: mod.weight.data for n, mod in linears(m)}, a.save)
 r = {k: round(ppl(m, v, n=a.n), 4) for k, v in T.items()}
 print(vars(a), r, flush=True)

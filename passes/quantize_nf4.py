@@ -204,7 +204,6 @@ class QuantizeNF4(Pass):
         return new
 
 
-
 def _calibration_run(module: Module, ids: np.ndarray, weight_for) -> None:
     """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight a
     linear or fused MLP reads goes through `weight_for(name, weight, its input)`, whose result
@@ -236,6 +235,7 @@ def _calibration_run(module: Module, ids: np.ndarray, weight_for) -> None:
         run(module, [ids, pos, cache], function="prefill", observe=observe)
     else:
         run(module, {"input_ids": ids, "position_ids": pos}, observe=observe)
+
 
 def layer_of(name: str) -> str:
     """'model.layers.3.mlp.up_proj.weight' -> 'layer 3'; anything outside the layers -> 'other'."""
