@@ -4,7 +4,8 @@ not a test (issue #5, shows 3-5).
 
     python benchmarks/nf4_quality.py [--max-tokens N] [--window W] [--stride S] [--out DIR]
 
-Artifacts are compiled once into --out (default /tmp/amxc-nf4-quality) and reused.  Prints a
+Artifacts are compiled once into --out (default /tmp/amxc-nf4-quality) and reused while the
+code that makes the weights (frontend/, ir/, passes/) is unchanged: their names carry its hash.  Prints a
 markdown table (perplexity, change vs fp32, bytes per quantized weight) and writes results.json.
 Scored natively with the fp32 prefill GEMM (AMXC_TILES=off), so only the weights differ; the GPTQ
 variants calibrate on 16384 held-out tokens, half from each text (see calibration()).
@@ -31,6 +32,16 @@ VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8
 CALIB_TOKENS = 16384      # GPTQ calibration, half from each text, disjoint from the scored tokens:
                           # the second half of tinystories_dev.txt and the last 45 % of botchan.txt
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}
+
+
+def code_stamp() -> str:
+    """Hash of the sources that decide an artifact's weights, so a reused artifact is never one
+    an older quantizer wrote."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(p for d in ("frontend", "ir", "passes") for p in (REPO / d).rglob("*.py")):
+        h.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def calibration(src: Path, out: Path) -> Path:
@@ -70,12 +81,13 @@ def main() -> int:
     if unknown:
         ap.error(f"unknown variant {sorted(unknown)[0]!r}; the variants are: {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, stamp = [], code_stamp()
     for model, src in MODELS.items():
         for variant, quant in VARIANTS.items():
             if variant not in args.variants.split(","):
                 continue
-            art = args.out / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant or 'fp32').strip('_')}.amxc"
+            name = re.sub(r'[^A-Za-z0-9_.-]+', '_', quant or 'fp32').strip('_')
+            art = args.out / f"{model}-{name}-{stamp}.amxc"
             if not (art / "manifest.json").exists():
                 if quant and "gptq" in quant:
                     calib = calibration(src, args.out)
