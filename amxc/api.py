@@ -42,7 +42,7 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     if quant not in (None, "", "none"):
         if not (quant == "nf4" or quant.startswith("nf4{")):
             raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{double=fp8|bnb|none, "
-                             f"block=N, scale_block=N, skip=REGEX}}, none)")
+                             f"block=N, scale_block=N, skip=REGEX, method=rtn|gptq}}, none)")
         out += f",quantize-{quant}"
     names = [p.split("{")[0] for p in out.split(",")]
     if "kv-cache" in names and "lower" not in names:
