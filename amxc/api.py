@@ -41,8 +41,9 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     out = DEFAULT_PIPELINE if pipeline is None else pipeline
     if quant not in (None, "", "none"):
         if not (quant == "nf4" or quant.startswith("nf4{")):
-            raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{double=fp8|bnb|none, "
-                             f"block=N, scale_block=N, skip=REGEX, method=rtn|gptq}}, none)")
+            from amxc.passes.quantize_nf4 import QuantizeNF4
+            raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{OPTIONS}}, none; "
+                             f"quantize-nf4 options: {', '.join(QuantizeNF4.options)})")
         out += f",quantize-{quant}"
     names = [p.split("{")[0] for p in out.split(",")]
     if "kv-cache" in names and "lower" not in names:
