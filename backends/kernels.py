@@ -7,12 +7,14 @@ GEMMs for prefill, `amx-emulated` the same tile GEMMs through the software emula
 around them (so AMX code runs, slowly, on machines without AMX)."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
 TEMPLATES = Path(__file__).parent / "templates"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: family -> template isa, per tier
 TIER_KERNELS = {
@@ -51,7 +53,12 @@ class KernelSet:
         return family in TIER_KERNELS[self.tier]
 
     def get(self, family: str, **params) -> str:
-        """The name of `family`'s kernel for `params`, rendering it on first use."""
+        """The name of `family`'s kernel for `params`, rendering it on first use.  Parameters
+        become C++ (sizes, the function name): only ints, flags and plain identifiers pass."""
+        for k, v in params.items():
+            if not (v is None or isinstance(v, (int, bool)) or (isinstance(v, str) and _IDENT.fullmatch(v))):
+                raise ValueError(f"kernel {family}: parameter {k} must be an int, a flag or an "
+                                 f"identifier, got {type(v).__name__}")
         isa = TIER_KERNELS[self.tier][family]
         key = "_".join(f"{v}" for v in params.values() if v not in (None, False, True, "")) + \
               "".join(f"_{k}" for k, v in params.items() if v is True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +92,15 @@ def format_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {format_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{format_key(k)} = {format_value(x)}" for k, x in v.items()) + "}"
     if v is None:
         return "none"
     raise AttrError(f"value {v!r} of type {type(v).__name__} cannot be an attribute")
 
 
-def _key(k: str) -> str:
-    return k if k.replace("_", "a").replace(".", "a").isalnum() and not k[0].isdigit() else json.dumps(k)
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def format_key(k: str) -> str:
+    """An attribute name as the parser reads it: bare if an identifier, else a JSON string."""
+    return k if _IDENT.fullmatch(k) else json.dumps(k)

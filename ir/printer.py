@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from .attrs import format_value
+from .attrs import format_key, format_value
 from .core import Function, Module, Node, Param
 
 
@@ -16,7 +16,7 @@ def format_attrs(attrs: dict, defaults: dict | None = None) -> str:
              if v is not None and not (defaults and k in defaults and _same(defaults[k], v))}
     if not shown:
         return ""
-    return " {" + ", ".join(f"{k} = {format_value(v)}" for k, v in shown.items()) + "}"
+    return " {" + ", ".join(f"{format_key(k)} = {format_value(v)}" for k, v in shown.items()) + "}"
 
 
 def _same(default, v) -> bool:
