@@ -93,8 +93,9 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
     The fusion report is printed (its warnings always); `strict_fusion` turns a layer missing
     an expected fusion into an error."""
     from amxc.frontend import write_tokenizer
-    from amxc.runtime.artifact import save_artifact
+    from amxc.runtime.artifact import check_output, save_artifact
 
+    check_output(output)                       # refuse a bad -o before the slow trace
     pipeline = compile_pipeline(pipeline, quant, target)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace

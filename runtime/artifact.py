@@ -13,12 +13,16 @@ index is checked against graph.ir and the size of weights.bin before any byte is
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,18 +59,63 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def check_output(out: str | os.PathLike) -> Path:
+    """The path `save_artifact` will write for `out`, absolute, after checking that whatever is
+    there may be replaced: nothing, an empty directory, or an amxc artifact.  Raises ArtifactError
+    otherwise.  Cheap, so callers run it before any slow work (tracing, passes)."""
+    out = Path(out)
+    # resolve the parent's links but not the last component's: that one is refused if a link
+    target = out.resolve() if out.name in ("", "..") else out.parent.resolve() / out.name
+    if os.path.lexists(target) and (why := _refusal(target)):
+        raise ArtifactError(f"refusing to write the artifact to {target}: {why}")
+    return target
+
+
+def _refusal(path: Path) -> str | None:
+    """Why the existing `path` must not be removed to make room for an artifact, or None."""
+    if path.is_symlink():              # replacing it would act on wherever it points
+        return "it is a symbolic link (give the directory itself)"
+    if not path.is_dir():
+        return "it exists and is not a directory (choose another -o, or remove it yourself)"
+    real = path.resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:                    # the current directory was removed
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):   # `-o .`, `-o ..`, `-o /`
+        return "it is the current directory or one of its parents"
+    if real == Path(os.path.expanduser("~")).resolve():
+        return "it is your home directory"
+    if real == Path(real.anchor):
+        return "it is the root directory"
+    if next(path.iterdir(), None) is not None and not _is_artifact(path):
+        return "it exists and is not an amxc artifact (choose another -o, or remove it yourself)"
+    return None
+
+
+def _is_artifact(path: Path) -> bool:
+    """Whether `path` holds an amxc manifest: enough to know it is ours to replace, without
+    requiring that it still load (an older format version or a damaged one is replaced too)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def save_artifact(module: Module, out: str | os.PathLike, *, config: dict | None = None,
                   pipeline: str = "", write_tokenizer: Callable[[Path], bool] | None = None,
                   progress: bool = True, extra: dict | None = None) -> Path:
     """Stream the module's weights (one tensor in memory at a time) and write the artifact.
 
-    The directory is built beside `out` and moved into place at the end, so a failed compile
-    never leaves a half-written artifact behind."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    `out` must be free, an empty directory or an earlier artifact (check_output).  The artifact
+    is built in a fresh directory beside `out` and swapped into place at the end, so a failed or
+    interrupted compile leaves neither a half-written artifact nor a damaged old one.  Returns
+    the absolute path written."""
+    target = check_output(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # ours alone (unique name, created here): the only directory removed if anything fails
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         index = _write_weights(module, tmp / "weights.bin", progress)
         (tmp / "graph.ir").write_text(print_module(module))
@@ -90,13 +139,86 @@ def save_artifact(module: Module, out: str | os.PathLike, *, config: dict | None
         }
         manifest["manifest_digest"] = manifest_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; an artifact gets the usual mode
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    old = _install(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _install(new: Path, target: Path) -> Path | None:
+    """Move the finished directory `new` to `target`, removing `new` if that fails.  What is at
+    `target` must pass _refusal; it is swapped out atomically where the kernel can, and the
+    directory now holding it is returned, for the caller to remove (None if there was none)."""
+    try:
+        check_output(target)           # again: writing took a while, the target may have changed
+        if not os.path.lexists(target):
+            os.rename(new, target)     # replaces at most an empty directory made meanwhile
+            return None
+        if _exchange(new, target):
+            old = aside = new
+        else:                          # not atomic: for a moment `target` does not exist
+            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            old = aside / "old"
+            os.rename(target, old)
+            try:
+                os.rename(new, target)
+            except BaseException:
+                os.rename(old, target)
+                os.rmdir(aside)
+                raise
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    # check what was moved out, after the move, so that a directory put at `target` since the
+    # check above is handed back rather than removed (if moving it back fails, nothing is removed)
+    if why := _refusal(old):
+        if old == new:                 # exchanged: exchange back
+            _exchange(new, target)
+        else:
+            os.rename(target, new)
+            os.rename(old, target)
+            os.rmdir(aside)
+        shutil.rmtree(new, ignore_errors=True)
+        raise ArtifactError(f"refusing to write the artifact to {target}: {why}")
+    return aside
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2      # <fcntl.h>, <linux/fs.h>
+
+
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None (not Linux, or a C library without it)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths `a` and `b`; False where the system cannot (then nothing moved)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS):      # an old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_weights(module: Module, path: Path, progress: bool) -> dict:

@@ -1,22 +1,29 @@
 """Artifact loading: a round trip, and every way of damaging or tampering with an artifact is
-rejected with a message naming the file; files the manifest does not list are never opened."""
+rejected with a message naming the file; files the manifest does not list are never opened.
+Saving: only nothing, an empty directory or an earlier artifact is replaced, atomically, and an
+interrupted save leaves the old artifact as it was."""
 from __future__ import annotations
 
 import builtins
+import ctypes
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from amxc.ir import digest_of
-from amxc.runtime.artifact import (FORMAT_VERSION, ArtifactError, load_artifact, manifest_digest,
-                                   read_manifest)
+from amxc.ir import digest_of, parse_module
+from amxc.runtime import artifact
+from amxc.runtime.artifact import (FORMAT, FORMAT_VERSION, ArtifactError, check_output, load_artifact,
+                                   manifest_digest, read_manifest, save_artifact)
 
 
 @pytest.fixture(scope="module")
@@ -253,3 +260,246 @@ def test_unlisted_files_are_never_opened(art, monkeypatch):
 
     assert {str(art / "manifest.json"), str(art / "graph.ir"), str(art / "weights.bin")} <= set(opened)
     assert not {str(p) for p in planted} & set(opened)
+
+
+# --- saving: what may be replaced, and how -------------------------------------------------------
+
+TINY = """module @tiny {
+  param @w : f32[2, 3]
+  param @v : f32[2, 3]
+  func @forward(%x: f32[b, 3]) -> (f32[b, 2]) {
+    %y = linear(%x, @w) : f32[b, 2]
+    return %y
+  }
+}
+"""
+
+
+def tiny(value: float):
+    """A two-parameter module whose weights are all `value`."""
+    module = parse_module(TINY)
+    for p in module.params.values():
+        p.loader = lambda: np.full((2, 3), value, np.float32)
+    return module
+
+
+def save(module, out, **kwargs) -> Path:
+    return save_artifact(module, out, progress=False, **kwargs)
+
+
+def saved_value(art: Path) -> float:
+    module, _ = load_artifact(art)
+    return float(module.params["w"].load()[0, 0])
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def refused(path, why: str) -> str:
+    return rf"^refusing to write the artifact to {re.escape(str(path))}: {why}"
+
+
+@pytest.fixture
+def old_art(tmp_path) -> Path:
+    return save(tiny(1.0), tmp_path / "out.amxc")
+
+
+@pytest.fixture(params=["exchange", "no-renameat2", "EINVAL"])
+def swap(request, monkeypatch):
+    """How the old artifact is swapped out: renameat2(RENAME_EXCHANGE), or the rename fallback
+    when libc has no renameat2 or the kernel/filesystem answers EINVAL.  Records the calls."""
+    calls = {"renameat2": 0, "rename": 0}
+    real = artifact._renameat2()
+    if request.param == "exchange" and real is None:
+        pytest.skip("this libc has no renameat2")
+
+    def renameat2(*args):
+        calls["renameat2"] += 1
+        if request.param == "EINVAL":
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real(*args)
+
+    def rename(src, dst, _real=os.rename):
+        calls["rename"] += 1
+        return _real(src, dst)
+
+    no_symbol = request.param == "no-renameat2"
+    monkeypatch.setattr(artifact, "_renameat2", lambda: None if no_symbol else renameat2)
+    monkeypatch.setattr(os, "rename", rename)
+    return request.param, calls
+
+
+def test_save_to_a_new_path_creates_parents(tmp_path):
+    out = save(tiny(2.0), tmp_path / "a" / "b" / "out.amxc")
+    assert out == tmp_path.resolve() / "a" / "b" / "out.amxc"
+    assert saved_value(out) == 2.0 and leftovers(out.parent) == []
+    assert out.stat().st_mode & 0o777 == 0o777 & ~artifact._umask()     # not mkdtemp's 0700
+
+
+def test_save_into_an_empty_directory(tmp_path):
+    (tmp_path / "out.amxc").mkdir()
+    assert saved_value(save(tiny(2.0), tmp_path / "out.amxc")) == 2.0
+    assert leftovers(tmp_path) == []
+
+
+def test_save_replaces_an_artifact(old_art, swap):
+    mode, calls = swap
+    assert save(tiny(2.0), old_art) == old_art and saved_value(old_art) == 2.0
+    assert leftovers(old_art.parent) == []
+    if mode == "exchange":
+        assert calls == {"renameat2": 1, "rename": 0}
+    else:                       # old aside, new in place
+        assert calls["renameat2"] == (mode == "EINVAL") and calls["rename"] == 2
+
+
+def test_unexpected_renameat2_error_is_raised_and_nothing_moves(old_art, monkeypatch):
+    def renameat2(*args):
+        ctypes.set_errno(errno.EACCES)
+        return -1
+    monkeypatch.setattr(artifact, "_renameat2", lambda: renameat2)
+    with pytest.raises(PermissionError):
+        save(tiny(2.0), old_art)
+    assert saved_value(old_art) == 1.0 and leftovers(old_art.parent) == []
+
+
+@pytest.mark.parametrize("content", [
+    {"notes.txt": "mine"},
+    {"manifest.json": '{"format": "something-else"}', "notes.txt": "mine"},
+    {"manifest.json": "{not json"},
+    {"manifest.json": f'["{FORMAT}"]'},
+], ids=["user-file", "other-manifest", "bad-json", "json-list"])
+def test_save_refuses_a_directory_that_is_not_an_artifact(tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in content.items():
+        (out / name).write_text(text)
+    why = r"it exists and is not an amxc artifact \(choose another -o, or remove it yourself\)$"
+    with pytest.raises(ArtifactError, match=refused(out, why)):
+        check_output(out)
+    with pytest.raises(ArtifactError, match=refused(out, why)):
+        save(tiny(2.0), out)
+    assert snapshot(out) == {name: text.encode() for name, text in content.items()}
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", [".", "..", "/"])
+def test_save_refuses_the_current_directory_and_its_parents(tmp_path, monkeypatch, out):
+    """`-o ..` from a subfolder once deleted the current directory and its siblings.  Both
+    directories here even look like artifacts: being the working directory is reason enough."""
+    work = tmp_path / "work"
+    for folder in (work, work / "sub", work / "sibling"):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+        (folder / "notes.txt").write_text(f"{folder.name}'s")
+    monkeypatch.chdir(work / "sub")
+    before, root_before = snapshot(tmp_path), sorted(os.listdir("/"))
+    with pytest.raises(ArtifactError, match=refused(Path(out).resolve(),
+                                                    "it is the current directory or one of its parents$")):
+        save(tiny(2.0), out)
+    assert snapshot(tmp_path) == before and sorted(os.listdir("/")) == root_before
+
+
+def test_save_refuses_the_home_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    monkeypatch.setenv("HOME", str(home))
+    with pytest.raises(ArtifactError, match=refused(home, "it is your home directory$")):
+        save(tiny(2.0), home)
+    assert snapshot(home) == {"manifest.json": json.dumps({"format": FORMAT}).encode()}
+    assert leftovers(tmp_path) == []
+
+
+def test_save_refuses_a_regular_file(tmp_path):
+    out = tmp_path / "out.amxc"
+    out.write_text("mine")
+    with pytest.raises(ArtifactError, match=refused(out, "it exists and is not a directory")):
+        save(tiny(2.0), out)
+    assert out.read_text() == "mine" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-an-artifact", "dangling"])
+def test_save_refuses_a_symlink(old_art, tmp_path, dangling):
+    """Even a link to an artifact: the link itself is what -o names, and it is not ours."""
+    link = tmp_path / "link.amxc"
+    link.symlink_to(tmp_path / "nowhere" if dangling else old_art)
+    with pytest.raises(ArtifactError, match=refused(link, r"it is a symbolic link")):
+        save(tiny(2.0), link)
+    assert link.is_symlink() and saved_value(old_art) == 1.0 and leftovers(tmp_path) == []
+
+
+def interrupt_in_tokenizer(module):
+    def write_tokenizer(path: Path) -> bool:
+        path.mkdir()
+        (path / "tokenizer.json").write_text("{}")
+        raise KeyboardInterrupt
+    return {"write_tokenizer": write_tokenizer}
+
+
+def interrupt_in_second_parameter(module):
+    def load():
+        raise KeyboardInterrupt
+    module.params["v"].loader = load          # @w is written first, then this one fails
+    return {}
+
+
+@pytest.mark.parametrize("interrupt", [interrupt_in_tokenizer, interrupt_in_second_parameter])
+def test_interrupted_save_leaves_the_old_artifact(old_art, interrupt):
+    module = tiny(2.0)
+    with pytest.raises(KeyboardInterrupt):
+        save(module, old_art, **interrupt(module))
+    assert saved_value(old_art) == 1.0 and leftovers(old_art.parent) == []
+
+
+def test_interrupted_fallback_swap_puts_the_old_artifact_back(old_art, monkeypatch):
+    """Without renameat2 the old artifact is moved aside first; failing to move the new one in
+    moves it back."""
+    monkeypatch.setattr(artifact, "_renameat2", lambda: None)
+
+    def rename(src, dst, _real=os.rename):
+        if Path(src).name.startswith(".out.amxc.tmp-") and Path(dst) == old_art:
+            raise KeyboardInterrupt
+        return _real(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(tiny(2.0), old_art)
+    assert saved_value(old_art) == 1.0 and leftovers(old_art.parent) == []
+
+
+def replace_with_user_dir(target: Path):
+    """A write_tokenizer callback that, while the save runs, puts a user's directory where the
+    old artifact was."""
+    def write_tokenizer(path: Path) -> bool:
+        shutil.rmtree(target)
+        target.mkdir()
+        (target / "notes.txt").write_text("mine")
+        return False
+    return write_tokenizer
+
+
+def test_target_replaced_during_the_save_is_kept(old_art):
+    with pytest.raises(ArtifactError, match=refused(old_art, "it exists and is not an amxc artifact")):
+        save(tiny(2.0), old_art, write_tokenizer=replace_with_user_dir(old_art))
+    assert snapshot(old_art) == {"notes.txt": b"mine"} and leftovers(old_art.parent) == []
+
+
+def test_target_replaced_after_the_last_check_is_handed_back(old_art, swap, monkeypatch):
+    """What is swapped out is checked again before it is removed: here the user's directory
+    appears after the last check_output (skipped), and is moved back untouched."""
+    real_check = artifact.check_output
+
+    def write_tokenizer(path: Path) -> bool:
+        replace_with_user_dir(old_art)(path)
+        monkeypatch.setattr(artifact, "check_output", lambda out: Path(out))
+        return False
+    monkeypatch.setattr(artifact, "check_output", real_check)
+    with pytest.raises(ArtifactError, match=refused(old_art, "it exists and is not an amxc artifact")):
+        save(tiny(2.0), old_art, write_tokenizer=write_tokenizer)
+    assert snapshot(old_art) == {"notes.txt": b"mine"} and leftovers(old_art.parent) == []
+    assert swap[1]["renameat2" if swap[0] == "exchange" else "rename"] >= 2     # moved, then back
