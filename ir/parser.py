@@ -27,9 +27,33 @@ _TOKEN = re.compile(r"""
   | (?P<float>(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+))
   | (?P<int>\d+)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<string>"(?:[^"\\\n]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")
+  | (?P<string>")
   | (?P<punct>->|//|[()\[\]{},:=+\-*<>])
 """, re.VERBOSE)
+
+
+_STRING_RUN = re.compile(r'[^"\\\n]*')
+_STRING_ESCAPE = re.compile(r'\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})')
+MAX_STRING = 1 << 20        # characters; locations and paths are short, and a regex over an
+                            # escape-heavy megabyte string would hold a backtracking frame per escape
+
+
+def _string_end(source: str, start: int) -> int | str:
+    """The index after the closing quote of the JSON-style string opened at `start`, scanned
+    in linear time and memory, or what is wrong with it."""
+    pos = start + 1
+    while True:
+        pos = _STRING_RUN.match(source, pos).end()
+        if pos - start > MAX_STRING:
+            return f"a string literal longer than {MAX_STRING} characters"
+        if pos >= len(source) or source[pos] == "\n":
+            return "unterminated string literal"
+        if source[pos] == '"':
+            return pos + 1
+        m = _STRING_ESCAPE.match(source, pos)
+        if m is None:
+            return f"invalid escape {source[pos:pos + 2]!r} in a string literal"
+        pos = m.end()
 
 
 class Token:
@@ -50,13 +74,18 @@ def tokenize(source: str, filename: str = "<ir>") -> list[Token]:
             raise ParseError(f"unexpected character {source[pos]!r}", line, pos - line_start + 1,
                              source, filename)
         kind, text = m.lastgroup, m.group()
+        if kind == "string":
+            end = _string_end(source, pos)
+            if isinstance(end, str):
+                raise ParseError(end, line, pos - line_start + 1, source, filename)
+            text = source[pos:end]
         if kind != "ws":
             tokens.append(Token(kind, text, line, pos - line_start + 1))
         newlines = text.count("\n")
         if newlines:
             line += newlines
             line_start = pos + text.rindex("\n") + 1
-        pos = m.end()
+        pos += len(text)
     tokens.append(Token("eof", "", line, pos - line_start + 1))
     return tokens
 

@@ -135,3 +135,30 @@ def test_dim_expressions_print_parse_and_evaluate_consistently(d, b, s):
     except D.DimError:
         return
     assert D.evaluate(parsed, env) == want
+
+
+@pytest.mark.parametrize("body", ["a" * 3_000_000, "a\\n" * 1_000_000, "\\u00e9" * 400_000],
+                         ids=["plain", "escapes", "unicode-escapes"])
+def test_huge_string_literals_cost_linear_memory_and_are_refused(body):
+    """A hostile graph.ir with a multi-megabyte string: the lexer stops at MAX_STRING with a
+    located error, holding no per-character backtracking state (a regex alternation did:
+    6.8 GB for 20 MB)."""
+    import tracemalloc
+
+    from amxc.ir.parser import MAX_STRING
+    text = f'module @m attributes {{note = "{body}"}} {{\n}}\n'
+    tracemalloc.start()
+    try:
+        with pytest.raises(ir.ParseError, match=f"longer than {MAX_STRING}") as e:
+            ir.parse_module(text, filename="evil.ir")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.line == 1 and "evil.ir:1:" in str(e.value)
+    assert peak < 8 * len(text) + (16 << 20), f"lexing used {peak / 2**20:.0f} MB"
+
+
+def test_strings_just_under_the_limit_still_parse():
+    from amxc.ir.parser import MAX_STRING
+    m = ir.parse_module(f'module @m attributes {{note = "{"ab" * (MAX_STRING // 2 - 1)}", q = "a\\"b\\n"}} {{\n}}\n')
+    assert len(m.attrs["note"]) == MAX_STRING - 2 and m.attrs["q"] == 'a"b\n'
