@@ -9,6 +9,7 @@ from amxc.runtime.kv_cache import KVCacheError
 from amxc.backends.executor import NativeError
 from amxc.backends.isa import ISAError
 from amxc.backends.codegen import CodegenError
+from amxc.backends.toolchain import CacheError
 
 
 class UsageError(ValueError):
@@ -16,5 +17,5 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, UsageError,
+               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError, UsageError,
                FileNotFoundError)
