@@ -62,7 +62,8 @@ def calibration_file(model, text_path: str | os.PathLike, tokens: int = 2048, le
     from amxc.frontend.pull import cache_dir
     from amxc.runtime.tokenizer import Tokenizer
 
-    text = Path(text_path).read_text(encoding="utf-8")
+    from amxc.errors import read_user_text
+    text = read_user_text(text_path, "calibration text")
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         if not write_tokenizer(model, Path(tmp)):
@@ -256,7 +257,8 @@ def load_ir(target, *, progress: bool = False) -> tuple[Module, dict | None]:
     if path.is_dir() and (path / "manifest.json").exists():
         return load_artifact(path)
     if path.is_file() and path.suffix == ".ir":
-        return parse_module(path.read_text(), filename=str(path)), None
+        from amxc.errors import read_user_text
+        return parse_module(read_user_text(path, "IR text"), filename=str(path)), None
     return trace(target, progress=progress), None
 
 

@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from amxc.cli_run import add_parsers, at_least
+
 EPILOG = """examples:
   amxc pull smollm2-135m                      download the default model (SmolLM2-135M-Instruct)
   amxc compile smollm2-135m -o smollm2.amxc   trace, optimize and write a compiled artifact
@@ -38,6 +40,13 @@ ExportedProgram, or a known model name (pulled into ~/.cache/amxc on first use).
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the one `amxc: error:` line every other error uses."""
+
+    def error(self, message: str):
+        self.exit(2, f"amxc: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_pass_options(p: argparse.ArgumentParser, dump_dir_default: str) -> None:
     g = p.add_argument_group("passes")
     g.add_argument("--pipeline", metavar="STR", default=None,
@@ -66,11 +75,10 @@ def _add_pass_options(p: argparse.ArgumentParser, dump_dir_default: str) -> None
 def build_parser() -> argparse.ArgumentParser:
     from amxc import __version__
 
-    p = argparse.ArgumentParser(prog="amxc", description="Ahead-of-time compiler for LLM inference "
-                                "on CPU servers.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="amxc", description="Ahead-of-time compiler for LLM inference on CPU servers.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"amxc {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     c = sub.add_parser("compile", help="trace a model, run the passes, write a compiled artifact",
                        description="Trace MODEL into amxc IR, run the pass pipeline over it and "
@@ -87,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="TEXT", default=None,
                    help="calibration text for --quant 'nf4{method=gptq}' (tokenized with the model's "
                         "tokenizer; the first --calib-tokens tokens are used)")
-    c.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
+    c.add_argument("--calib-tokens", type=at_least(1), default=2048, help="calibration tokens (default 2048)")
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
                    help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
                         "best tier chosen at load)")
@@ -114,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--function", default=None, help="function to draw (default: the main one)")
     i.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
 
-    from amxc.cli_run import add_parsers
     add_parsers(sub)
 
     pl = sub.add_parser("pull", help="download a known model into the local cache")
@@ -194,6 +201,10 @@ def cmd_inspect(args) -> int:
     from amxc.ir.graph import to_dot, to_svg
 
     module, _ = load_ir(args.target, progress=True)
+    if args.function is not None and args.function not in module.functions:
+        from amxc.errors import UsageError
+        raise UsageError(f"--function {args.function}: {args.target} has no such function (it has: "
+                         f"{', '.join(module.functions)})")
     fn = module.functions[args.function] if args.function else module.main
     if args.stats:
         text = format_stats(module) + "\n"
@@ -219,19 +230,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from amxc.errors import USER_ERRORS
+    from amxc.errors import USER_ERRORS, describe_os_error
     try:
         from amxc.cli_run import COMMANDS
         return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull,
                 **COMMANDS}[args.command](args)
     except USER_ERRORS as e:
-        print(f"amxc: error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
+    except OSError as e:                # a path the user named: missing, a directory, no permission
+        if isinstance(e, BrokenPipeError):
+            return 0
+        return _error(describe_os_error(e))
     except KeyboardInterrupt:
         print("amxc: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
+
+
+def _error(message: str) -> int:
+    """The one line a user error prints (a multi-line message, such as a parse error with its
+    source line, is kept whole after it)."""
+    print(f"amxc: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

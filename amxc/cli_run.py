@@ -33,29 +33,31 @@ def add_parsers(sub) -> None:
                                    "an NF4 artifact of the same model on the same text.")
     _model_arg(e)
     e.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
-    e.add_argument("--window", type=int, default=None,
+    e.add_argument("--window", type=at_least(2), default=None,
                    help="tokens per window (default: the model's context, at most 512)")
-    e.add_argument("--stride", type=int, default=None, help="tokens between windows (default: window/2)")
-    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    e.add_argument("--stride", type=at_least(1), default=None, help="tokens between windows (default: window/2)")
+    e.add_argument("--max-tokens", type=at_least(2), default=None, help="score only the first N tokens")
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     b = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
     _model_arg(b)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--prompt-tokens", type=at_least(1), default=128)
+    b.add_argument("--new-tokens", type=at_least(1), default=64)
     b.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def _model_arg(p) -> None:
     p.add_argument("model", metavar="ART|MODEL", help="an artifact, or a model compiled on first use")
-    p.add_argument("--kv-tokens", type=int, default=4096, help="KV cache size in tokens (default 4096)")
+    p.add_argument("--kv-tokens", type=at_least(1), default=4096, help="KV cache size in tokens (default 4096)")
     p.add_argument("--quant", metavar="SPEC", default=None,
                    help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
 
 
 def _sampling_args(p) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("-n", "--max-new-tokens", type=int, default=128)
+    g.add_argument("-n", "--max-new-tokens", type=at_least(0), default=128)
+    g.add_argument("--truncate", action="store_true",
+                   help="cut a prompt longer than the model's context to its last tokens instead of failing")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -65,7 +67,8 @@ def _sampling_args(p) -> None:
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                truncate=args.truncate)
 
 
 def _engine(args):
@@ -77,16 +80,43 @@ def cmd_run(args) -> int:
     engine = _engine(args)
     prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     options = {**_sampling(args), "add_special_tokens": not args.chat}
+    reason = None
     if args.stream:
         for event in engine.stream(prompt, **options):
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            reason = event.finish_reason or reason
         sys.stdout.write("\n")
     else:
-        print(engine.generate(prompt, **options).text)
+        result = engine.generate(prompt, **options)
+        print(result.text)
+        reason = result.finish_reason
+    _warn_cut(reason, args)
     if args.timing:
         print(engine.last_timings.summary(), file=sys.stderr)
     return 0
+
+
+def _warn_cut(reason: str | None, args) -> None:
+    if reason == "kv_full":
+        print(f"amxc: warning: the KV cache ({args.kv_tokens} tokens, --kv-tokens) filled up; the "
+              f"output stops there", file=sys.stderr)
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low, with the bound in the error."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def cmd_chat(args) -> int:
@@ -108,18 +138,20 @@ def cmd_chat(args) -> int:
             messages = list(start)
             continue
         messages.append({"role": "user", "content": text})
-        reply = []
+        reply, reason = [], None
         for event in engine.stream(engine.chat_prompt(messages), add_special_tokens=False, **_sampling(args)):
             reply.append(event.text)
             sys.stdout.write(event.text)
             sys.stdout.flush()
+            reason = event.finish_reason or None
         sys.stdout.write("\n")
+        _warn_cut(reason, args)
         messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-    text = Path(args.text).read_text(encoding="utf-8")
+    from amxc.errors import read_user_text
+    text = read_user_text(args.text)
     engine = _engine(args)
     try:
         r = engine.perplexity(text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,

@@ -9,13 +9,12 @@ Python's part per decode step is building that argument struct and the block tab
 from __future__ import annotations
 
 import ctypes
-import os
 
 import numpy as np
 
 from amxc.ir import Module
 
-from . import isa, toolchain
+from . import env, isa, toolchain
 from .codegen import Limits, generate
 
 
@@ -33,16 +32,6 @@ class StepArgs(ctypes.Structure):
                 ("nthreads", ctypes.c_int)]
 
 
-def default_threads() -> int:
-    env = os.environ.get("AMXC_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def required_tier(module: Module) -> str:
     return module.attrs.get("target", "auto")
 
@@ -54,15 +43,18 @@ class NativeExecutor:
                  gemv: str | None = None, threads: int | None = None, profile: bool | None = None):
         self.tier = isa.select_tier(tier)
         need = required_tier(module)
+        if need != "auto" and need not in isa.TIERS:
+            raise isa.ISAError(f"@{module.name} names target {need!r}, which is not a tier "
+                               f"({', '.join(isa.TIERS)})")
         if need not in ("auto", "ref") and isa.TIERS.index(_base(self.tier)) < isa.TIERS.index(need):
             raise isa.ISAError(f"@{module.name} was compiled for target '{need}', and this run uses "
                                f"'{self.tier}' (the best this machine runs is '{isa.best_tier()}'); "
                                f"recompile with --target auto or --target {isa.best_tier()}")
         self.module = module
         self.limits = limits or Limits()
-        self.gemv = gemv or os.environ.get("AMXC_GEMV", "int8")
-        self.tiles = os.environ.get("AMXC_TILES", "bf16")
-        self.profiling = profile if profile is not None else os.environ.get("AMXC_PROFILE", "") not in ("", "0")
+        self.gemv = gemv or env.choice("AMXC_GEMV")
+        self.tiles = env.choice("AMXC_TILES")
+        self.profiling = profile if profile is not None else env.choice("AMXC_PROFILE") == "1"
         gen = generate(module, self.tier, self.limits, self.gemv, self.tiles, self.profiling)
         self.profiled = gen.profiled
         self.source = gen.source
@@ -75,7 +67,10 @@ class NativeExecutor:
         self.table = (ctypes.c_void_p * max(len(self.arrays), 1))(*[a.ctypes.data for a in self.arrays])
         self.workspace = np.zeros(gen.workspace + 64, np.uint8)
         self.ws_ptr = (self.workspace.ctypes.data + 63) // 64 * 64
-        self.threads = threads or default_threads()
+        cpus = env.available_cpus()
+        if threads is not None and not 1 <= threads <= cpus:
+            raise env.EnvError(f"threads={threads} must be from 1 to {cpus} (the CPUs this process may use)")
+        self.threads = threads or env.threads()
         self.vocab = {f: module.functions[f].results[0].type.shape[-1] for f in gen.functions}
         self.embed_rows = _embedding_rows(module)
         self.__name__ = f"native-{self.tier}"

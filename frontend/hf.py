@@ -114,15 +114,23 @@ def import_hf_checkpoint(model_dir: str | os.PathLike) -> Module:
     if not cfg_path.exists():
         raise FrontendError(f"{model_dir}: not a Hugging Face checkpoint (no config.json)")
     try:
-        raw = json.loads(cfg_path.read_text())
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise FrontendError(f"{cfg_path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise FrontendError(f"{cfg_path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(raw, dict):
+        raise FrontendError(f"{cfg_path}: expected a JSON object, found {type(raw).__name__}")
     if raw.get("model_type") not in SUPPORTED_FAMILIES:
         raise FrontendError(f"{cfg_path}: architecture '{raw.get('model_type')}' is not supported "
                             f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
     from .bnb import check_config
     bnb_4bit = check_config(raw, str(cfg_path))
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as e:          # transformers raises many kinds for values it cannot use
+        raise FrontendError(f"{cfg_path}: transformers cannot read this config ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if bnb_4bit:            # trace the float model; the quantized weights replace its linears
         config.quantization_config = None
         del config.quantization_config

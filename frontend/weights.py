@@ -5,6 +5,7 @@ each parameter's loader pulls just its own tensor from the checkpoint when asked
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable, Protocol
@@ -28,27 +29,43 @@ class SafetensorsSource:
         self.dir = Path(model_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.dir / f for name, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                self.files = {name: self.dir / f for name, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise FrontendError(f"{index}: not a safetensors index with a weight_map object "
+                                    f"({type(e).__name__}: {e})") from None
+            if any(not (self.dir / f).resolve().is_relative_to(self.dir.resolve()) for f in self.files.values()):
+                raise FrontendError(f"{index}: lists a shard outside {self.dir}")
         else:
             shards = sorted(self.dir.glob("*.safetensors"))
             if not shards:
                 raise FrontendError(f"{self.dir}: no *.safetensors weights found")
             self.files = {}
             for f in shards:
-                with safe_open(f, framework="pt") as h:
+                with self._open(f, "pt") as h:
                     for k in h.keys():
                         self.files[k] = f
         for f in set(self.files.values()):
             if not f.exists():
                 raise FrontendError(f"{index}: lists shard {f.name}, which is missing")
 
+    @contextlib.contextmanager
+    def _open(self, path: Path, framework: str):
+        """safe_open, with a truncated or malformed file reported by name."""
+        from safetensors import SafetensorError
+        try:
+            with self._safe_open(path, framework=framework) as h:
+                yield h
+        except (SafetensorError, OSError) as e:
+            raise FrontendError(f"{path}: not a readable safetensors file ({e})") from None
+
     def names(self) -> set[str]:
         return set(self.files)
 
     def load(self, name: str) -> np.ndarray:
         import torch
-        with self._safe_open(self.files[name], framework="pt") as h:
+        with self._open(self.files[name], "pt") as h:
             t = h.get_tensor(name)
         return np.ascontiguousarray(t.to(torch.float32).numpy())
 
@@ -56,7 +73,7 @@ class SafetensorsSource:
         """A tensor in its stored dtype (quantized codes, scales)."""
         if name not in self.files:
             raise FrontendError(f"{self.dir}: tensor {name} is missing")
-        with self._safe_open(self.files[name], framework="np") as h:
+        with self._open(self.files[name], "np") as h:
             return np.ascontiguousarray(h.get_tensor(name))
 
 

@@ -17,8 +17,9 @@ import numpy as np
 from amxc.ir import Module
 from amxc.ir.interpreter import run as interpret
 
-from .artifact import load_artifact
-from .kv_cache import PagedKVCache
+from .artifact import ArtifactError, load_artifact
+from .errors import RequestError
+from .kv_cache import KVCacheError, PagedKVCache
 from .sampling import Sampler, SamplingParams
 
 
@@ -54,13 +55,13 @@ class Generation:
     prompt_ids: list[int]
     ids: list[int] = field(default_factory=list)       # generated tokens (stop token included)
     text: str = ""
-    finish_reason: str | None = None                   # "stop" or "length"
+    finish_reason: str | None = None                   # "stop", "length" or "kv_full"
 
 
 @dataclass
 class StreamEvent:
     index: int          # which prompt of the batch
-    token: int
+    token: int | None   # None: the sequence ended without a new token (finish_reason "kv_full")
     text: str           # the new text this token completes (may be empty mid-character)
     finish_reason: str | None = None
 
@@ -82,7 +83,8 @@ def default_executor(module: Module, isa: str | None = None) -> Executor:
     import os
     import sys
 
-    if os.environ.get("AMXC_EXECUTOR", "native") == "interpreter" or isa == "interpreter":
+    from amxc.backends import env
+    if env.choice("AMXC_EXECUTOR") == "interpreter" or isa == "interpreter":
         return interpreter_executor
     from amxc.backends import isa as isas
     from amxc.backends.executor import NativeExecutor
@@ -107,13 +109,14 @@ class Engine:
                  isa: str | None = None):
         for fn in ("prefill", "decode"):
             if fn not in module.functions:
-                raise ValueError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
+                raise ArtifactError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
         if executor is None:
             executor = default_executor(module, isa)
         self.module, self.manifest, self.tokenizer, self.executor = module, manifest or {}, tokenizer, executor
         cache_type = module.functions["prefill"].args[-1].type
         self.cache = PagedKVCache(cache_type, num_blocks=-(-kv_tokens // block_size), block_size=block_size)
         self.config = self.manifest.get("config", dict(module.attrs))
+        self.context = _context_length(self.config)
         self.last_timings = Timings()
 
     @classmethod
@@ -128,12 +131,16 @@ class Engine:
     # -- public API --------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[int | str] | None = None, add_special_tokens: bool = True):
+                 stop: Sequence[int | str] | None = None, add_special_tokens: bool = True,
+                 truncate: bool = False):
         """Generate for one prompt (text or token ids) or a list of them; returns a Generation
-        or a list.  Greedy unless temperature > 0."""
+        or a list.  Greedy unless temperature > 0.  A prompt longer than the model's context is
+        an error, or, with `truncate`, keeps its last tokens (leaving room to generate).
+        Generation ends at a stop token ("stop"), after max_new_tokens or at the context's end
+        ("length"), or when the KV cache has no room left ("kv_full": what was generated is kept)."""
         batch = self._as_batch(prompt)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        results = [Generation(ids) for ids in self._encode(batch, add_special_tokens)]
+        results = [Generation(ids) for ids in self._prompts(batch, add_special_tokens, max_new_tokens, truncate)]
         for _ in self._run(results, max_new_tokens, params, stop):
             pass
         for r in results:
@@ -144,16 +151,17 @@ class Engine:
         """Like generate(), yielding each token as it is produced, with its new text."""
         stop = kwargs.pop("stop", None)
         add_special = kwargs.pop("add_special_tokens", True)
+        truncate = kwargs.pop("truncate", False)
         params = SamplingParams(**{k: kwargs.pop(k) for k in list(kwargs)
                                    if k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")})
         if kwargs:
             raise TypeError(f"unknown options: {', '.join(kwargs)}")
         batch = self._as_batch(prompt)
-        results = [Generation(ids) for ids in self._encode(batch, add_special)]
+        results = [Generation(ids) for ids in self._prompts(batch, add_special, max_new_tokens, truncate)]
         decoders = [self.tokenizer.stream() if self.tokenizer else None for _ in results]
         for index, token, reason in self._run(results, max_new_tokens, params, stop):
             d = decoders[index]
-            text = d.push(token) if d is not None and reason != "stop" else ""
+            text = d.push(token) if d is not None and token is not None and reason != "stop" else ""
             yield StreamEvent(index, token, text, reason)
         for r in results:
             r.text = self._decode(r.ids)
@@ -163,7 +171,7 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict]) -> str:
         if self.tokenizer is None or not self.tokenizer.has_chat_template:
-            raise ValueError("this model has no chat template")
+            raise RequestError("this model has no chat template: use plain completion (no --chat)")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -183,7 +191,7 @@ class Engine:
         the model's context, at most 512; default stride: half the window."""
         from .perplexity import perplexity
         if self.tokenizer is None:
-            raise ValueError("this artifact has no tokenizer: perplexity needs one")
+            raise RequestError("this artifact has no tokenizer: perplexity needs one")
         ids = self.tokenizer.encode(text, add_special_tokens=True)[:max_tokens]
         window = window or min(int(self.config.get("max_position_embeddings", 512)), 512)
         return perplexity(self.logits, ids, window, stride or window // 2, progress)
@@ -203,9 +211,14 @@ class Engine:
                     r.finish_reason = "length"
                     continue
                 n = len(r.prompt_ids)
-                if n == 0:
-                    raise ValueError("empty prompt")
-                self.cache.reserve(seqs[i], n + 1)
+                try:
+                    self.cache.reserve(seqs[i], n)
+                except KVCacheError:
+                    free = len(self.cache.free_blocks) * self.cache.block_size
+                    raise KVCacheError(
+                        f"the prompt{f' {i}' if len(results) > 1 else ''} is {n} tokens and the KV cache has "
+                        f"room for {free} more (of {self.cache.capacity_tokens}); allow more KV tokens "
+                        f"(--kv-tokens) or send fewer/shorter prompts") from None
                 t0 = time.perf_counter()
                 logits = self._step("prefill", [seqs[i]], np.asarray([r.prompt_ids], dtype=np.int64),
                                     np.arange(n, dtype=np.int64)[None])
@@ -215,8 +228,16 @@ class Engine:
                 if r.finish_reason is None:
                     active.append(i)
             while active:                               # decode all live sequences together
-                for i in active:
-                    self.cache.reserve(seqs[i], len(results[i].prompt_ids) + len(results[i].ids) + 1)
+                for i in list(active):
+                    try:
+                        self.cache.reserve(seqs[i], len(results[i].prompt_ids) + len(results[i].ids))
+                    except KVCacheError:                # keep what was generated; free its blocks
+                        results[i].finish_reason = "kv_full"
+                        active.remove(i)
+                        self.cache.free(seqs[i])
+                        yield i, None, "kv_full"
+                if not active:
+                    break
                 ids = np.asarray([[results[i].ids[-1]] for i in active], dtype=np.int64)
                 pos = np.asarray([[len(results[i].prompt_ids) + len(results[i].ids) - 1] for i in active],
                                  dtype=np.int64)
@@ -239,7 +260,7 @@ class Engine:
         r.ids.append(token)
         if token in stop_ids:
             r.finish_reason = "stop"
-        elif len(r.ids) >= max_new_tokens:
+        elif len(r.ids) >= max_new_tokens or (self.context and len(r.prompt_ids) + len(r.ids) >= self.context):
             r.finish_reason = "length"
         yield i, token, r.finish_reason
 
@@ -254,16 +275,38 @@ class Engine:
     def _as_batch(self, prompt) -> list:
         return prompt if self._is_batch(prompt) else [prompt]
 
-    def _encode(self, batch, add_special_tokens: bool) -> list[list[int]]:
+    def _prompts(self, batch, add_special_tokens: bool, max_new_tokens, truncate: bool) -> list[list[int]]:
+        """Token ids of each prompt, checked against the context (or cut to fit, if asked)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise RequestError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         out = []
-        for p in batch:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError("this artifact has no tokenizer: pass token ids")
-                out.append(self.tokenizer.encode(p, add_special_tokens=add_special_tokens))
-            else:
-                out.append([int(t) for t in p])
+        for index, p in enumerate(batch):
+            ids = self._encode(p, add_special_tokens)
+            if not ids:
+                raise RequestError("empty prompt" + (f" (prompt {index})" if len(batch) > 1 else ""))
+            if self.context and len(ids) >= self.context:
+                if not truncate:
+                    raise RequestError(
+                        f"the prompt is {len(ids)} tokens and the model's context is {self.context} "
+                        f"(max_position_embeddings), leaving no room to generate; shorten it or "
+                        f"truncate it (--truncate keeps its last tokens)")
+                ids = ids[-max(self.context - max_new_tokens, self.context // 2, 1):]
+            out.append(ids)
         return out
+
+    def _encode(self, prompt, add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this artifact has no tokenizer: pass token ids")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:          # lone surrogates: bytes that were not UTF-8
+                raise RequestError(f"the prompt is not valid UTF-8 text (character {e.start})") from None
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        try:
+            return [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise RequestError("a prompt is text or a list of token ids") from None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -278,6 +321,16 @@ class Engine:
             elif self.tokenizer is not None:
                 encoded = self.tokenizer.encode(s, add_special_tokens=False)
                 if len(encoded) != 1:
-                    raise ValueError(f"stop string {s!r} is not a single token")
+                    raise RequestError(f"stop string {s!r} is not a single token")
                 ids.add(encoded[0])
         return ids
+
+
+def _context_length(config: dict) -> int | None:
+    """The model's context (max_position_embeddings) from the artifact's config, if it says."""
+    value = config.get("max_position_embeddings")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ArtifactError(f"config: max_position_embeddings must be a positive integer, got {value!r}")
+    return value

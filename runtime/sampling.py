@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import RequestError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,19 +30,19 @@ class SamplingParams:
 
     def __post_init__(self):
         # Checked here, once, so that a bad request fails before any compute (the server turns
-        # the ValueError into a 400 naming the field).
+        # the RequestError into a 400 naming the field).
         if not (_finite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), "
+            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), "
                              f"got {self.temperature!r}")
         if not (_integer(self.top_k) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not (_finite(self.top_p) and 0 <= self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in [0, 1] (1 = off), got {self.top_p!r}")
+            raise RequestError(f"top_p must be a number in [0, 1] (1 = off), got {self.top_p!r}")
         if not (_finite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), "
+            raise RequestError(f"repetition_penalty must be a finite number > 0 (1 = off), "
                              f"got {self.repetition_penalty!r}")
         if not (self.seed is None or (_integer(self.seed) and self.seed >= 0)):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+            raise RequestError(f"seed must be None or an integer >= 0, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from amxc.runtime.engine import Engine
+from amxc.runtime.errors import RequestError
 from amxc.runtime.kv_cache import KVCacheError
 
 PROMPTS = {
@@ -81,12 +82,46 @@ def test_stop_token_ends_generation(stories_art):
     assert out.ids == free.ids[:free.ids.index(stop) + 1] and out.finish_reason == "stop"
 
 
-def test_kv_cache_exhaustion_is_a_clear_error_and_recovers(stories_art):
+def test_a_full_kv_cache_keeps_what_was_generated_and_recovers(stories_art):
     engine = Engine.load(stories_art, kv_tokens=32, block_size=8)
-    with pytest.raises(KVCacheError, match=r"KV cache full: .* 4 blocks"):
-        engine.generate("Once upon a time", max_new_tokens=60)
+    reference = Engine.load(stories_art).generate("Once upon a time", max_new_tokens=60)
+    out = engine.generate("Once upon a time", max_new_tokens=60)
+    prompt = len(out.prompt_ids)
+    assert out.finish_reason == "kv_full" and len(out.ids) == 32 - prompt + 1   # 32 positions + the last token
+    assert out.ids == reference.ids[:len(out.ids)] and out.text
+    events = list(engine.stream("Once upon a time", max_new_tokens=60))
+    assert [e.token for e in events[:-1]] == out.ids and events[-1].token is None
+    assert events[-1].finish_reason == "kv_full"
     assert len(engine.cache.free_blocks) == 4          # everything was given back
     assert len(engine.generate("Once", max_new_tokens=10).ids) == 10
+
+
+def test_a_prompt_the_kv_cache_cannot_hold_is_an_error_with_the_sizes(stories_art):
+    engine = Engine.load(stories_art, kv_tokens=8, block_size=8)
+    with pytest.raises(KVCacheError, match=r"the prompt is \d+ tokens and the KV cache has room for 8 more"):
+        engine.generate("Once upon a time there was a little girl", max_new_tokens=4)
+    assert len(engine.cache.free_blocks) == 1
+
+
+def test_prompts_longer_than_the_context_are_refused_or_truncated(stories_art):
+    engine = Engine.load(stories_art)
+    long = [3 + i % 500 for i in range(600)]          # stories260K's context is 512
+    with pytest.raises(RequestError, match="600 tokens and the model's context is 512"):
+        engine.generate(long, max_new_tokens=4)
+    out = engine.generate(long, max_new_tokens=4, truncate=True)
+    assert out.prompt_ids == long[-508:] and len(out.ids) == 4
+    near = engine.generate(long[:510], max_new_tokens=8)   # generation stops at the context
+    assert len(near.ids) == 2 and near.finish_reason == "length"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 2.0}, "top_p"), ({"top_k": -5}, "top_k"), ({"seed": -1}, "seed"),
+    ({"max_new_tokens": -1}, "max_new_tokens"), ({"repetition_penalty": 0.0}, "repetition_penalty")])
+def test_bad_request_options_are_request_errors(stories_art, options, message):
+    engine = Engine.load(stories_art, executor=lambda *a: pytest.fail("ran a step for a bad request"))
+    with pytest.raises(RequestError, match=message):
+        engine.generate("Once", **{"max_new_tokens": 4, **options})
 
 
 def test_timings_are_recorded(stories_art):

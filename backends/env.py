@@ -1,0 +1,45 @@
+"""amxc's environment variables, read and checked in one place: a value that is not one of the
+documented ones is an error naming the variable, never silently ignored."""
+from __future__ import annotations
+
+import os
+
+#: variable -> (allowed values, default); AMXC_ISA is checked by isa.select_tier
+CHOICES = {
+    "AMXC_EXECUTOR": (("native", "interpreter"), "native"),
+    "AMXC_GEMV": (("int8", "exact"), "int8"),
+    "AMXC_TILES": (("bf16", "int8", "off"), "bf16"),
+    "AMXC_PROFILE": (("0", "1"), "0"),
+}
+
+
+class EnvError(ValueError):
+    """An environment variable with a value amxc does not know."""
+
+
+def choice(name: str) -> str:
+    allowed, default = CHOICES[name]
+    value = os.environ.get(name, "") or default
+    if value not in allowed:
+        raise EnvError(f"{name}={value!r} is not one of: {', '.join(allowed)} (or leave it unset)")
+    return value
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def threads() -> int:
+    """AMXC_NUM_THREADS, 1 to the CPUs this process may use (default: all of them).  More
+    threads than CPUs only oversubscribe, and the kernels size per-thread scratch by it."""
+    cpus = available_cpus()
+    value = os.environ.get("AMXC_NUM_THREADS", "")
+    if not value:
+        return cpus
+    if not value.strip().isdigit() or not 1 <= int(value) <= cpus:
+        raise EnvError(f"AMXC_NUM_THREADS={value!r} must be a whole number from 1 to {cpus} "
+                       f"(the CPUs this process may use)")
+    return int(value)

@@ -1,0 +1,7 @@
+"""Errors of a request to the engine: what the caller asked for cannot be done (a sampling
+option out of range, a prompt longer than the model's context, no chat template).  The CLI
+prints them as one `amxc: error:` line; a server answers them with a 400."""
+
+
+class RequestError(ValueError):
+    pass
