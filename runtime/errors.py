@@ -5,3 +5,9 @@ prints them as one `amxc: error:` line; a server answers them with a 400."""
 
 class RequestError(ValueError):
     pass
+
+
+def clip(text, limit: int = 500) -> str:
+    """Text from a file or a template, cut short for an error message."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -9,21 +9,22 @@ the tests hold both models of ../shared/models to `AutoTokenizer`'s ids, text an
   those flags are deliberately not applied.
 - The chat template runs in jinja2's immutable sandbox with transformers' settings and helpers.
   Templates ship with downloaded models, so they are untrusted: unlike transformers, touching an
-  unsafe attribute fails at once instead of rendering as an empty string.
+  unsafe attribute fails at once instead of rendering as an empty string, and a render is bounded
+  in steps, time, value sizes and output (runtime/chat_template.py).
+- Tokenizer files are untrusted too: any malformed, oversized or non-UTF-8 one is a TokenizerError
+  naming it.
 """
 from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
+
+from . import chat_template
+from .errors import clip as _clip
 
 # Named special tokens that transformers passes to every chat template as variables.
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -34,6 +35,11 @@ _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "generation_config.json", "chat_template.jinja")
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+# Largest tokenizer files read, in bytes: real tokenizer.json files reach ~35 MB (262k-token
+# vocabularies), configs and templates ~100 KB.
+_MAX_TOKENIZER_JSON = 256 << 20
+_MAX_CONFIG_FILE = 16 << 20
 
 
 class TokenizerError(ValueError):
@@ -70,23 +76,30 @@ class Tokenizer:
         tokenizer_json = path / "tokenizer.json"
         if "tokenizer.json" not in files:
             raise TokenizerError(f"{tokenizer_json}: missing (a tokenizer needs its tokenizer.json)")
+        text = _read_text(tokenizer_json, _MAX_TOKENIZER_JSON)
         try:
-            backend = _Backend.from_str(tokenizer_json.read_text(encoding="utf-8"))
-        except Exception as e:      # tokenizers raises a bare Exception for any malformed file
-            raise TokenizerError(f"{tokenizer_json}: not a valid tokenizer ({e})") from None
+            backend = _Backend.from_str(text)
+            # a post-processor naming a token the vocabulary lacks loads fine and panics on every
+            # encode: one probe here names the file instead
+            backend.decode(backend.encode("a b", add_special_tokens=True).ids)
+        except BaseException as e:  # tokenizers raises a bare Exception, or pyo3's PanicException
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise               # (a BaseException) when its Rust code panics
+            raise TokenizerError(f"{tokenizer_json}: not a valid tokenizer ({_clip(str(e))})") from None
 
-        config_file = path / "tokenizer_config.json"
+        config_file, map_file = path / "tokenizer_config.json", path / "special_tokens_map.json"
+        config = _read_json(files.get("tokenizer_config.json"))
         # special_tokens_map.json is the older home of the named tokens; the config wins
-        config = {**_read_json(files.get("special_tokens_map.json")),
-                  **_read_json(files.get("tokenizer_config.json"))}
-        special = _special_tokens(config, config_file)
+        token_map = _read_json(files.get("special_tokens_map.json"))
+        sources = {key: config_file if key in config else map_file for key in _SPECIAL_TOKEN_KEYS}
+        special = _special_tokens({**token_map, **config}, sources)
 
         def token_id(key: str) -> int | None:
             if key not in special:
                 return None
             tid = backend.token_to_id(special[key])
             if tid is None:
-                raise TokenizerError(f"{config_file}: {key} {special[key]!r} is not in the vocabulary")
+                raise TokenizerError(f"{sources[key]}: {key} {special[key]!r} is not in the vocabulary")
             return tid
 
         generation_file = path / "generation_config.json"
@@ -137,19 +150,13 @@ class Tokenizer:
             raise TokenizerError("apply_chat_template: the conversation is empty")
         # transformers drops None-valued keys (APIs send content=None) and hands templates plain
         # data only, so that nothing the template sees has methods worth abusing
-        messages = [{k: _plain(v) for k, v in m.items() if v is not None} for m in messages]
+        messages = [{k: chat_template.plain(v) for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, "messages": messages, "tools": None, "documents": None,
                      "add_generation_prompt": add_generation_prompt}
         try:
-            template = _compile(self.chat_template)
-        except jinja2.TemplateSyntaxError as e:
-            raise TokenizerError(f"{where}:{e.lineno}: chat template syntax error: {e.message}") from None
-        try:
-            return template.render(**variables)
-        except jinja2.exceptions.SecurityError as e:
-            raise TokenizerError(f"{where}: the chat template broke the sandbox rules ({e})") from None
-        except Exception as e:      # the template is data from the model: any failure is its own
-            raise TokenizerError(f"{where}: chat template failed: {type(e).__name__}: {e}") from None
+            return chat_template.render(self.chat_template, variables)
+        except chat_template.ChatTemplateError as e:
+            raise TokenizerError(f"{where}:{e}") from None   # where:line: for syntax errors, where: else
 
 
 class StreamDecoder:
@@ -211,27 +218,45 @@ def _byte_token_ids(backend: _Backend) -> frozenset[int]:
     return frozenset(i for token, i in backend.get_vocab().items() if _BYTE_TOKEN.fullmatch(token))
 
 
+def _read_text(path: Path, limit: int) -> str:
+    """A tokenizer file's text, as text-mode open() reads it (universal newlines), refused with
+    an error naming it if over `limit` bytes, unreadable or not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)        # never more than the limit, even if the file grows
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise TokenizerError(f"{path}: larger than the {limit} bytes allowed for this file")
+    try:
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def _read_json(path: Path | None) -> dict:
     """An optional JSON object file: {} if absent (None), an error naming it if unreadable."""
     if path is None:
         return {}
+    text = _read_text(path, _MAX_CONFIG_FILE)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:   # RecursionError: nesting deeper than the stack
+        raise TokenizerError(f"{path}: not valid JSON ({_clip(str(e))})") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
-def _special_tokens(config: dict, config_file: Path) -> dict[str, str]:
-    """The named special tokens; the config writes each as a string or a serialized AddedToken."""
+def _special_tokens(config: dict, sources: Mapping[str, Path]) -> dict[str, str]:
+    """The named special tokens; the config writes each as a string or a serialized AddedToken.
+    `sources` names the file each key was read from."""
     special = {}
     for key in _SPECIAL_TOKEN_KEYS:
         value = config.get(key)
         text = value.get("content") if isinstance(value, dict) else value
         if value is not None and not isinstance(text, str):
-            raise TokenizerError(f"{config_file}: {key} must be a token string, got {value!r}")
+            raise TokenizerError(f"{sources[key]}: {key} must be a token string, got {_clip(repr(value))}")
         if text is not None:
             special[key] = text
     return special
@@ -242,7 +267,7 @@ def _token_ids(value: Any, path: Path, key: str, backend: _Backend) -> set[int]:
     values = [] if value is None else value if isinstance(value, list) else [value]
     vocab = backend.get_vocab_size(with_added_tokens=True)
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab for v in values):
-        raise TokenizerError(f"{path}: {key} must be token ids in [0, {vocab}), got {value!r}")
+        raise TokenizerError(f"{path}: {key} must be token ids in [0, {vocab}), got {_clip(repr(value))}")
     return set(values)
 
 
@@ -250,97 +275,11 @@ def _chat_template(jinja_file: Path | None, config: dict, config_file: Path) -> 
     """The default chat template and where it came from.  chat_template.jinja takes priority over
     the config's entry, as in transformers."""
     if jinja_file is not None:
-        try:
-            return jinja_file.read_text(encoding="utf-8"), str(jinja_file)
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"{jinja_file}: not UTF-8 text ({e})") from None
+        return _read_text(jinja_file, _MAX_CONFIG_FILE), str(jinja_file)
     template = config.get("chat_template")
     if isinstance(template, list):      # named templates: [{"name": ..., "template": ...}]
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+        named = [t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"]
+        template = named[-1] if named else None
     if template is not None and not isinstance(template, str):
         raise TokenizerError(f"{config_file}: chat_template must be a string or a list of named templates")
     return template, f"{config_file} (chat_template)"
-
-
-# --- the chat-template sandbox -----------------------------------------------------------------
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, but an unsafe attribute is an error where it is touched rather than
-    an Undefined that renders as ''; a template that probes Python internals is hostile."""
-
-    def unsafe_undefined(self, obj, attribute):
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for training masks in
-    transformers; for inference it renders its body unchanged."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
-
-
-class _Namespace(jinja2.utils.Namespace):
-    """`namespace()` that refuses underscore names, as in transformers."""
-
-    def __init__(*args, **kwargs):      # Namespace's signature trick: `self` may be a kwarg too
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            _Namespace._check(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name, value):
-        _Namespace._check(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check(name):
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # jinja's own tojson escapes HTML characters; chat templates expect plain JSON
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    """The template in the environment transformers renders chat templates in
-    (chat_template_utils.py); cached, since a server renders the same template per request."""
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
-                         extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=lambda *args, **kwargs: dict(*args, **kwargs))
-    return env.from_string(template)
-
-
-def _plain(value: Any) -> Any:
-    """A copy made of JSON types only; any other object becomes a placeholder naming its type
-    (transformers' `_plain_template_data`)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, str):              # subclasses (enums, ...) back to the base type
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    return f"<{type(value).__name__}>"

@@ -150,6 +150,31 @@ def test_template_features_match_transformers(smollm2_dir):
         ours.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
+# Everything the render limits reroute (operators, calls, filters, literals, `~`, macro and
+# {% set %} block output, namespaces, tojson and pprint): the text must not change.
+BOUNDED_TEMPLATE = """{% set ns = namespace(text='', n=0) %}
+{% macro show(m) %}<{{ m['role'] }}|{{ m['content'] | replace('a', 'A') | indent(2) }}>{% endmacro %}
+{% for m in messages %}
+{% set ns.text = ns.text ~ m['role'][:1] %}{% set ns.n = ns.n + 2 * loop.index ** 2 - 1 %}
+{{ show(m) }}{{ '%s:%d' % (m['role'], loop.index) }} {{ '{}/{}'.format(loop.index, loop.length) }}
+{% endfor %}
+{% set block %}{% for x in [1, 2.5, (3, 'z'), {'k': [None, True]}] %}{{ x }};{% endfor %}{% endset %}
+{{ block }} {{ ns.text }} {{ ns.n // 3 }} {{ ns.n / 4 }} {{ ns.n % 7 }} {{ 'ab' * 3 }} {{ [1] * 2 + [3] }}
+{{ messages | map(attribute='role') | join(', ') }} {{ [[1], [2]] | sum(start=[]) }}
+{{ '%05.1f' | format(3.14159) }}
+{{ messages[0] | tojson(indent=4, sort_keys=True) }} {{ messages | tojson(separators=(',', ':')) }}
+{{ {'b': [1, {'c': 'é'}], 'a': (2, 3)} | pprint }} {{ 'x'.center(9, '*') }} {{ dict(a=1, b=[2]) }}"""
+
+
+def test_bounded_template_matches_transformers(smollm2_dir):
+    ours = Tokenizer.from_dir(smollm2_dir)
+    ours.chat_template = BOUNDED_TEMPLATE
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert ours.apply_chat_template(CONVERSATION) == \
+        hf.apply_chat_template(CONVERSATION, chat_template=BOUNDED_TEMPLATE, tokenize=False,
+                               add_generation_prompt=True)
+
+
 def test_no_chat_template(stories_dir):
     tok = Tokenizer.from_dir(stories_dir)
     assert not tok.has_chat_template
