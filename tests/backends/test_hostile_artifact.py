@@ -120,6 +120,25 @@ def test_the_marker_is_absent_from_honest_code(stories_ir):
     assert MARKER not in generate(parse_module(stories_ir), "amx").source
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=hostile)
+def test_hostile_manifest_strings_stay_out_of_the_generated_code(stories_art, tmp_path_factory, text):
+    """manifest.json's strings (config values and keys, model name, pipeline) are data for the
+    runtime, never input to the code generator."""
+    from amxc.runtime.engine import Engine
+    art = tmp_path_factory.mktemp("manifest") / "hostile.amxc"
+    shutil.copytree(stories_art, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["config"].update({"note": text, text: text, "model_type": text})
+    manifest.update(model=text, pipeline=text, created=text)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    _resign(art)
+    engine = Engine.load(art)
+    assert engine.manifest["model"] == text
+    assert MARKER not in code_positions(engine.executor.source)
+    assert engine.generate([1, 400, 401], max_new_tokens=2).ids
+
+
 def _resign(art: Path) -> None:
     """Recompute every file hash and the manifest digest, as anyone can."""
     import hashlib
