@@ -173,7 +173,7 @@ def cmd_bench(args) -> int:
     vocab = int(engine.config.get("vocab_size", 256))
     prompt = np.random.default_rng(0).integers(3, vocab, args.prompt_tokens).tolist()
     t0 = time.perf_counter()
-    engine.generate(prompt, max_new_tokens=args.new_tokens, stop=[])
+    engine.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
     wall = time.perf_counter() - t0
     t = engine.last_timings
     figures = {

@@ -48,8 +48,8 @@ def child_amxc(art: str, threads: int) -> dict:
     from amxc.runtime.engine import Engine
     engine = Engine.load(art)
     prompt = prompt_ids(int(engine.config["vocab_size"]))
-    engine.generate(prompt[:16], max_new_tokens=4, stop=[])                 # warm-up
-    engine.generate(prompt, max_new_tokens=NEW_TOKENS, stop=[])
+    engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)                 # warm-up
+    engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     t = engine.last_timings
     return {"prefill": PROMPT_TOKENS / t.prefill, "decode": (len(t.decode)) / sum(t.decode),
             "executor": getattr(engine.executor, "__name__", "?")}

@@ -31,9 +31,9 @@ def profile(art: str, tokens: int):
     ex = NativeExecutor(module, profile=True)
     engine = Engine(module, manifest, None, executor=ex)
     prompt = np.random.default_rng(0).integers(3, int(module.attrs["vocab_size"]), 128).tolist()
-    engine.generate(prompt[:16], max_new_tokens=4, stop=[])            # warm-up, then count from here
+    engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)            # warm-up, then count from here
     before = [t for _, t in ex.profile("decode")]
-    engine.generate(prompt, max_new_tokens=tokens, stop=[])
+    engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
     steps = len(engine.last_timings.decode)
     per_group: dict[str, float] = collections.Counter()
     for (node, t), t0 in zip(ex.profile("decode"), before):

@@ -132,16 +132,18 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[int | str] | None = None, add_special_tokens: bool = True,
-                 truncate: bool = False):
+                 truncate: bool = False, ignore_eos: bool = False):
         """Generate for one prompt (text or token ids) or a list of them; returns a Generation
         or a list.  Greedy unless temperature > 0.  A prompt longer than the model's context is
         an error, or, with `truncate`, keeps its last tokens (leaving room to generate).
         Generation ends at a stop token ("stop"), after max_new_tokens or at the context's end
-        ("length"), or when the KV cache has no room left ("kv_full": what was generated is kept)."""
+        ("length"), or when the KV cache has no room left ("kv_full": what was generated is kept).
+        `ignore_eos` keeps going past the model's end-of-sequence tokens (for benchmarks: every
+        run then takes exactly max_new_tokens steps); `stop` entries still stop."""
         batch = self._as_batch(prompt)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
         results = [Generation(ids) for ids in self._prompts(batch, add_special_tokens, max_new_tokens, truncate)]
-        for _ in self._run(results, max_new_tokens, params, stop):
+        for _ in self._run(results, max_new_tokens, params, stop, ignore_eos):
             pass
         for r in results:
             r.text = self._decode(r.ids)
@@ -152,6 +154,7 @@ class Engine:
         stop = kwargs.pop("stop", None)
         add_special = kwargs.pop("add_special_tokens", True)
         truncate = kwargs.pop("truncate", False)
+        ignore_eos = kwargs.pop("ignore_eos", False)
         params = SamplingParams(**{k: kwargs.pop(k) for k in list(kwargs)
                                    if k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")})
         if kwargs:
@@ -159,7 +162,7 @@ class Engine:
         batch = self._as_batch(prompt)
         results = [Generation(ids) for ids in self._prompts(batch, add_special, max_new_tokens, truncate)]
         decoders = [self.tokenizer.stream() if self.tokenizer else None for _ in results]
-        for index, token, reason in self._run(results, max_new_tokens, params, stop):
+        for index, token, reason in self._run(results, max_new_tokens, params, stop, ignore_eos):
             d = decoders[index]
             text = d.push(token) if d is not None and token is not None and reason != "stop" else ""
             yield StreamEvent(index, token, text, reason)
@@ -197,8 +200,9 @@ class Engine:
         return perplexity(self.logits, ids, window, stride or window // 2, progress)
 
     # -- the loop ------------------------------------------------------------------------------
-    def _run(self, results: list[Generation], max_new_tokens: int, params: SamplingParams, stop):
-        stop_ids = self._stop_ids(stop)
+    def _run(self, results: list[Generation], max_new_tokens: int, params: SamplingParams, stop,
+             ignore_eos: bool = False):
+        stop_ids = self._stop_ids(stop, ignore_eos)
         samplers = [Sampler(params if params.seed is None else
                             SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
                     for i in range(len(results))]
@@ -311,10 +315,12 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _stop_ids(self, stop) -> set[int]:
+    def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
         ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
         eos = self.config.get("eos_token_id")
         ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        if ignore_eos:
+            ids = set()
         for s in stop or ():
             if isinstance(s, int):
                 ids.add(s)

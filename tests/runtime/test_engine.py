@@ -131,3 +131,18 @@ def test_timings_are_recorded(stories_art):
     assert t.prefill_tokens == len(engine.tokenizer.encode("Once")) + len(engine.tokenizer.encode("The dog"))
     assert len(t.decode) == 7 and t.decode_tokens == 14 and t.prefill > 0
     assert "tok/s" in t.summary()
+
+
+def test_ignore_eos_runs_every_step(stories_art):
+    """Benchmarks time a fixed number of steps on every system: with ignore_eos the model's EOS
+    no longer ends the run.  stories260K rarely emits its EOS, so the test names one of the
+    tokens it does emit as the EOS of this config."""
+    engine = Engine.load(stories_art)
+    free = engine.generate("Once upon a time", max_new_tokens=20).ids
+    k = next(i for i in range(3, 20) if free[i] not in free[:i])
+    engine.config = {**engine.config, "eos_token_id": [free[k]]}
+    ended = engine.generate("Once upon a time", max_new_tokens=20)
+    assert ended.finish_reason == "stop" and ended.ids == free[:k + 1]
+    out = engine.generate("Once upon a time", max_new_tokens=20, ignore_eos=True)
+    assert out.finish_reason == "length" and out.ids == free
+    assert len(engine.last_timings.decode) == 19
