@@ -1,7 +1,7 @@
 """Decode and prefill speed of amxc against llama.cpp and PyTorch eager, in one run, with the
 memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measurement, not a test.
 
-    python benchmarks/decode_speed.py [--models tinyllama,smollm2] [--reps 3] [--threads 2]
+    python benchmarks/decode_speed.py [--models tinyllama,smollm2] [--reps 5] [--threads 2]
                                       [--work /tmp/amxc-bench] [--no-llamacpp] [--no-torch]
 
 Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
@@ -11,12 +11,16 @@ Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Ins
                 nf4{skip=embed_tokens} for TinyLlama, nf4{skip=embed|wte|wpe, untie=true}
                 for SmolLM2, whose lm_head is the embedding table
   llama.cpp     llama-cpp-python (optional): F16, Q4_0 and IQ4_NL GGUFs of the same weights,
-                quantized by llama.cpp itself
+                quantized by llama.cpp itself (its default keeps the output head in Q6_K/Q8_0),
+                and Q4_0/IQ4_NL "pure" (every matrix, the head too, in 4 bits: the same bytes
+                as amxc's NF4-head row)
   PyTorch       HF transformers eager, fp32, with its KV cache
 Protocol (research/baselines.md): 128 pseudo-random prompt tokens, a warm-up pass, then one
 prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode steps (decode
-tok/s = 63 / their time); the median of --reps processes, run round-robin across the systems.  Roofline: decode tok/s x bytes
-read per token / the read bandwidth measured here (numpy, 1 GiB float32, --threads threads); peak RSS is VmHWM.
+tok/s = 63 / their time), EOS ignored on every system (each reports the steps it ran);
+min / median / max of --reps processes, run round-robin across the systems.  Roofline: decode
+tok/s x bytes read per token / the read bandwidth measured here (benchmarks/bandwidth.py: a
+native streaming loop with --threads threads, cross-checked against numpy); peak RSS is VmHWM.
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def child_amxc(art: str, threads: int) -> dict:
     engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     t = engine.last_timings
     return {"prefill": PROMPT_TOKENS / t.prefill, "decode": (len(t.decode)) / sum(t.decode),
-            "executor": getattr(engine.executor, "__name__", "?")}
+            "decode_steps": len(t.decode), "executor": getattr(engine.executor, "__name__", "?")}
 
 
 def child_llamacpp(gguf: str, threads: int) -> dict:
@@ -77,11 +81,10 @@ def child_llamacpp(gguf: str, threads: int) -> dict:
 
     run(4, prompt[:16])
     prefill, decode = run(NEW_TOKENS, prompt)
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "decode_steps": NEW_TOKENS - 1}
 
 
 def child_torch(model: str, threads: int) -> dict:
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(threads)
@@ -105,26 +108,13 @@ def child_torch(model: str, threads: int) -> dict:
 
     run(prompt[:, :16], 4)
     prefill, decode = run(prompt, NEW_TOKENS)
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": prefill, "decode": decode, "decode_steps": NEW_TOKENS - 1}
 
 
 def child_bandwidth(threads: int) -> dict:
-    """Read bandwidth: `threads` threads each summing its slice of a 1 GiB float32 array."""
-    import threading
-
-    import numpy as np
-    a = np.ones(1 << 28, np.float32)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    for _ in range(5):
-        ts = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t0) / 1e9)
-    return {"read_GBps": best}
+    sys.path.insert(0, str(HERE))
+    import bandwidth
+    return bandwidth.measure(threads)
 
 
 def peak_rss_mb() -> float:
@@ -148,12 +138,18 @@ def run_child(kind: str, target: str, threads: int) -> dict:
 
 
 def summarize(results: list[dict]) -> dict:
-    """The median of each figure over the runs, and the runs themselves."""
+    """The median of each figure over the runs (with min and max), and the runs themselves."""
     failed = next((r for r in results if "error" in r), None)
     if failed:
         return failed
     out = {k: statistics.median(r[k] for r in results) if isinstance(results[0][k], float) else results[0][k]
            for k in results[0]}
+    for k in ("prefill", "decode"):
+        if k in out:
+            out[f"{k}_min"], out[f"{k}_max"] = min(r[k] for r in results), max(r[k] for r in results)
+    steps = {r.get("decode_steps") for r in results}
+    if len(steps) > 1:
+        out["decode_steps"] = f"varied: {sorted(steps)}"
     out["runs"] = [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in results]
     return out
 
@@ -208,11 +204,12 @@ def prepare(model: str, work: Path, llamacpp: bool) -> dict:
                 quantize(SMOLLM2, base, "f16")
         out["llamacpp"]["F16"] = str(base)
         for q in ("q4_0", "iq4_nl"):
-            path = work / f"{model}-{q}.gguf"
-            if not path.exists():
-                print(f"quantizing {path.name} with llama.cpp …", file=sys.stderr, flush=True)
-                quantize(base, path, q)
-            out["llamacpp"][q.upper()] = str(path)
+            for pure in (False, True):
+                path = work / f"{model}-{q}{'-pure' if pure else ''}.gguf"
+                if not path.exists():
+                    print(f"quantizing {path.name} with llama.cpp …", file=sys.stderr, flush=True)
+                    quantize(base, path, q, pure=pure)
+                out["llamacpp"][q.upper() + (" pure (4-bit head)" if pure else "")] = str(path)
         if model == "smollm2":
             out["llamacpp"]["Q4_1 (as shipped)"] = str(SMOLLM2)
     return out
@@ -233,7 +230,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     ap.add_argument("--models", default="tinyllama,smollm2")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/amxc-bench"))
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -256,6 +253,8 @@ def main() -> int:
             llamacpp = False
     report = {"threads": args.threads, "bandwidth": measure("bandwidth", "-", args.threads, 1), "models": {}}
     bw = report["bandwidth"]["read_GBps"]
+    print(f"read bandwidth: native loop {bw:.1f} GB/s, numpy {report['bandwidth']['numpy_read_GBps']:.1f} GB/s",
+          file=sys.stderr)
     for model in args.models.split(","):
         files = prepare(model, args.work, llamacpp)
         systems = {f"amxc {label}": ("amxc", art) for label, art in files["amxc"].items()}
@@ -276,17 +275,19 @@ def main() -> int:
 def print_table(model: str, rows: dict, bw: float) -> None:
     amxc_rows = [k for k in rows if k.startswith("amxc") and "error" not in rows[k]]
     ref = {k: rows[k] for k in rows if "error" not in rows[k]}
-    print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each, median); "
-          f"read bandwidth {bw:.1f} GB/s\n")
-    print("| system | prefill tok/s | decode tok/s | peak RSS MB | decode % of roofline |")
-    print("|---|---|---|---|---|")
+    print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each: median "
+          f"[min-max]); read bandwidth {bw:.1f} GB/s\n")
+    print("| system | prefill tok/s | decode tok/s | decode steps | peak RSS MB | decode % of roofline |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | |")
+            print(f"| {name} | failed: {r['error']} | | | | |")
             continue
         roof = f"{100 * r['decode'] * r['GB_per_token'] / bw:.0f} % ({r['GB_per_token']:.3f} GB/token)" \
             if "GB_per_token" in r else ""
-        print(f"| {name} | {r['prefill']:.1f} | {r['decode']:.2f} | {r['peak_rss_MB']:.0f} | {roof} |")
+        print(f"| {name} | {r['prefill']:.1f} [{r['prefill_min']:.1f}-{r['prefill_max']:.1f}] | "
+              f"{r['decode']:.2f} [{r['decode_min']:.2f}-{r['decode_max']:.2f}] | {r.get('decode_steps', '?')} | "
+              f"{r['peak_rss_MB']:.0f} | {roof} |")
     for a in amxc_rows:
         ratios = [f"{other}: decode {rows[a]['decode'] / r['decode']:.2f}x, prefill "
                   f"{rows[a]['prefill'] / r['prefill']:.2f}x" for other, r in ref.items() if not other.startswith("amxc")]

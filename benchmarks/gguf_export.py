@@ -81,8 +81,10 @@ def export_f16(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def quantize(src: Path, out: Path, ftype: str, threads: int = 2) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize); ftype: f16, q4_0, iq4_nl, q4_1, q8_0."""
+def quantize(src: Path, out: Path, ftype: str, threads: int = 2, pure: bool = False) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize); ftype: f16, q4_0, iq4_nl, q4_1, q8_0.
+    `pure` puts every matrix in `ftype`, the output head and embeddings too (llama-quantize
+    --pure); by default llama.cpp keeps the head in a higher-precision type."""
     import llama_cpp
 
     codes = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
@@ -92,6 +94,7 @@ def quantize(src: Path, out: Path, ftype: str, threads: int = 2) -> Path:
     params.ftype = codes[ftype]
     params.nthread = threads
     params.allow_requantize = True
+    params.pure = pure
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")

@@ -1,8 +1,10 @@
 """Where the time of a decode step goes: every IR node of @decode timed natively (AMXC_PROFILE
-build), grouped by what it is, against the time the step's weight bytes need at the measured
-read bandwidth.  Prints a table and writes an SVG bar chart.
+build), grouped by what it is, next to the time the bytes it must read take at the read
+bandwidth measured in the same run (benchmarks/bandwidth.py): weights for linear layers, the
+cached keys and values for attention.  A group far above its bound is the place to work.
+Prints a table and writes an SVG bar chart (measured bars, bound marks).
 
-    python benchmarks/profile_decode.py ART [--tokens 64] [--svg decode_profile.svg]
+    python benchmarks/profile_decode.py ART [--tokens 64] [--threads 2] [--svg decode_profile.svg]
 """
 from __future__ import annotations
 
@@ -22,6 +24,20 @@ def group_of(node) -> str:
     return node.op
 
 
+def bytes_read(node, context: int) -> int:
+    """Bytes a decode step must read for `node` (one sequence at `context` cached tokens):
+    its parameters, and for attention the keys and values of its layer."""
+    from amxc.ir import Param
+    params = sum(x.type.nbytes() for x in node.inputs if isinstance(x, Param) and node.op != "embedding")
+    if node.op == "embedding":                  # one row of the table
+        table = node.inputs[0]
+        params = table.type.nbytes() // int(table.type.shape[0])
+    if node.op == "attention_cached":
+        k = node.inputs[1].type                 # [b, kv_heads, s, head_dim]
+        params += 2 * int(k.shape[1]) * int(k.shape[3]) * 4 * context
+    return params
+
+
 def profile(art: str, tokens: int):
     from amxc.backends.executor import NativeExecutor
     from amxc.runtime.artifact import load_artifact
@@ -36,15 +52,21 @@ def profile(art: str, tokens: int):
     engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
     steps = len(engine.last_timings.decode)
     per_group: dict[str, float] = collections.Counter()
+    bytes_group: dict[str, int] = collections.Counter()
+    context = len(prompt) + tokens // 2                 # the mean cached length over the run
     for (node, t), t0 in zip(ex.profile("decode"), before):
         per_group[group_of(node)] += (t - t0) / steps
+        bytes_group[group_of(node)] += bytes_read(node, context)
     wall = sum(engine.last_timings.decode) / steps
-    return dict(per_group.most_common()), wall, engine.last_timings, ex.tier
+    return dict(per_group.most_common()), bytes_group, wall, engine.last_timings, ex.tier
 
 
-def svg_bars(rows: dict[str, float], title: str, width: int = 760) -> str:
+def svg_bars(rows: dict[str, float], title: str, bounds: dict[str, float] | None = None,
+             width: int = 760) -> str:
+    """Horizontal bars of seconds per row; a bound (seconds) is drawn as a dark tick."""
     bar_h, gap, left, top = 18, 6, 230, 40
-    top_ms = max(rows.values()) * 1e3
+    bounds = bounds or {}
+    top_ms = max([*rows.values(), *bounds.values()]) * 1e3
     height = top + len(rows) * (bar_h + gap) + 30
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
            f'<text x="10" y="22" font-size="15" font-weight="bold">{escape(title)}</text>']
@@ -53,7 +75,12 @@ def svg_bars(rows: dict[str, float], title: str, width: int = 760) -> str:
         w = (width - left - 90) * sec * 1e3 / top_ms
         out.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end">{escape(name)}</text>')
         out.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4a7fb5"/>')
-        out.append(f'<text x="{left + w + 6:.1f}" y="{y + 13}">{sec * 1e3:.2f} ms</text>')
+        label = f"{sec * 1e3:.2f} ms"
+        if bounds.get(name):
+            b = (width - left - 90) * bounds[name] * 1e3 / top_ms
+            out.append(f'<rect x="{left + b - 1:.1f}" y="{y - 2}" width="3" height="{bar_h + 4}" fill="#222"/>')
+            label += f" (bound {bounds[name] * 1e3:.2f})"
+        out.append(f'<text x="{left + w + 6:.1f}" y="{y + 13}">{escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -62,17 +89,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="threads (default: AMXC_NUM_THREADS or all)")
     ap.add_argument("--svg", type=Path, default=Path("decode_profile.svg"))
     args = ap.parse_args()
-    rows, wall, timings, tier = profile(args.artifact, args.tokens)
+    import os
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bandwidth
+    from amxc.backends import env
+    if args.threads:
+        os.environ["AMXC_NUM_THREADS"] = str(args.threads)
+    bw = bandwidth.measure(env.threads())
+    rows, nbytes, wall, timings, tier = profile(args.artifact, args.tokens)
+    bounds = {name: nbytes[name] / (bw["read_GBps"] * 1e9) for name in rows}
     total = sum(rows.values())
     print(f"decode step: {wall * 1e3:.2f} ms wall ({1 / wall:.1f} tok/s), {total * 1e3:.2f} ms in kernels, "
           f"tier {tier}; sampling {1e3 * timings.sampling / max(len(timings.decode), 1):.2f} ms/token")
-    print(f"{'':<30} {'ms/step':>9} {'share':>7}")
+    print(f"read bandwidth {bw['read_GBps']:.1f} GB/s (native loop; numpy {bw['numpy_read_GBps']:.1f}); "
+          f"all bytes of a step at that speed: {1e3 * sum(bounds.values()):.2f} ms")
+    print(f"{'':<30} {'ms/step':>9} {'share':>7} {'MB read':>9} {'bound ms':>9} {'x bound':>8}")
     for name, sec in rows.items():
-        print(f"{name:<30} {sec * 1e3:9.3f} {100 * sec / total:6.1f}%")
-    title = f"{Path(args.artifact).name}: one decode step, {wall * 1e3:.1f} ms ({tier})"
-    args.svg.write_text(svg_bars(rows, title))
+        ratio = f"{sec / bounds[name]:8.2f}" if bounds[name] else f"{'-':>8}"
+        print(f"{name:<30} {sec * 1e3:9.3f} {100 * sec / total:6.1f}% {nbytes[name] / 1e6:9.3f} "
+              f"{bounds[name] * 1e3:9.3f} {ratio}")
+    title = f"{Path(args.artifact).name}: one decode step, {wall * 1e3:.1f} ms ({tier}); ticks: bandwidth bound"
+    args.svg.write_text(svg_bars(rows, title, bounds))
     print(f"wrote {args.svg}")
     return 0
 
