@@ -61,3 +61,12 @@ def stories_art(tmp_path_factory, stories_dir) -> Path:
 def smollm2_art(tmp_path_factory, smollm2_gguf) -> Path:
     from amxc.api import compile
     return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2.amxc", progress=False)
+
+
+@pytest.fixture
+def tier(request) -> str:
+    """A native ISA tier, for `parametrize("tier", support.native.ALL_TIERS, indirect=True)`:
+    every tier is an item on every host; one this host cannot run is skipped with the missing
+    CPU flags named, or fails where $AMXC_EXPECT_TIERS (CI: comma-separated tiers) names it."""
+    from support.native import require_tier
+    return require_tier(request.param)

@@ -1,6 +1,9 @@
-"""The int8 NF4 GEMV of every tier this machine runs against its Python twin (bit-exact: the
-integer dots are exact and the fp32 scaling order is the same everywhere) and against numpy fp64
-on the decoded weight (rel-RMS <= 2e-2, the documented int8-activation tolerance)."""
+"""The int8 NF4 GEMV of every tier (an item per tier on every host; skipped, naming the missing
+CPU flags, where the host lacks one) against its Python twin (bit-exact: the integer dots are
+exact and the fp32 scaling order is the same everywhere) and against numpy fp64 on the decoded
+weight (rel-RMS <= 2e-2, the documented int8-activation tolerance).  The kernels read the r16k4
+repack; the twin and the fp64 oracle read the ORIGINAL flat bytes (support.native.nf4_weight),
+so a wrong repack fails here instead of agreeing with itself."""
 from __future__ import annotations
 
 import ctypes
@@ -9,22 +12,13 @@ import numpy as np
 import pytest
 
 from amxc.backends import reference as twin
-from amxc.ir.formats import nf4
-from support.native import build, ptr, runnable_tiers
+from support.native import ALL_TIERS, build, nf4_weight, ptr
 
 SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, const uint8_t* w, "
        "const uint8_t* sc, const float* s2, const uint8_t* wu, const uint8_t* scu, const float* s2u, "
        "const float* bias, const float* resid, float* out, int nt")
 CALL = "NAME(q, qs, qsum, m, w, sc, s2, {pair}bias, resid, out, nt)"
 INT8_TOL = 2e-2
-
-
-def weight(n, k, scale, seed=0):
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    flat = nf4.Layout((n, k), 64, scale, 256)
-    blob, layout = nf4.repack(nf4.quantize(w, flat), flat)
-    return blob, layout
 
 
 def sections(blob, layout):
@@ -36,12 +30,13 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-@pytest.mark.parametrize("tier", runnable_tiers())
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
 @pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
                                             (16, 64, 4, "bnb_dynamic8")])
 def test_gemv_nf4_q8(tier, n, k, m, scale):
-    blob, layout = weight(n, k, scale, seed=n + k)
+    wt = nf4_weight(n, k, scale, seed=n + k)
+    blob, layout = wt.blob, wt.layout
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
@@ -53,26 +48,25 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
     out = np.zeros((m, n), np.float32)
     fn(ptr(q), ptr(qs), ptr(qsum), ctypes.c_int64(m), ptr(codes), ptr(sc), ptr(s2), None, None, None,
        ptr(bias), ptr(resid), ptr(out), 2)
-    want = twin.gemv_nf4_q8(q, qs, qsum, layout, blob, bias, resid)
+    want = twin.gemv_nf4_q8(q, qs, qsum, *wt.twin_input(), bias, resid)
     assert np.array_equal(out, want), f"max diff {np.abs(out - want).max()}"
-    exact = x.astype(np.float64) @ layout.dequantize(blob).T.astype(np.float64) + bias + resid
+    exact = x.astype(np.float64) @ wt.dequantized().T.astype(np.float64) + bias + resid
     assert rel_rms(out, exact) <= INT8_TOL
 
 
-@pytest.mark.parametrize("tier", runnable_tiers())
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
 def test_gemv_nf4_q8_swiglu_pair(tier):
     n, k, m = 40, 256, 2
-    g_blob, layout = weight(n, k, "fp8_e4m3", seed=1)
-    u_blob, _ = weight(n, k, "fp8_e4m3", seed=2)
+    gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)
     x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
     q, qs, qsum = twin.quantize_q8(x)
     fn = build(tier, "gemv_nf4", dict(N=n, K=k, scale="fp8_e4m3", scale_block=256, pair=True), SIG,
                CALL.format(pair="wu, scu, s2u, "))
     out = np.zeros((m, n), np.float32)
-    gc, gs, g2 = sections(g_blob, layout)
-    uc, us, u2 = sections(u_blob, layout)
+    gc, gs, g2 = sections(gw.blob, gw.layout)
+    uc, us, u2 = sections(uw.blob, uw.layout)
     fn(ptr(q), ptr(qs), ptr(qsum), ctypes.c_int64(m), ptr(gc), ptr(gs), ptr(g2), ptr(uc), ptr(us), ptr(u2),
        None, None, ptr(out), 2)
-    g = twin.gemv_nf4_q8(q, qs, qsum, layout, g_blob)
-    u = twin.gemv_nf4_q8(q, qs, qsum, layout, u_blob)
+    g = twin.gemv_nf4_q8(q, qs, qsum, *gw.twin_input())
+    u = twin.gemv_nf4_q8(q, qs, qsum, *uw.twin_input())
     np.testing.assert_allclose(out, twin.silu_mul(g, u), rtol=2e-6, atol=1e-6)   # expf vs np.exp
