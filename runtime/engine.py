@@ -78,15 +78,13 @@ interpreter_executor.__name__ = "interpreter"
 
 def default_executor(module: Module, isa: str | None = None) -> Executor:
     """Native kernels for this machine's best ISA tier (AMXC_ISA or `isa` may ask for a lower
-    one), else the reference interpreter.  AMXC_EXECUTOR=interpreter forces the interpreter.
-    A module compiled without the lower pass is lowered here, in memory."""
-    import os
-    import sys
-
+    one).  The reference interpreter only when asked for: AMXC_EXECUTOR=interpreter (or
+    isa="interpreter").  Native kernels that cannot be built (no g++, a compiler error) are a
+    BuildError saying so, never a silent switch to the interpreter.  A module compiled without
+    the lower pass is lowered here, in memory."""
     from amxc.backends import env
     if env.choice("AMXC_EXECUTOR") == "interpreter" or isa == "interpreter":
         return interpreter_executor
-    from amxc.backends import isa as isas
     from amxc.backends.executor import NativeExecutor
     from amxc.backends.toolchain import BuildError
 
@@ -96,11 +94,8 @@ def default_executor(module: Module, isa: str | None = None) -> Executor:
     try:
         return NativeExecutor(module, isa)
     except BuildError as e:
-        if isa or os.environ.get(isas.ENV):
-            raise
-        print(f"amxc: warning: native kernels unavailable, using the reference interpreter ({e})",
-              file=sys.stderr)
-        return interpreter_executor
+        raise BuildError(f"native kernels could not be built: {e}\nset AMXC_EXECUTOR=interpreter to run "
+                         f"on the reference interpreter") from e
 
 
 class Engine:

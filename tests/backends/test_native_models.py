@@ -1,7 +1,10 @@
 """Native execution of the real models (issue #6, shows 1 and 4): every tier this machine runs
-gives the same greedy tokens, and native NF4 decode matches the reference interpreter's NF4
-tokens — exactly on the exact fp32 path (AMXC_GEMV=exact), and on the int8 path up to the first
-step where the reference's own top-2 logit margin is within the int8 path's logit error."""
+gives the same greedy tokens; native NF4 decode is checked against the reference interpreter by
+teacher forcing (the interpreter's own greedy tokens are fed to the native decode one step at a
+time, and every step's logits are compared): within 1e-3 on the exact fp32 path
+(AMXC_GEMV=exact), within a documented int8-activation bound on the int8 path (AMXC_GEMV=int8,
+the default) on every tier; and native AMX equals the AMX emulator bit for bit on whole models.
+Every engine here asserts that it really runs native code (no silent interpreter fallback)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,14 +12,50 @@ import pytest
 
 from amxc.api import compile
 from amxc.backends import isa
+from amxc.backends.codegen import TILE_ROWS
 from amxc.backends.executor import NativeExecutor
 from amxc.runtime.artifact import load_artifact
 from amxc.runtime.engine import Engine, interpreter_executor
-from support.native import runnable_tiers
+from support.native import ALL_TIERS, require_tier, runnable_tiers
 
 PROMPTS = {"stories": "Once upon a time, there was a", "smollm2": "The capital of France is"}
 N_TOKENS = 32
 UNTIED = "nf4{skip=embed|wte|wpe, untie=true}"   # both models tie lm_head to the embedding
+
+#: teacher-forced decode steps (the interpreter takes ~3 s a step on SmolLM2)
+FORCED_STEPS = {"stories": 32, "smollm2": 12}
+
+#: The exact path against the interpreter: both decode NF4 to the same fp32 weights and differ
+#: only in fp32 summation order (blocks of 256 vs numpy's BLAS); measured max |logit error|
+#: 1.1e-5 (stories) and 4.4e-5 (SmolLM2, logits up to 43), so 1e-3 has >20x headroom.
+EXACT_TOL = 1e-3
+
+#: The int8 path against the interpreter, per model: (max |logit error| over every forced step
+#: and vocabulary entry, mean over steps of the step's rel-RMS = rms(error) / std(reference logits)).
+#: Where it comes from: the int8 path rounds each GEMV input per 64-block to amax/127 steps
+#: (rounding error up to amax/254, RMS amax/440) and reads the NF4 table as round(127 * v)/127
+#: (up to 1/254 of a block's scale).  How that compounds through the layers is not a closed
+#: form, so it was measured with an independent model of those two roundings: the interpreter
+#: with every NF4 GEMV input put through backends/reference.quantize_q8 and the int8 weight
+#: table (numpy, no native code).  That simulation's own error against the fp32 interpreter
+#: is max 0.35 / 0.36 (stories nf4 / nf4-lm_head, 32 steps) and 1.28 / 1.19 (SmolLM2, 12 steps);
+#: the native int8 decode (the same on all five tiers) measures max 0.349 / 0.358 and
+#: 1.52 / 1.57, rel-RMS 0.0105 / 0.0147 and 0.065 / 0.069 -- the same size: the error is the
+#: quantization's, not a kernel's (the simulation and the native decode agree to 7e-6 until a
+#: value sits on a rounding boundary, after which each is an equally valid rounding).  The
+#: bounds are ~2x the larger of the two realizations (1.5x for SmolLM2's rel-RMS, 12 steps).
+#: A defect fails them by far: activation scales off by 2x give max 18.7-69 and rel-RMS
+#: 0.7-4.9; off by 1.1x max 3.0-11.7; block absmax over 32 of the 64 values max 23-45.
+INT8_TOL = {"stories": (0.7, 0.025), "smollm2": (3.0, 0.10)}
+
+#: prompts of >= TILE_ROWS tokens: the prefill GEMMs run on AMX tiles
+LONG_PROMPTS = {
+    "stories": "Once upon a time, there was a little girl named Lily. She loved to play outside in "
+               "the park with her dog",
+    "smollm2": "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "
+               "France. It is named after the engineer Gustave Eiffel, whose company designed and "
+               "built the tower from 1887 to 1889.",
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,23 +69,59 @@ def artifacts(tmp_path_factory, stories_dir, smollm2_gguf):
 
 
 def engine(art, executor=None, **native):
+    """An Engine on `art`: native (asserted: never a silent interpreter fallback) unless an
+    executor is given."""
     module, manifest = load_artifact(art)
     from amxc.runtime.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(art / "tokenizer")
     if executor is None:
         executor = NativeExecutor(module, **native)
-    return Engine(module, manifest, tok, executor=executor)
+    e = Engine(module, manifest, tok, executor=executor)
+    if executor is not interpreter_executor:
+        assert e.executor.__name__.startswith("native-"), e.executor.__name__
+    return e
 
 
-def decode_logits(e: Engine, ids: list[int]) -> np.ndarray:
-    """Logits for ids[-1] the way generation computes them: prefill the rest, decode one."""
+def step_logits(e: Engine, prompt: list[int], steps: int, forced: list[int] | None = None):
+    """Prefill `prompt`, then decode one token at a time for `steps` steps in all: (logits of
+    every step [steps, vocab], the tokens fed).  Without `forced` the tokens are the greedy
+    ones (argmax, as generate() picks them); with it they are `forced` (teacher forcing), so
+    step i of two engines sees the same prefix whatever either would have picked."""
     seq = 7
-    e.cache.reserve(seq, len(ids))
+    e.cache.reserve(seq, len(prompt) + steps)
+    out, fed = [], []
     try:
-        e._step("prefill", [seq], np.asarray([ids[:-1]], np.int64), np.arange(len(ids) - 1)[None])
-        return e._step("decode", [seq], np.asarray([[ids[-1]]], np.int64), np.asarray([[len(ids) - 1]]))[0, -1]
+        logits = e._step("prefill", [seq], np.asarray([prompt], np.int64), np.arange(len(prompt))[None])[0, -1]
+        for i in range(steps):
+            out.append(logits)
+            token = int(np.argmax(logits)) if forced is None else int(forced[i])
+            fed.append(token)
+            if i + 1 < steps:
+                logits = e._step("decode", [seq], np.asarray([[token]], np.int64),
+                                 np.asarray([[len(prompt) + i]], np.int64))[0, -1]
     finally:
         e.cache.free(seq)
+    return np.stack(out), fed
+
+
+@pytest.fixture(scope="module")
+def reference(artifacts):
+    """(prompt ids, greedy tokens, logits [steps, vocab]) of the reference interpreter, per
+    (model, quant), computed once."""
+    done = {}
+
+    def get(model, quant):
+        if (model, quant) not in done:
+            ref = engine(artifacts[model, quant], executor=interpreter_executor)
+            prompt = ref.tokenizer.encode(PROMPTS[model])
+            logits, tokens = step_logits(ref, prompt, FORCED_STEPS[model])
+            done[model, quant] = prompt, tokens, logits
+        return done[model, quant]
+    return get
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32)
 
 
 def tiers_for(model):
@@ -77,29 +152,46 @@ def test_fp32_native_equals_the_interpreter(artifacts, model):
 
 @pytest.mark.parametrize("quant", ["nf4", UNTIED], ids=["nf4", "nf4-lm_head"])
 @pytest.mark.parametrize("model", ["stories", "smollm2"])
-def test_nf4_native_against_the_interpreter(artifacts, model, quant):
+def test_nf4_exact_path_equals_the_interpreter(artifacts, reference, model, quant):
+    """The exact fp32 path (AMXC_GEMV=exact), teacher-forced on the interpreter's greedy tokens:
+    every step's logits within EXACT_TOL and the same greedy token at every step, so generation
+    gives the interpreter's tokens."""
     art = artifacts[model, quant]
     if quant == UNTIED:
         module, _ = load_artifact(art)
         assert module.params["lm_head.weight.nf4"].type.dtype.name == "nf4"
-    ref = engine(art, executor=interpreter_executor)
-    want = ref.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
-    exact = engine(art, gemv="exact").generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
-    assert exact == want                      # the exact fp32 path: same tokens
-    int8 = engine(art, gemv="int8")
-    got = int8.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
-    if got == want:
-        return
-    # where they part: the reference's margin between its token and the int8 path's must be
-    # smaller than the int8 path's logit error at that step (measured on the same prefix)
-    step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-    prompt = ref.tokenizer.encode(PROMPTS[model]) + want[:step]
-    logits_ref = decode_logits(ref, prompt)
-    logits_int8 = decode_logits(int8, prompt)
-    margin = float(logits_ref[want[step]] - logits_ref[got[step]])
-    err = float(np.abs(logits_ref - logits_int8).max())
-    print(f"{model}: int8 path parts at token {step}: reference margin {margin:.3f}, int8 logit error {err:.3f}")
-    assert 0 <= margin <= 2 * err
+    prompt, want, ref_logits = reference(model, quant)
+    e = engine(art, gemv="exact")
+    assert e.executor.gemv == "exact"
+    logits, _ = step_logits(e, prompt, len(want), forced=want)
+    err = np.abs(logits - ref_logits).max(axis=1)
+    print(f"{model} {quant} exact: max |logit error| {err.max():.3g}")
+    assert err.max() <= EXACT_TOL, f"exact path: step {int(err.argmax())} logits off by {err.max():.3g}"
+    assert logits.argmax(axis=1).tolist() == want
+
+
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("quant", ["nf4", UNTIED], ids=["nf4", "nf4-lm_head"])
+@pytest.mark.parametrize("model", ["stories", "smollm2"])
+def test_nf4_int8_decode_teacher_forced_against_the_interpreter(artifacts, reference, model, quant, tier):
+    """The int8-activation decode (AMXC_GEMV=int8) on every tier, teacher-forced on the
+    interpreter's greedy tokens: every step's logits within INT8_TOL of the interpreter's (a
+    fixed bound, not the path's own error: see INT8_TOL).  Step 0 is the prefill (exact path)."""
+    prompt, want, ref_logits = reference(model, quant)
+    e = engine(artifacts[model, quant], tier=tier, gemv="int8")
+    assert e.executor.__name__ == f"native-{tier}" and e.executor.gemv == "int8"
+    logits, _ = step_logits(e, prompt, len(want), forced=want)
+    diff = logits - ref_logits
+    assert np.abs(diff[0]).max() <= EXACT_TOL            # the prefill runs no int8 GEMV
+    worst = np.abs(diff).max(axis=1)
+    rel_rms = np.sqrt((diff ** 2).mean(axis=1)) / ref_logits.std(axis=1)
+    max_tol, rms_tol = INT8_TOL[model]
+    agree = float((logits.argmax(axis=1) == np.asarray(want)).mean())
+    print(f"{model} {quant} int8 {tier}: max |logit error| {worst.max():.4g} (step {int(worst.argmax())}), "
+          f"mean rel-RMS {rel_rms.mean():.4g}, greedy agreement {agree:.2f}")
+    assert worst.max() <= max_tol, \
+        f"int8 decode: step {int(worst.argmax())} logits off by {worst.max():.3g} > {max_tol}"
+    assert rel_rms.mean() <= rms_tol, f"int8 decode: mean rel-RMS logit error {rel_rms.mean():.3g} > {rms_tol}"
 
 
 def test_a_tier_above_the_machine_is_a_clear_error(artifacts, monkeypatch):
@@ -124,18 +216,76 @@ def test_bad_token_id_and_unreserved_position_are_clear_errors(artifacts):
         e.executor(e.module, "prefill", [np.ones((1, 20), np.int64), np.arange(20)[None], e.cache.view([5])])
 
 
-def test_amx_tiles_on_a_long_prompt(artifacts):
-    """A 40-token prompt runs the prefill GEMMs on AMX tiles (bf16): emulated, the tokens stay
-    those of the fp32 GEMM tiers on stories260K; natively (where AMX exists) they equal the
-    emulator's, since this machine's TDPBF16PS matches the SDM model bit for bit."""
+def test_emulated_amx_tiles_keep_the_fp32_gemm_tokens(artifacts):
+    """A 40-token prompt runs the prefill GEMMs on AMX tiles (bf16 inputs): emulated, the first
+    8 of 16 greedy tokens stay those of the fp32 GEMM tiers on stories260K (bf16 rounding of
+    the prefill may move a later near-tie; bit-exactness is the next test's claim)."""
+    require_tier(isa.EMULATED)
     art = artifacts["stories", "nf4"]
-    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog"
-    tokens = {t: engine(art, tier=t).generate(prompt, max_new_tokens=16).ids
-              for t in ("avx2", isa.EMULATED, "amx") if isa.supported(t)}
-    assert len(engine(art).tokenizer.encode(prompt)) >= 32
-    if "amx" in tokens:
-        assert tokens["amx"] == tokens[isa.EMULATED]
-    assert tokens[isa.EMULATED][:8] == tokens["avx2"][:8]
+    prompt = LONG_PROMPTS["stories"]
+    assert len(engine(art, tier="avx2").tokenizer.encode(prompt)) >= TILE_ROWS
+    emulated = engine(art, tier=isa.EMULATED).generate(prompt, max_new_tokens=16).ids
+    fp32 = engine(art, tier="avx2").generate(prompt, max_new_tokens=16).ids
+    assert emulated[:8] == fp32[:8]
+
+
+@pytest.mark.parametrize("model", ["stories", "smollm2"])
+def test_native_amx_equals_the_emulator_bit_for_bit_on_whole_models(artifacts, model):
+    """Native AMX against the software tile emulator on a whole model: the prefill logits of
+    every position of a >= 32-token prompt (bf16 AMX tile GEMMs) and 16 greedy decode steps
+    (int8 GEMVs: avx512 natively, avx2 emulated) are bit for bit the same, and so are the
+    tokens (docs/backends.md: native TDPBF16PS matches the emulator's reading of the SDM)."""
+    require_tier("amx")
+    require_tier(isa.EMULATED)
+    art = artifacts[model, "nf4"]
+    runs = {}
+    for tier in ("amx", isa.EMULATED):
+        e = engine(art, tier=tier)
+        assert "_tile_dpbf16ps" in e.executor.source         # the prefill GEMMs run on tiles
+        prompt = e.tokenizer.encode(LONG_PROMPTS[model])
+        assert len(prompt) >= TILE_ROWS
+        prefill = e.logits(prompt)                          # [len(prompt), vocab]
+        decode, tokens = step_logits(e, prompt, 16)
+        runs[tier] = prefill, decode, tokens
+    (p_amx, d_amx, t_amx), (p_emu, d_emu, t_emu) = runs.values()
+    assert t_amx == t_emu
+    assert np.array_equal(bits(p_amx), bits(p_emu)), \
+        f"prefill logits differ (max {np.abs(p_amx - p_emu).max():.3g})"
+    assert np.array_equal(bits(d_amx), bits(d_emu)), \
+        f"decode logits differ (max {np.abs(d_amx - d_emu).max():.3g})"
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_unbuildable_native_kernels_are_an_error_not_a_fallback(artifacts, tmp_path, monkeypatch, compiler):
+    """Without a working g++ (none on PATH, or one that fails), loading a model is a BuildError
+    that gives g++'s reason and names AMXC_EXECUTOR=interpreter; it never falls back to the
+    interpreter on its own.  Asked for, the interpreter runs."""
+    from amxc.backends import toolchain
+    from amxc.backends.toolchain import BuildError
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if compiler == "failing":
+        gpp = bin_dir / "g++"
+        gpp.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "g++ (fake) 0.0"; exit 0; fi\n'
+                       'echo "fake-g++: internal compiler error" >&2\nexit 1\n')
+        gpp.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("AMXC_CACHE", str(tmp_path / "cache"))      # nothing prebuilt to reuse
+    monkeypatch.delenv("AMXC_EXECUTOR", raising=False)
+    monkeypatch.delenv(isa.ENV, raising=False)
+    toolchain.compiler_version.cache_clear()                        # the version of the real g++
+    try:
+        reason = (r"g\+\+ is needed to build native kernels and was not found" if compiler == "missing"
+                  else r"g\+\+ failed on .*fake-g\+\+: internal compiler error")
+        with pytest.raises(BuildError, match=rf"(?s)^native kernels could not be built: {reason}") as info:
+            Engine.load(artifacts["stories", None])
+        assert str(info.value).endswith("set AMXC_EXECUTOR=interpreter to run on the reference interpreter")
+        monkeypatch.setenv("AMXC_EXECUTOR", "interpreter")
+        e = Engine.load(artifacts["stories", None])
+        assert e.executor is interpreter_executor
+        assert len(e.generate([1, 2, 3], max_new_tokens=2).ids) == 2
+    finally:
+        toolchain.compiler_version.cache_clear()
 
 
 def test_loading_native_code_keeps_subnormals(artifacts):

@@ -9,14 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import bitsandbytes.functional as bnb_functional   # the oracle (a dev requirement): never skipped
 
 import amxc.ir as ir
 from amxc.frontend.errors import FrontendError
 from amxc.frontend.hf import import_hf_checkpoint
 from support.checks import assert_matches_hf, check_default_pipeline, hf_reference_logits
 from support.random_models import random_ids
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["double-quant", "fp32-absmax"])
