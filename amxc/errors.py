@@ -9,7 +9,7 @@ from amxc.runtime.kv_cache import KVCacheError
 from amxc.backends.executor import NativeError
 from amxc.backends.isa import ISAError
 from amxc.backends.codegen import CodegenError
-from amxc.backends.toolchain import CacheError
+from amxc.backends.toolchain import BuildError, CacheError
 from amxc.backends.env import EnvError
 from amxc.runtime.errors import RequestError
 from amxc.runtime.tokenizer import TokenizerError
@@ -37,5 +37,6 @@ def describe_os_error(e: OSError) -> str:
 
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError, UsageError,
+               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError, BuildError,
+               UsageError,
                EnvError, RequestError, TokenizerError)

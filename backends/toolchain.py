@@ -74,7 +74,7 @@ def compiler_version() -> str:
         out = subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError) as e:
         raise BuildError(f"g++ is needed to build native kernels and was not found ({e}); "
-                         f"install g++ or run with AMXC_ISA=ref on the interpreter") from None
+                         f"install g++, or set AMXC_EXECUTOR=interpreter to run on the reference interpreter") from None
     return out.stdout.splitlines()[0]
 
 
