@@ -37,6 +37,5 @@ def describe_os_error(e: OSError) -> str:
 
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError, BuildError,
-               UsageError,
-               EnvError, RequestError, TokenizerError)
+               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError,
+               BuildError, UsageError, EnvError, RequestError, TokenizerError)
