@@ -276,7 +276,7 @@ def read_manifest(art: str | os.PathLike) -> dict:
                             f"by this amxc (reads version {FORMAT_VERSION}); recompile the model")
     if manifest.get("manifest_digest") != manifest_digest(manifest):
         raise ArtifactError(f"{path}: edited or corrupted (digest mismatch)")
-    for key, kind in (("config", dict), ("params", dict), ("files", dict), ("tokenizer", bool)):
+    for key, kind in (("config", dict), ("tokenizer", bool)):    # params, files: checked where read
         if key in manifest and not isinstance(manifest[key], kind):
             raise ArtifactError(f"{path}: '{key}' must be a JSON {'object' if kind is dict else 'boolean'}, "
                                 f"found {type(manifest[key]).__name__}")
