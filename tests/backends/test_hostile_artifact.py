@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +23,8 @@ import amxc.backends  # noqa: F401  (registers the lower pass)
 from amxc.backends.codegen import generate
 from amxc.backends.isa import best_tier
 from amxc.ir import parse_module, print_module
-from amxc.runtime.artifact import load_artifact, manifest_digest
+from amxc.runtime.artifact import load_artifact
+from support.artifacts import resign
 
 MARKER = "QZXJW"            # never occurs in generated code by chance (checked below)
 ESCAPES = ["\n", "\r", "*/", "/*", "\"", "'", "\\", "\\\n", "\x00", "??/", "#include <cstdlib>\n",
@@ -132,20 +132,11 @@ def test_hostile_manifest_strings_stay_out_of_the_generated_code(stories_art, tm
     manifest["config"].update({"note": text, text: text, "model_type": text})
     manifest.update(model=text, pipeline=text, created=text)
     (art / "manifest.json").write_text(json.dumps(manifest))
-    _resign(art)
+    resign(art)
     engine = Engine.load(art)
     assert engine.manifest["model"] == text
     assert MARKER not in code_positions(engine.executor.source)
     assert engine.generate([1, 400, 401], max_new_tokens=2).ids
-
-
-def _resign(art: Path) -> None:
-    """Recompute every file hash and the manifest digest, as anyone can."""
-    import hashlib
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["files"] = {rel: hashlib.sha256((art / rel).read_bytes()).hexdigest() for rel in manifest["files"]}
-    manifest["manifest_digest"] = manifest_digest(manifest)
-    (art / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def test_a_signed_hostile_artifact_never_runs_its_payload(stories_art, tmp_path):
@@ -161,7 +152,7 @@ def test_a_signed_hostile_artifact_never_runs_its_payload(stories_art, tmp_path)
             node.loc = payload
     module.attrs["note"] = payload
     (art / "graph.ir").write_text(print_module(module))
-    _resign(art)
+    resign(art)
     load_artifact(art)                                   # the signature holds: it loads
     # a forced tier makes a failed build an error instead of a fall back to the interpreter
     env = {**os.environ, "AMXC_CACHE": str(tmp_path / "cache"), "AMXC_ISA": best_tier()}

@@ -7,7 +7,6 @@ each); an unexpected exception escapes main() and fails the row with its traceba
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,15 +15,7 @@ import pytest
 
 from amxc.cli import main
 from amxc.ir import parse_module, print_module
-from amxc.runtime.artifact import manifest_digest
-
-
-def resign(art: Path) -> None:
-    """Recompute the file hashes and the manifest digest, as anyone editing an artifact can."""
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["files"] = {rel: hashlib.sha256((art / rel).read_bytes()).hexdigest() for rel in manifest["files"]}
-    manifest["manifest_digest"] = manifest_digest(manifest)
-    (art / "manifest.json").write_text(json.dumps(manifest, indent=1))
+from support.artifacts import resign
 
 
 def edited_artifact(src: Path, dst: Path, edit, sign: bool = True) -> Path:
