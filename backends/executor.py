@@ -110,15 +110,7 @@ class NativeExecutor:
     def _call(self, function, ids, pos, view, seqs, out) -> None:
         cache = view.cache
         ids, pos = np.ascontiguousarray(ids), np.ascontiguousarray(pos)
-        tables = [cache.tables[q] for q in seqs]
-        width = max(len(t) for t in tables)
-        bt = np.zeros((len(seqs), max(width, 1)), np.int32)
-        for r, t in enumerate(tables):
-            if pos[r].size and pos[r].max() >= len(t) * cache.block_size:
-                from amxc.runtime.kv_cache import KVCacheError
-                raise KVCacheError(f"position {int(pos[r].max())} of sequence {seqs[r]} was not reserved in "
-                                   f"the KV cache")
-            bt[r, :len(t)] = t
+        bt = view.block_tables(seqs, pos)           # the runtime checks every position is reserved
         result = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
         args = StepArgs(ids.shape[0], ids.shape[1], ids.ctypes.data, pos.ctypes.data,
                         cache.k.ctypes.data, cache.v.ctypes.data, bt.ctypes.data, bt.shape[1],

@@ -71,13 +71,26 @@ class BatchView:
         self.cache, self.seqs = cache, seqs
         self.type = cache.type
 
-    def _slots(self, row: int, positions: np.ndarray):
-        table = self.cache.tables[self.seqs[row]]
-        blocks = positions // self.cache.block_size
-        if blocks.size and blocks.max() >= len(table):
-            raise KVCacheError(f"position {int(positions.max())} of sequence {self.seqs[row]} was not "
+    def _table(self, seq: int, positions: np.ndarray) -> list[int]:
+        """`seq`'s block table, after checking that every position in `positions` is reserved."""
+        table = self.cache.tables[seq]
+        if positions.size and positions.max() >= len(table) * self.cache.block_size:
+            raise KVCacheError(f"position {int(positions.max())} of sequence {seq} was not "
                                f"reserved in the KV cache")
-        return np.asarray(table)[blocks], positions % self.cache.block_size
+        return table
+
+    def _slots(self, row: int, positions: np.ndarray):
+        table = self._table(self.seqs[row], positions)
+        return np.asarray(table)[positions // self.cache.block_size], positions % self.cache.block_size
+
+    def block_tables(self, seqs: list[int], positions: np.ndarray) -> np.ndarray:
+        """[len(seqs), widest] int32 block tables for a native step whose row r is seqs[r] at
+        positions[r] (checked reserved); short tables are padded with block 0."""
+        tables = [self._table(q, positions[r]) for r, q in enumerate(seqs)]
+        out = np.zeros((len(seqs), max(max(map(len, tables)), 1)), np.int32)
+        for r, t in enumerate(tables):
+            out[r, :len(t)] = t
+        return out
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         c = self.cache
