@@ -243,119 +243,141 @@ static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT
   for (int64_t i = n16; i < n; ++i) s = fmaf(x[i], y[i], s);
   return s;
 }
-static inline void running_max(float* AMXC_RESTRICT mx, const float* AMXC_RESTRICT x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) mx[i] = mx[i] > x[i] ? mx[i] : x[i];
-}
 // exp(x) for a score x minus its row max.  Below e^-69 ~ 1e-30 a weight cannot move an fp32
 // sum whose largest term is 1, and keeping it would make denormal products in P.V (microcode
 // assists, 100x slower).
 static inline float softmax_weight(float x) { return x < -69.0f ? 0.0f : exp_neg(x); }
 
-static inline void exp_and_sum(float* AMXC_RESTRICT sc, const float* AMXC_RESTRICT mx,
-                               float* AMXC_RESTRICT sum, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = softmax_weight(sc[i] - mx[i]);
-    sc[i] = e;
-    sum[i] += e;
-  }
-}
+// Attention over the cache, one algorithm for every query whether it comes in a decode step or
+// a prefill chunk, so a sequence's results do not depend on how its tokens were batched or
+// chunked (batch invariance; a preempted request recomputes the same bits):
+//   * the keys 0..p a query at position p sees are cut into fixed chunks of ATTN_CHUNK
+//     positions (0-63, 64-127, ...: they depend on positions only, never on the step);
+//   * chunk_partial: per chunk and query head, the chunk's max m, sum of exp l and
+//     unnormalized P.V, from amxc::dot scores;
+//   * merge_chunks: the partials combined in chunk order (flash-decoding).
+// Decode spreads the (row, kv head, chunk) partials over threads (few kv heads still give every
+// thread work), prefill the (row, query, kv head) triples; either way each partial and each merge
+// is the same function of the same inputs, so the thread count does not matter either.  The
+// query heads sharing a kv head (GQA) read each cached key and value once.
+static constexpr int64_t ATTN_CHUNK = 64;
 
 // Where position p of row r, kv head h lies in a layer's K or V cache:
-// [block, kv_heads, block_size, d], blocks through the row's block table.
+// [block, kv_heads, block_size, d], blocks through the row's block table.  The one definition on
+// the native side; backends/step.py kv_slots is the same map for the reference interpreter.
 static inline int64_t kv_slot(const StepArgs* a, int64_t r, int64_t p, int64_t h, int64_t kv_heads,
                               int64_t d) {
   const int64_t bs = a->block_size;
   return ((a->block_tables[r * a->max_blocks + p / bs] * kv_heads + h) * bs + p % bs) * d;
 }
 
-// Decode (one query position per row): split-K over fixed chunks of DECODE_CHUNK cached keys,
-// so a few kv heads still give every thread work.  Each (row, kv head, chunk) task keeps, per
-// query head of the group, its chunk's max m, sum of exp l and unnormalized P.V; the chunks are
-// then merged in chunk order (flash-decoding).  The chunking depends on the positions only,
-// never on the thread count, so results do not either.
-static constexpr int64_t DECODE_CHUNK = 64;
-static constexpr int64_t DECODE_MAX_GROUP = 64, DECODE_MAX_D = 256;   // its stack buffers
+// per-thread scratch that persists across calls: fresh multi-100-KB mallocs are mmaps whose page
+// faults cost more than the attention itself
+static inline float* scratch(int slot, int64_t n) {
+  static thread_local float* buf[3] = {nullptr, nullptr, nullptr};
+  static thread_local int64_t cap[3] = {0, 0, 0};
+  if (n > cap[slot]) { free(buf[slot]); cap[slot] = n; buf[slot] = (float*)malloc(n * sizeof(float)); }
+  return buf[slot];
+}
 
+// qs: the `group` query heads of one query, pre-scaled, [group][d].  Writes [group][m, l, o[d]]
+// for the keys j0..j1-1 (none: m = MASKED, l = 0, o = 0).
+static inline void chunk_partial(const float* qs, const float* kc, const float* vc, const StepArgs* a,
+                                 int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t group,
+                                 int64_t j0, int64_t j1, float* mine) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* pg = mine + g * (d + 2);
+    pg[0] = MASKED;
+    std::fill(pg + 1, pg + d + 2, 0.0f);
+  }
+  if (j0 >= j1) return;                             // a chunk outside the query's keys
+  float* sc = scratch(2, group * ATTN_CHUNK);
+  const int64_t n = j1 - j0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kr = kc + kv_slot(a, r, j0 + j, hk, kv_heads, d);
+    for (int64_t g = 0; g < group; ++g) sc[g * ATTN_CHUNK + j] = dot(qs + g * d, kr, d);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = sc + g * ATTN_CHUNK;
+    float m = MASKED, l = 0.0f;
+    for (int64_t j = 0; j < n; ++j) m = m > s[j] ? m : s[j];
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = softmax_weight(s[j] - m);
+      l += s[j];
+    }
+    mine[g * (d + 2)] = m;
+    mine[g * (d + 2) + 1] = l;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* vr = vc + kv_slot(a, r, j0 + j, hk, kv_heads, d);
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = sc[g * ATTN_CHUNK + j];
+      if (w != 0.0f) axpy(mine + g * (d + 2) + 2, w, vr, d);
+    }
+  }
+}
+
+// one query head's output from its chunk partials (`chunks` of them, `stride` floats apart)
+static inline void merge_chunks(const float* first, int64_t chunks, int64_t stride, int64_t d, float* o) {
+  float M = MASKED;
+  for (int64_t c = 0; c < chunks; ++c) M = std::max(M, first[c * stride]);
+  for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
+  float L = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* pc = first + c * stride;
+    if (pc[1] == 0.0f) continue;                    // no key in this chunk
+    const float f = exp_neg(pc[0] - M);
+    L += pc[1] * f;
+    axpy(o, f, pc + 2, d);
+  }
+  const float inv = L > 0.0f ? 1.0f / L : 0.0f;     // no key: zeros
+  for (int64_t e = 0; e < d; ++e) o[e] *= inv;
+}
+
+// the keys a query at position p sees in chunk c: [j0, j1)
+static inline void chunk_range(int64_t p, int64_t window, int64_t c, int64_t* j0, int64_t* j1) {
+  const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+  *j0 = std::max(first, c * ATTN_CHUNK);
+  *j1 = std::min(p + 1, (c + 1) * ATTN_CHUNK);
+}
+
+// the query heads of kv head hk's group, query i of row r (q: [b, heads, s, d]), times scale
+static inline void scaled_queries(const float* q, int64_t r, int64_t i, int64_t s, int64_t heads, int64_t hk,
+                                  int64_t group, int64_t d, float scale, float* qs) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qr = q + ((r * heads + hk * group + g) * s + i) * d;
+    for (int64_t e = 0; e < d; ++e) qs[g * d + e] = qr[e] * scale;
+  }
+}
+
+// Decode: one query per row; threads take the (row, kv head, chunk) partials, then the merge.
 static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
                              const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d,
                              float scale, int64_t window, float* out) {
   const int64_t b = a->b, group = heads / kv_heads;
   int64_t chunks = 1;
-  for (int64_t r = 0; r < b; ++r) chunks = std::max(chunks, (pos[r] + DECODE_CHUNK) / DECODE_CHUNK);
+  for (int64_t r = 0; r < b; ++r) chunks = std::max(chunks, pos[r] / ATTN_CHUNK + 1);
   const int64_t tasks = b * kv_heads * chunks, part = group * (d + 2);   // per task: [g][m, l, o[d]]
-  static thread_local float* parts = nullptr;     // persists across calls (see attention_cached)
-  static thread_local int64_t parts_cap = 0;
-  if (tasks * part > parts_cap) { free(parts); parts_cap = tasks * part; parts = (float*)malloc(parts_cap * sizeof(float)); }
-  float* P = parts;
+  float* P = scratch(0, tasks * part);
   #pragma omp parallel for schedule(dynamic) num_threads(threads_for(tasks, a->nthreads))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t r = t / (kv_heads * chunks), hk = (t / chunks) % kv_heads, c = t % chunks;
-    const int64_t p = pos[r], first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-    const int64_t j0 = std::max(first, c * DECODE_CHUNK), j1 = std::min(p + 1, (c + 1) * DECODE_CHUNK);
-    float* mine = P + t * part;
-    for (int64_t g = 0; g < group; ++g) {
-      float* pg = mine + g * (d + 2);
-      pg[0] = MASKED;
-      std::fill(pg + 1, pg + d + 2, 0.0f);
-    }
-    if (j0 >= j1) continue;                         // a chunk outside the row's keys
-    float sc[DECODE_MAX_GROUP * DECODE_CHUNK], qs[DECODE_MAX_GROUP * DECODE_MAX_D];
-    const int64_t n = j1 - j0;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qr = q + (r * heads + hk * group + g) * d;
-      for (int64_t e = 0; e < d; ++e) qs[g * d + e] = qr[e] * scale;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t kp = j0 + j;
-      const float* kr = kc + kv_slot(a, r, kp, hk, kv_heads, d);
-      for (int64_t g = 0; g < group; ++g) sc[g * DECODE_CHUNK + j] = dot(qs + g * d, kr, d);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      float* s = sc + g * DECODE_CHUNK;
-      float m = MASKED, l = 0.0f;
-      for (int64_t j = 0; j < n; ++j) m = m > s[j] ? m : s[j];
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = softmax_weight(s[j] - m);
-        l += s[j];
-      }
-      mine[g * (d + 2)] = m;
-      mine[g * (d + 2) + 1] = l;
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t kp = j0 + j;
-      const float* vr = vc + kv_slot(a, r, kp, hk, kv_heads, d);
-      for (int64_t g = 0; g < group; ++g) {
-        const float w = sc[g * DECODE_CHUNK + j];
-        if (w != 0.0f) axpy(mine + g * (d + 2) + 2, w, vr, d);
-      }
-    }
+    int64_t j0, j1;
+    chunk_range(pos[r], window, c, &j0, &j1);
+    float* qs = scratch(1, group * d);
+    scaled_queries(q, r, 0, 1, heads, hk, group, d, scale, qs);
+    chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, P + t * part);
   }
   for (int64_t r = 0; r < b; ++r)                   // merge the chunks, in order
     for (int64_t hk = 0; hk < kv_heads; ++hk)
-      for (int64_t g = 0; g < group; ++g) {
-        const float* first = P + ((r * kv_heads + hk) * chunks) * part + g * (d + 2);
-        float M = MASKED;
-        for (int64_t c = 0; c < chunks; ++c) M = std::max(M, first[c * part]);
-        float* o = out + (r * heads + hk * group + g) * d;
-        for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
-        float L = 0.0f;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const float* pc = first + c * part;
-          if (pc[1] == 0.0f) continue;              // no key in this chunk
-          const float f = exp_neg(pc[0] - M);
-          L += pc[1] * f;
-          axpy(o, f, pc + 2, d);
-        }
-        const float inv = L > 0.0f ? 1.0f / L : 0.0f;   // no key: zeros
-        for (int64_t e = 0; e < d; ++e) o[e] *= inv;
-      }
+      for (int64_t g = 0; g < group; ++g)
+        merge_chunks(P + ((r * kv_heads + hk) * chunks) * part + g * (d + 2), chunks, part, d,
+                     out + (r * heads + hk * group + g) * d);
 }
 
 // q, k, v: [b, heads, s, d] (k, v with kv_heads).  Stores k, v at their positions through the
 // block tables, then every query attends, causally and within `window` (0 = unbounded), over
-// its row's cached positions.  Work is split by (row, kv head, block of queries): the query
-// heads sharing a kv head (GQA) read each cached key and value once.  Scores are kept per
-// query, softmax is exact two-pass in fp32.
+// its row's cached positions.
 static void attention_cached(const float* q, const float* k, const float* v, const int64_t* pos,
                              const StepArgs* a, int layer, int64_t heads, int64_t kv_heads,
                              int64_t d, float scale, int64_t window, float* out) {
@@ -371,86 +393,25 @@ static void attention_cached(const float* q, const float* k, const float* v, con
         memcpy(kc + slot, k + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
         memcpy(vc + slot, v + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
       }
-  const int64_t group = heads / kv_heads, QB = 32;
-  if (s == 1 && group <= DECODE_MAX_GROUP && d <= DECODE_MAX_D) {
+  if (s == 1) {
     attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, scale, window, out);
     return;
   }
-  const int64_t qblocks = (s + QB - 1) / QB, tasks = b * kv_heads * qblocks;
-  #pragma omp parallel num_threads(threads_for(tasks, a->nthreads))
-  {
-    // per-thread scratch that persists across calls: fresh multi-100-KB mallocs are mmaps,
-    // and their page faults cost more than the attention itself
-    static thread_local float* scores = nullptr;   // [key][query]
-    static thread_local int64_t cap = 0;
-    static thread_local float* qt = nullptr;       // [d][query], query = (i - i0) * group + g
-    static thread_local int64_t qt_cap = 0;
-    static thread_local float* qrow = nullptr;     // [query][d]
-    if (QB * group * d > qt_cap) {
-      free(qt); free(qrow);
-      qt_cap = QB * group * d;
-      qt = (float*)malloc(qt_cap * sizeof(float));
-      qrow = (float*)malloc(qt_cap * sizeof(float));
+  const int64_t group = heads / kv_heads, tasks = b * s * kv_heads, part = group * (d + 2);
+  #pragma omp parallel for schedule(dynamic) num_threads(threads_for(tasks, a->nthreads))
+  for (int64_t t = 0; t < tasks; ++t) {             // (row, query, kv head): its chunks, merged
+    const int64_t r = t / (s * kv_heads), i = (t / kv_heads) % s, hk = t % kv_heads;
+    const int64_t p = pos[r * s + i], chunks = p / ATTN_CHUNK + 1;
+    float* qs = scratch(1, group * d);
+    scaled_queries(q, r, i, s, heads, hk, group, d, scale, qs);
+    float* P = scratch(0, chunks * part);
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t j0, j1;
+      chunk_range(p, window, c, &j0, &j1);
+      chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, P + c * part);
     }
-    float mx[QB * 64], inv[QB * 64];
-    int64_t qpos[QB * 64];
-    #pragma omp for schedule(dynamic)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t r = t / (kv_heads * qblocks), hk = (t / qblocks) % kv_heads, i0 = (t % qblocks) * QB;
-      const int64_t i1 = std::min(s, i0 + QB), nq = (i1 - i0) * group;
-      int64_t last = 0, first = INT64_MAX;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p = pos[r * s + i];
-        last = std::max(last, p);
-        first = std::min(first, window > 0 ? std::max<int64_t>(0, p - window + 1) : (int64_t)0);
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t qi = (i - i0) * group + g;
-          qpos[qi] = p;
-          const float* qr = q + ((r * heads + hk * group + g) * s + i) * d;
-          for (int64_t e = 0; e < d; ++e) {
-            qt[e * nq + qi] = qr[e] * scale;
-            qrow[qi * d + e] = qr[e] * scale;
-          }
-        }
-      }
-      const int64_t span = last - first + 1;
-      if (nq * span > cap) { free(scores); cap = nq * span; scores = (float*)malloc(cap * sizeof(float)); }
-      for (int64_t j = 0; j < span; ++j) {         // scores = (q scale) . k, one key at a time
-        const int64_t kp = first + j;
-        const float* kr = kc + kv_slot(a, r, kp, hk, kv_heads, d);
-        float* sc = scores + j * nq;
-        if (nq >= 16) {                             // many queries: vectorize across them
-          for (int64_t qi = 0; qi < nq; ++qi) sc[qi] = 0.0f;
-          for (int64_t e = 0; e < d; ++e) axpy(sc, kr[e], qt + e * nq, nq);
-        } else {                                    // decode: one dot product per query head
-          for (int64_t qi = 0; qi < nq; ++qi) sc[qi] = dot(qrow + qi * d, kr, d);
-        }
-        for (int64_t qi = 0; qi < nq; ++qi) {
-          const int64_t p = qpos[qi];
-          if (kp > p || (window > 0 && p - kp >= window)) sc[qi] = MASKED;
-        }
-      }
-      for (int64_t qi = 0; qi < nq; ++qi) { mx[qi] = MASKED; inv[qi] = 0.0f; }
-      for (int64_t j = 0; j < span; ++j) running_max(mx, scores + j * nq, nq);
-      for (int64_t j = 0; j < span; ++j) exp_and_sum(scores + j * nq, mx, inv, nq);   // sums in inv
-      for (int64_t qi = 0; qi < nq; ++qi) inv[qi] = inv[qi] > 0.0f ? 1.0f / inv[qi] : 0.0f;  // no key: zeros
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t g = 0; g < group; ++g) {
-          float* o = out + ((r * heads + hk * group + g) * s + i) * d;
-          for (int64_t e = 0; e < d; ++e) o[e] = 0.0f;
-        }
-      for (int64_t j = 0; j < span; ++j) {
-        const int64_t kp = first + j;
-        const float* vr = vc + kv_slot(a, r, kp, hk, kv_heads, d);
-        const float* sc = scores + j * nq;
-        for (int64_t qi = 0; qi < nq; ++qi) {
-          const float w = sc[qi] * inv[qi];
-          if (w == 0.0f) continue;
-          const int64_t i = i0 + qi / group, g = qi % group;
-          axpy(out + ((r * heads + hk * group + g) * s + i) * d, w, vr, d);
-        }
-      }
-    }
+    for (int64_t g = 0; g < group; ++g)
+      merge_chunks(P + g * (d + 2), chunks, part, d, out + ((r * heads + hk * group + g) * s + i) * d);
   }
 }
 
