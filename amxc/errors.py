@@ -6,7 +6,8 @@ from amxc.ir.errors import InterpreterError, ParseError, VerifyError
 from amxc.passes.base import PassError
 from amxc.runtime.artifact import ArtifactError
 from amxc.runtime.kv_cache import KVCacheError
-from amxc.backends.executor import NativeError
+from amxc.backends.program import NativeError, ProgramError
+from amxc.backends.step import StepError
 from amxc.backends.isa import ISAError
 from amxc.backends.codegen import CodegenError
 from amxc.backends.toolchain import BuildError, CacheError
@@ -37,5 +38,6 @@ def describe_os_error(e: OSError) -> str:
 
 
 USER_ERRORS = (FrontendError, GGUFError, PullError, ParseError, VerifyError, InterpreterError,
-               PassError, ArtifactError, KVCacheError, NativeError, ISAError, CodegenError, CacheError,
+               PassError, ArtifactError, KVCacheError, NativeError, ProgramError, StepError, ISAError,
+               CodegenError, CacheError,
                BuildError, UsageError, EnvError, RequestError, TokenizerError)

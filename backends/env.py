@@ -25,6 +25,11 @@ def choice(name: str) -> str:
     return value
 
 
+def isa_request() -> str:
+    """AMXC_ISA, or "auto"; isa.select_tier checks it against the machine."""
+    return os.environ.get("AMXC_ISA", "").strip() or "auto"
+
+
 def available_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))

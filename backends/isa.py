@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import platform
 from pathlib import Path
 
@@ -86,9 +85,10 @@ def best_tier() -> str:
 
 
 def select_tier(requested: str | None = None) -> str:
-    """The tier to run: `requested` (or $AMXC_ISA) if this machine supports it, else the best.
-    A tier above the machine's is an error naming the missing flags and the fallback."""
-    want = requested or os.environ.get(ENV) or "auto"
+    """The tier to run: `requested` if this machine supports it; "auto" (or None): the best.
+    A tier above the machine's is an error naming the missing flags and the fallback.  (The
+    caller reads $AMXC_ISA: env.isa_request.)"""
+    want = requested or "auto"
     if want == "auto":
         return best_tier()
     if want == EMULATED or want in TIERS:

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from amxc.api import compile
-from amxc.backends.executor import NativeExecutor
+from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
-from amxc.runtime.engine import Engine, interpreter_executor
 from support.random_models import random_ids
+from support.steps import Stepper
 
 DECODE = 40                    # batched decode steps after the prompts
 
@@ -26,19 +26,19 @@ def lengths(context: int) -> tuple[int, int]:
     return min(100, context - DECODE), 37
 
 
-def run(module, manifest, executor, vocab: int, context: int) -> list[np.ndarray]:
+def run(program, vocab: int, context: int) -> list[np.ndarray]:
     """Logits of each prefill (last position) and each batched decode step."""
-    e = Engine(module, manifest, None, executor=executor, kv_tokens=512)
+    e = Stepper(program, kv_tokens=512)
     ids = [random_ids(vocab, n, seed=i)[0] for i, n in enumerate(lengths(context))]
     out, last = [], []
     for seq, row in enumerate(ids):
-        e.cache.reserve(seq, len(row) + DECODE)
-        logits = e._step("prefill", [seq], row[None], np.arange(len(row))[None])[0, -1]
+        e.reserve(seq, len(row) + DECODE)
+        logits = e.step("prefill", [seq], row[None], np.arange(len(row))[None])[0, -1]
         out.append(logits)
         last.append(int(np.argmax(logits)))
     for step in range(DECODE):
         pos = np.asarray([[len(row) + step] for row in ids])
-        logits = e._step("decode", [0, 1], np.asarray(last)[:, None], pos)[:, -1]
+        logits = e.step("decode", [0, 1], np.asarray(last)[:, None], pos)[:, -1]
         out.append(logits)
         last = [int(t) for t in np.argmax(logits, axis=-1)]
     return out
@@ -50,9 +50,9 @@ def test_native_attention_matches_the_interpreter(random_models, tmp_path, famil
     module, manifest = load_artifact(art)
     cfg = manifest["config"]
     vocab, context = int(cfg["vocab_size"]), int(cfg.get("max_position_embeddings") or cfg["n_positions"])
-    want = run(module, manifest, interpreter_executor, vocab, context)
-    one = run(module, manifest, NativeExecutor(module, gemv="exact", threads=1), vocab, context)
-    two = run(module, manifest, NativeExecutor(module, gemv="exact", threads=2), vocab, context)
+    want = run(InterpreterProgram(module), vocab, context)
+    one = run(NativeProgram(module, NativeOptions(gemv="exact", threads=1)), vocab, context)
+    two = run(NativeProgram(module, NativeOptions(gemv="exact", threads=2)), vocab, context)
     for step, (w, a, b) in enumerate(zip(want, one, two)):
         np.testing.assert_array_equal(a, b, err_msg=f"{family}: step {step} depends on the thread count")
         np.testing.assert_allclose(a, w, rtol=0, atol=1e-4, err_msg=f"{family}: step {step}")

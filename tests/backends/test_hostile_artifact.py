@@ -135,7 +135,7 @@ def test_hostile_manifest_strings_stay_out_of_the_generated_code(stories_art, tm
     resign(art)
     engine = Engine.load(art)
     assert engine.manifest["model"] == text
-    assert MARKER not in code_positions(engine.executor.source)
+    assert MARKER not in code_positions(engine.program.source)
     assert engine.generate([1, 400, 401], max_new_tokens=2).ids
 
 

@@ -13,10 +13,11 @@ import pytest
 from amxc.api import compile
 from amxc.backends import isa
 from amxc.backends.codegen import TILE_ROWS
-from amxc.backends.executor import NativeExecutor
+from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
-from amxc.runtime.engine import Engine, interpreter_executor
+from amxc.runtime.engine import Engine
 from support.native import ALL_TIERS, require_tier, runnable_tiers
+from support.steps import Stepper
 
 PROMPTS = {"stories": "Once upon a time, there was a", "smollm2": "The capital of France is"}
 N_TOKENS = 32
@@ -68,17 +69,16 @@ def artifacts(tmp_path_factory, stories_dir, smollm2_gguf):
     return out
 
 
-def engine(art, executor=None, **native):
-    """An Engine on `art`: native (asserted: never a silent interpreter fallback) unless an
-    executor is given."""
+def engine(art, interpreter: bool = False, **native):
+    """An Engine on `art`: native (asserted: never a silent interpreter fallback) with the
+    NativeOptions `native`, or the reference interpreter."""
     module, manifest = load_artifact(art)
     from amxc.runtime.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(art / "tokenizer")
-    if executor is None:
-        executor = NativeExecutor(module, **native)
-    e = Engine(module, manifest, tok, executor=executor)
-    if executor is not interpreter_executor:
-        assert e.executor.__name__.startswith("native-"), e.executor.__name__
+    program = InterpreterProgram(module) if interpreter else NativeProgram(module, NativeOptions(**native))
+    e = Engine(module, manifest, tok, program=program)
+    if not interpreter:
+        assert e.program.name.startswith("native-"), e.program.name
     return e
 
 
@@ -87,20 +87,20 @@ def step_logits(e: Engine, prompt: list[int], steps: int, forced: list[int] | No
     every step [steps, vocab], the tokens fed).  Without `forced` the tokens are the greedy
     ones (argmax, as generate() picks them); with it they are `forced` (teacher forcing), so
     step i of two engines sees the same prefix whatever either would have picked."""
-    seq = 7
-    e.cache.reserve(seq, len(prompt) + steps)
+    seq, run = 7, Stepper(e.program)
+    run.reserve(seq, len(prompt) + steps)
     out, fed = [], []
     try:
-        logits = e._step("prefill", [seq], np.asarray([prompt], np.int64), np.arange(len(prompt))[None])[0, -1]
+        logits = run.step("prefill", [seq], np.asarray([prompt], np.int64), np.arange(len(prompt))[None])[0, -1]
         for i in range(steps):
             out.append(logits)
             token = int(np.argmax(logits)) if forced is None else int(forced[i])
             fed.append(token)
             if i + 1 < steps:
-                logits = e._step("decode", [seq], np.asarray([[token]], np.int64),
+                logits = run.step("decode", [seq], np.asarray([[token]], np.int64),
                                  np.asarray([[len(prompt) + i]], np.int64))[0, -1]
     finally:
-        e.cache.free(seq)
+        run.free(seq)
     return np.stack(out), fed
 
 
@@ -112,7 +112,7 @@ def reference(artifacts):
 
     def get(model, quant):
         if (model, quant) not in done:
-            ref = engine(artifacts[model, quant], executor=interpreter_executor)
+            ref = engine(artifacts[model, quant], interpreter=True)
             prompt = ref.tokenizer.encode(PROMPTS[model])
             logits, tokens = step_logits(ref, prompt, FORCED_STEPS[model])
             done[model, quant] = prompt, tokens, logits
@@ -144,7 +144,7 @@ def test_every_tier_gives_the_same_greedy_tokens(artifacts, model, quant):
 
 @pytest.mark.parametrize("model", ["stories", "smollm2"])
 def test_fp32_native_equals_the_interpreter(artifacts, model):
-    ref = engine(artifacts[model, None], executor=interpreter_executor)
+    ref = engine(artifacts[model, None], interpreter=True)
     nat = engine(artifacts[model, None])
     assert nat.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids == \
         ref.generate(PROMPTS[model], max_new_tokens=N_TOKENS).ids
@@ -162,7 +162,7 @@ def test_nf4_exact_path_equals_the_interpreter(artifacts, reference, model, quan
         assert module.params["lm_head.weight.nf4"].type.dtype.name == "nf4"
     prompt, want, ref_logits = reference(model, quant)
     e = engine(art, gemv="exact")
-    assert e.executor.gemv == "exact"
+    assert e.program.gemv == "exact"
     logits, _ = step_logits(e, prompt, len(want), forced=want)
     err = np.abs(logits - ref_logits).max(axis=1)
     print(f"{model} {quant} exact: max |logit error| {err.max():.3g}")
@@ -179,7 +179,7 @@ def test_nf4_int8_decode_teacher_forced_against_the_interpreter(artifacts, refer
     fixed bound, not the path's own error: see INT8_TOL).  Step 0 is the prefill (exact path)."""
     prompt, want, ref_logits = reference(model, quant)
     e = engine(artifacts[model, quant], tier=tier, gemv="int8")
-    assert e.executor.__name__ == f"native-{tier}" and e.executor.gemv == "int8"
+    assert e.program.name == f"native-{tier}" and e.program.gemv == "int8"
     logits, _ = step_logits(e, prompt, len(want), forced=want)
     diff = logits - ref_logits
     assert np.abs(diff[0]).max() <= EXACT_TOL            # the prefill runs no int8 GEMV
@@ -199,21 +199,27 @@ def test_a_tier_above_the_machine_is_a_clear_error(artifacts, monkeypatch):
     monkeypatch.setattr(isa, "supported", lambda t: t in ("ref", "avx2", isa.EMULATED))
     monkeypatch.setattr(isa, "best_tier", lambda: "avx2")
     with pytest.raises(isa.ISAError, match=r"'avx512' is not available on this machine .* best it runs is 'avx2'"):
-        NativeExecutor(module, "avx512")
+        NativeProgram(module, NativeOptions(tier="avx512"))
     module.attrs["target"] = "amx"
     with pytest.raises(isa.ISAError, match=r"compiled for target 'amx'.*recompile with --target auto or --target avx2"):
-        NativeExecutor(module, "avx2")
+        NativeProgram(module, NativeOptions(tier="avx2"))
 
 
 def test_bad_token_id_and_unreserved_position_are_clear_errors(artifacts):
-    from amxc.backends.executor import NativeError
-    from amxc.runtime.kv_cache import KVCacheError
+    from amxc.backends.program import NativeError
+    from amxc.backends.step import StepError
+    from amxc.runtime.errors import RequestError
     e = engine(artifacts["stories", None])
+    with pytest.raises(RequestError, match=r"token id 600 is outside the vocabulary \[0, 512\)"):
+        e.generate([1, 600], max_new_tokens=2)                       # refused before any step
+    assert not e.scheduler.has_work and e.blocks.num_used == 0
+    run = Stepper(e.program)
+    run.reserve(4, 2)
     with pytest.raises(NativeError, match=r"token id 600 is outside the vocabulary \[0, 512\)"):
-        e.generate([1, 600], max_new_tokens=2)
-    e.cache.reserve(5, 4)
-    with pytest.raises(KVCacheError, match="was not reserved"):
-        e.executor(e.module, "prefill", [np.ones((1, 20), np.int64), np.arange(20)[None], e.cache.view([5])])
+        run.step("prefill", [4], [[1, 600]], [[0, 1]])              # and the program checks too
+    run.reserve(5, 4)
+    with pytest.raises(StepError, match="position 19 of sequence 5 was not reserved"):
+        run.step("prefill", [5], np.ones((1, 20), np.int64), np.arange(20)[None])
 
 
 def test_emulated_amx_tiles_keep_the_fp32_gemm_tokens(artifacts):
@@ -241,7 +247,7 @@ def test_native_amx_equals_the_emulator_bit_for_bit_on_whole_models(artifacts, m
     runs = {}
     for tier in ("amx", isa.EMULATED):
         e = engine(art, tier=tier)
-        assert "_tile_dpbf16ps" in e.executor.source         # the prefill GEMMs run on tiles
+        assert "_tile_dpbf16ps" in e.program.source         # the prefill GEMMs run on tiles
         prompt = e.tokenizer.encode(LONG_PROMPTS[model])
         assert len(prompt) >= TILE_ROWS
         prefill = e.logits(prompt)                          # [len(prompt), vocab]
@@ -282,7 +288,7 @@ def test_unbuildable_native_kernels_are_an_error_not_a_fallback(artifacts, tmp_p
         assert str(info.value).endswith("set AMXC_EXECUTOR=interpreter to run on the reference interpreter")
         monkeypatch.setenv("AMXC_EXECUTOR", "interpreter")
         e = Engine.load(artifacts["stories", None])
-        assert e.executor is interpreter_executor
+        assert e.program.name == "interpreter"
         assert len(e.generate([1, 2, 3], max_new_tokens=2).ids) == 2
     finally:
         toolchain.compiler_version.cache_clear()
