@@ -183,8 +183,8 @@ def cmd_bench(args) -> int:
         "decode_ms_per_token": round(1000 * sum(t.decode) / max(len(t.decode), 1), 2),
         "wall_s": round(wall, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "kv_cache_mb": round(engine.cache.nbytes / 2**20, 1),
-        "executor": getattr(engine.executor, "__name__", "executor"),
+        "kv_cache_mb": round(engine.scheduler.storage.nbytes / 2**20, 1),
+        "executor": engine.program.name,
     }
     if args.json:
         print(json.dumps(figures))

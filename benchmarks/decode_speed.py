@@ -53,10 +53,11 @@ def child_amxc(art: str, threads: int) -> dict:
     engine = Engine.load(art)
     prompt = prompt_ids(int(engine.config["vocab_size"]))
     engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)                 # warm-up
+    engine.reset_prefix_cache()                                                     # a cold prefill
     engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     t = engine.last_timings
     return {"prefill": PROMPT_TOKENS / t.prefill, "decode": (len(t.decode)) / sum(t.decode),
-            "decode_steps": len(t.decode), "executor": getattr(engine.executor, "__name__", "?")}
+            "decode_steps": len(t.decode), "executor": engine.program.name}
 
 
 def child_llamacpp(gguf: str, threads: int) -> dict:

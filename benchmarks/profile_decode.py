@@ -39,13 +39,13 @@ def bytes_read(node, context: int) -> int:
 
 
 def profile(art: str, tokens: int):
-    from amxc.backends.executor import NativeExecutor
+    from amxc.backends.program import NativeOptions, NativeProgram
     from amxc.runtime.artifact import load_artifact
     from amxc.runtime.engine import Engine
 
     module, manifest = load_artifact(art)
-    ex = NativeExecutor(module, profile=True)
-    engine = Engine(module, manifest, None, executor=ex)
+    ex = NativeProgram(module, NativeOptions.from_env(profile=True))
+    engine = Engine(module, manifest, None, program=ex)
     prompt = np.random.default_rng(0).integers(3, int(module.attrs["vocab_size"]), 128).tolist()
     engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)            # warm-up, then count from here
     before = [t for _, t in ex.profile("decode")]

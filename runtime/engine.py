@@ -1,41 +1,46 @@
-"""The inference engine: prefill a prompt, then decode token by token through a paged KV cache.
+"""The inference engine: requests through the step scheduler over a paged, prefix-cached KV cache.
 
-Sequences are prefilled one at a time (each its own length) and decoded together, one token per
-sequence per step, so a batch of prompts of different lengths needs no padding: row r of every
-decode step is sequence r at its own position.  Execution goes through an executor: the
-native kernels for the machine's best ISA tier (amxc.backends), or the reference interpreter.
+`generate`, `stream` and `chat` queue their prompts on the engine's scheduler (scheduler.py) and
+step it until they are done: prompts are prefilled in chunks, decoded together, and any other
+request on the same engine (the server's) shares those steps.  Execution goes through a program
+from amxc.backends (native kernels for the machine's best ISA tier, or the reference
+interpreter), chosen by the engine's Settings.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from amxc.backends.program import Program, ProgramError, build_program
+from amxc.backends.step import StepBatch
+from amxc.backends.toolchain import BuildError
 from amxc.ir import Module
-from amxc.ir.interpreter import run as interpret
 
 from .artifact import ArtifactError, load_artifact
+from .blocks import KVCacheError
 from .errors import RequestError
-from .kv_cache import KVCacheError, PagedKVCache
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
+from .scheduler import Event, Request, Scheduler
+from .settings import Settings
 
 
 @dataclass
 class Timings:
-    """Where the time of one generate() call went (seconds)."""
+    """Where the time of one generate() call went (seconds).  A step that prefills counts as
+    prefill (with any decode rows that shared it); a step of decode rows only, as decode."""
     prefill: float = 0.0
     prefill_tokens: int = 0
     decode: list[float] = field(default_factory=list)    # one entry per decode step
+    decode_tokens: int = 0
     sampling: float = 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / sum(self.decode) if self.decode else 0.0
-
-    decode_tokens: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -45,8 +50,7 @@ class Timings:
         per = 1000 * sum(self.decode) / max(len(self.decode), 1)
         return (f"prefill {self.prefill_tokens} tokens in {self.prefill * 1000:.0f} ms "
                 f"({self.prefill_tokens_per_s:.1f} tok/s); decode {self.decode_tokens} tokens in "
-                f"{len(self.decode)} steps, {per:.1f} ms/step ({self.decode_tokens_per_s:.1f} tok/s); "
-                f"sampling {self.sampling * 1000:.1f} ms")
+                f"{len(self.decode)} steps, {per:.1f} ms/step ({self.decode_tokens_per_s:.1f} tok/s)")
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Generation:
     ids: list[int] = field(default_factory=list)       # generated tokens (stop token included)
     text: str = ""
     finish_reason: str | None = None                   # "stop", "length" or "kv_full"
+    cached_tokens: int = 0                             # prompt tokens the prefix cache supplied
+    preemptions: int = 0
+    ttft: float | None = None                          # seconds from queueing to the first token
 
 
 @dataclass
@@ -66,52 +73,36 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
-Executor = Callable[[Module, str, list], np.ndarray]
-
-
-def interpreter_executor(module: Module, function: str, inputs: list) -> np.ndarray:
-    return interpret(module, inputs, function=function)[0]
-
-
-interpreter_executor.__name__ = "interpreter"
-
-
-def default_executor(module: Module, isa: str | None = None) -> Executor:
-    """Native kernels for this machine's best ISA tier (AMXC_ISA or `isa` may ask for a lower
-    one).  The reference interpreter only when asked for: AMXC_EXECUTOR=interpreter (or
-    isa="interpreter").  Native kernels that cannot be built (no g++, a compiler error) are a
-    BuildError saying so, never a silent switch to the interpreter.  A module compiled without
-    the lower pass is lowered here, in memory."""
-    from amxc.backends import env
-    if env.choice("AMXC_EXECUTOR") == "interpreter" or isa == "interpreter":
-        return interpreter_executor
-    from amxc.backends.executor import NativeExecutor
-    from amxc.backends.toolchain import BuildError
-
-    if "target" not in module.attrs:
-        from amxc.backends.lower import Lower
-        Lower().run(module)
+def default_program(module: Module, settings: Settings) -> Program:
+    """The program the settings ask for.  Native kernels that cannot be built (no g++, a
+    compiler error) are a BuildError saying so, never a silent switch to the interpreter."""
     try:
-        return NativeExecutor(module, isa)
+        return build_program(module, settings.native)
     except BuildError as e:
         raise BuildError(f"native kernels could not be built: {e}\nset AMXC_EXECUTOR=interpreter to run "
                          f"on the reference interpreter") from e
+    except ProgramError as e:
+        raise ArtifactError(str(e)) from None
 
 
 class Engine:
+    """An artifact's model behind a step scheduler.  `settings` (default: Settings.from_env(),
+    with `kv_tokens`, `block_size`, `isa`, ... as overrides) fixes the cache and the program;
+    `program` replaces the program (tests: the interpreter, a native one with chosen options)."""
+
     def __init__(self, module: Module, manifest: dict | None = None, tokenizer=None, *,
-                 kv_tokens: int = 4096, block_size: int = 16, executor: Executor | None = None,
-                 isa: str | None = None):
+                 settings: Settings | None = None, program: Program | None = None, **overrides):
         for fn in ("prefill", "decode"):
             if fn not in module.functions:
                 raise ArtifactError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
-        if executor is None:
-            executor = default_executor(module, isa)
-        self.module, self.manifest, self.tokenizer, self.executor = module, manifest or {}, tokenizer, executor
-        cache_type = module.functions["prefill"].args[-1].type
-        self.cache = PagedKVCache(cache_type, num_blocks=-(-kv_tokens // block_size), block_size=block_size)
+        self.settings = settings if settings is not None and not overrides else \
+            Settings.from_env(**overrides) if settings is None else _override(settings, overrides)
+        self.module, self.manifest, self.tokenizer = module, manifest or {}, tokenizer
+        self.program = program if program is not None else default_program(module, self.settings)
         self.config = self.manifest.get("config", dict(module.attrs))
         self.context = _context_length(self.config)
+        self.scheduler = Scheduler(self.program, module.functions["prefill"].args[-1].type, self.settings,
+                                   tokenizer=tokenizer, context=self.context)
         self.last_timings = Timings()
 
     @classmethod
@@ -123,46 +114,72 @@ class Engine:
         tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
         return cls(module, manifest, tokenizer, **kwargs)
 
+    @property
+    def blocks(self):
+        return self.scheduler.blocks
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prompt blocks no request holds (benchmarks: a cold prefill)."""
+        self.scheduler.blocks.reset_prefix_cache()
+
     # -- public API --------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: Sequence[int | str] | None = None, add_special_tokens: bool = True,
                  truncate: bool = False, ignore_eos: bool = False):
         """Generate for one prompt (text or token ids) or a list of them; returns a Generation
-        or a list.  Greedy unless temperature > 0.  A prompt longer than the model's context is
-        an error, or, with `truncate`, keeps its last tokens (leaving room to generate).
-        Generation ends at a stop token ("stop"), after max_new_tokens or at the context's end
-        ("length"), or when the KV cache has no room left ("kv_full": what was generated is kept).
-        `ignore_eos` keeps going past the model's end-of-sequence tokens (for benchmarks: every
-        run then takes exactly max_new_tokens steps); `stop` entries still stop."""
-        batch = self._as_batch(prompt)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        results = [Generation(ids) for ids in self._prompts(batch, add_special_tokens, max_new_tokens, truncate)]
-        for _ in self._run(results, max_new_tokens, params, stop, ignore_eos):
+        or a list.  Greedy unless temperature > 0 (prompt i of a list samples with seed + i).
+        A prompt longer than the model's context is an error, or, with `truncate`, keeps its
+        last tokens (leaving room to generate).  Generation ends at a stop token or stop string
+        ("stop": a stop string is cut from the text), after max_new_tokens or at the context's
+        end ("length"), or when the KV cache cannot hold the sequence even alone ("kv_full":
+        what was generated is kept).  `ignore_eos` keeps going past the model's end-of-sequence
+        tokens (benchmarks: every run takes exactly max_new_tokens steps); `stop` still stops."""
+        events = self.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, seed=seed, stop=stop,
+                             add_special_tokens=add_special_tokens, truncate=truncate, ignore_eos=ignore_eos)
+        for _ in events:
             pass
-        for r in results:
-            r.text = self._decode(r.ids)
+        results = self._results
         return results if self._is_batch(prompt) else results[0]
 
-    def stream(self, prompt, max_new_tokens: int = 64, **kwargs) -> Iterator[StreamEvent]:
-        """Like generate(), yielding each token as it is produced, with its new text."""
-        stop = kwargs.pop("stop", None)
-        add_special = kwargs.pop("add_special_tokens", True)
-        truncate = kwargs.pop("truncate", False)
-        ignore_eos = kwargs.pop("ignore_eos", False)
-        params = SamplingParams(**{k: kwargs.pop(k) for k in list(kwargs)
-                                   if k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")})
-        if kwargs:
-            raise TypeError(f"unknown options: {', '.join(kwargs)}")
+    def stream(self, prompt, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: Sequence[int | str] | None = None, add_special_tokens: bool = True,
+               truncate: bool = False, ignore_eos: bool = False) -> Iterator[StreamEvent]:
+        """Like generate(), yielding each token as it is produced, with the text it completes."""
         batch = self._as_batch(prompt)
-        results = [Generation(ids) for ids in self._prompts(batch, add_special, max_new_tokens, truncate)]
-        decoders = [self.tokenizer.stream() if self.tokenizer else None for _ in results]
-        for index, token, reason in self._run(results, max_new_tokens, params, stop, ignore_eos):
-            d = decoders[index]
-            text = d.push(token) if d is not None and token is not None and reason != "stop" else ""
-            yield StreamEvent(index, token, text, reason)
-        for r in results:
-            r.text = self._decode(r.ids)
+        prompts = self._prompts(batch, add_special_tokens, max_new_tokens, truncate)
+        stop_ids, stop_strings = self._stops(stop, ignore_eos)
+        ids = []
+        try:
+            for i, p in enumerate(prompts):
+                params = SamplingParams(temperature, top_k, top_p, repetition_penalty,
+                                        None if seed is None else seed + i)
+                ids.append(self.scheduler.add_request(p, params, max_tokens=max_new_tokens, stop_ids=stop_ids,
+                                                      stop_strings=stop_strings))
+        except RequestError as e:
+            for rid in ids:
+                self.scheduler.abort(rid)
+                self.scheduler.release(rid)
+            raise RequestError(f"{e}" + (f" (prompt {len(ids)})" if len(prompts) > 1 else "")) from None
+        index = {rid: i for i, rid in enumerate(ids)}
+        reqs = [self.scheduler.requests[rid] for rid in ids]
+        timings = self.last_timings = Timings()
+        pending = [Event(r.id, None, "", r.finish_reason) for r in reqs if r.finished]   # max_new_tokens 0
+        try:
+            while True:
+                for ev in pending:
+                    if ev.request_id in index:
+                        yield StreamEvent(index[ev.request_id], ev.token, ev.text, ev.finish_reason)
+                if all(r.finished for r in reqs):
+                    break
+                pending = self.scheduler.step()
+                self._account(timings)
+        finally:
+            for rid in ids:
+                self.scheduler.abort(rid)          # no-op for finished ones; frees a dropped stream's blocks
+            self._results = [self._generation(self.scheduler.release(rid)) for rid in ids]
 
     def chat(self, messages: list[dict], **kwargs) -> Generation:
         return self.generate(self.chat_prompt(messages), add_special_tokens=False, **kwargs)
@@ -174,14 +191,17 @@ class Engine:
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """[len(ids), vocab] logits of one prefill of `ids` from an empty cache (scoring)."""
-        seq = -1                                  # never a generate() sequence id
-        self.cache.reserve(seq, len(ids))
+        blocks = self.blocks
+        need = blocks.blocks_for(len(ids))
+        if not blocks.can_allocate(need):
+            raise KVCacheError(f"scoring {len(ids)} tokens needs {need} KV blocks of {blocks.block_size}; "
+                               f"{blocks.num_free} of {blocks.num_blocks} are free")
+        table = blocks.allocate(need)
         try:
-            out = self._step("prefill", [seq], np.asarray([ids], dtype=np.int64),
-                             np.arange(len(ids), dtype=np.int64)[None])
+            batch = StepBatch("prefill", [list(ids)], [list(range(len(ids)))], [table], [-1], logits="all")
+            return self.program.run(batch, self.scheduler.storage.k, self.scheduler.storage.v)[0]
         finally:
-            self.cache.free(seq)
-        return out[0]
+            blocks.release(table)
 
     def perplexity(self, text: str, *, window: int | None = None, stride: int | None = None,
                    max_tokens: int | None = None, progress: bool = False):
@@ -194,77 +214,23 @@ class Engine:
         window = window or min(int(self.config.get("max_position_embeddings", 512)), 512)
         return perplexity(self.logits, ids, window, stride or window // 2, progress)
 
-    # -- the loop ------------------------------------------------------------------------------
-    def _run(self, results: list[Generation], max_new_tokens: int, params: SamplingParams, stop,
-             ignore_eos: bool = False):
-        stop_ids = self._stop_ids(stop, ignore_eos)
-        samplers = [Sampler(params if params.seed is None else
-                            SamplingParams(**{**params.__dict__, "seed": params.seed + i}))
-                    for i in range(len(results))]
-        timings = self.last_timings = Timings()
-        seqs = list(range(len(results)))
-        active: list[int] = []
-        try:
-            for i, r in enumerate(results):            # prefill each sequence at its own length
-                if max_new_tokens < 1:
-                    r.finish_reason = "length"
-                    continue
-                n = len(r.prompt_ids)
-                try:
-                    self.cache.reserve(seqs[i], n)
-                except KVCacheError:
-                    free = len(self.cache.free_blocks) * self.cache.block_size
-                    raise KVCacheError(
-                        f"the prompt{f' {i}' if len(results) > 1 else ''} is {n} tokens and the KV cache has "
-                        f"room for {free} more (of {self.cache.capacity_tokens}); allow more KV tokens "
-                        f"(--kv-tokens) or send fewer/shorter prompts") from None
-                t0 = time.perf_counter()
-                logits = self._step("prefill", [seqs[i]], np.asarray([r.prompt_ids], dtype=np.int64),
-                                    np.arange(n, dtype=np.int64)[None])
-                timings.prefill += time.perf_counter() - t0
-                timings.prefill_tokens += n
-                yield from self._take(i, r, logits[0, -1], samplers[i], stop_ids, max_new_tokens, timings)
-                if r.finish_reason is None:
-                    active.append(i)
-            while active:                               # decode all live sequences together
-                for i in list(active):
-                    try:
-                        self.cache.reserve(seqs[i], len(results[i].prompt_ids) + len(results[i].ids))
-                    except KVCacheError:                # keep what was generated; free its blocks
-                        results[i].finish_reason = "kv_full"
-                        active.remove(i)
-                        self.cache.free(seqs[i])
-                        yield i, None, "kv_full"
-                if not active:
-                    break
-                ids = np.asarray([[results[i].ids[-1]] for i in active], dtype=np.int64)
-                pos = np.asarray([[len(results[i].prompt_ids) + len(results[i].ids) - 1] for i in active],
-                                 dtype=np.int64)
-                t0 = time.perf_counter()
-                logits = self._step("decode", [seqs[i] for i in active], ids, pos)
-                timings.decode.append(time.perf_counter() - t0)
-                timings.decode_tokens += len(active)
-                for row, i in enumerate(active):
-                    yield from self._take(i, results[i], logits[row, -1], samplers[i], stop_ids,
-                                          max_new_tokens, timings)
-                active = [i for i in active if results[i].finish_reason is None]
-        finally:
-            for s in seqs:
-                self.cache.free(s)
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _account(self, timings: Timings) -> None:
+        step = self.scheduler.last_step
+        if step is None:
+            return
+        if step.prefill_tokens:
+            timings.prefill += step.seconds
+            timings.prefill_tokens += step.prefill_tokens
+        else:
+            timings.decode.append(step.seconds)
+            timings.decode_tokens += step.decode_rows
+        self.scheduler.last_step = None
 
-    def _take(self, i, r: Generation, logits, sampler, stop_ids, max_new_tokens, timings):
-        t0 = time.perf_counter()
-        token = sampler(logits, r.prompt_ids + r.ids)
-        timings.sampling += time.perf_counter() - t0
-        r.ids.append(token)
-        if token in stop_ids:
-            r.finish_reason = "stop"
-        elif len(r.ids) >= max_new_tokens or (self.context and len(r.prompt_ids) + len(r.ids) >= self.context):
-            r.finish_reason = "length"
-        yield i, token, r.finish_reason
-
-    def _step(self, function: str, seqs: list[int], ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return self.executor(self.module, function, [ids, pos, self.cache.view(seqs)])
+    @staticmethod
+    def _generation(req: Request) -> Generation:
+        return Generation(req.prompt_ids, list(req.output_ids), req.text, req.finish_reason,
+                          req.stats.cached_tokens, req.stats.preemptions, req.stats.ttft)
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -310,21 +276,23 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def _stop_ids(self, stop, ignore_eos: bool = False) -> set[int]:
+    def _stops(self, stop, ignore_eos: bool = False) -> tuple[set[int], list[str]]:
+        """Stop token ids (the model's end-of-sequence tokens unless ignore_eos, and any ids in
+        `stop`) and stop strings (matched on the generated text)."""
         ids = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
         eos = self.config.get("eos_token_id")
         ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
         if ignore_eos:
             ids = set()
+        strings = []
         for s in stop or ():
+            if isinstance(s, bool) or not isinstance(s, (int, str)):
+                raise RequestError(f"a stop entry is a token id or a string, got {type(s).__name__}")
             if isinstance(s, int):
                 ids.add(s)
-            elif self.tokenizer is not None:
-                encoded = self.tokenizer.encode(s, add_special_tokens=False)
-                if len(encoded) != 1:
-                    raise RequestError(f"stop string {s!r} is not a single token")
-                ids.add(encoded[0])
-        return ids
+            elif s:
+                strings.append(s)
+        return ids, strings
 
 
 def _context_length(config: dict) -> int | None:
@@ -335,3 +303,12 @@ def _context_length(config: dict) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ArtifactError(f"config: max_position_embeddings must be a positive integer, got {value!r}")
     return value
+
+
+def _override(settings: Settings, overrides: dict) -> Settings:
+    from dataclasses import replace
+    native = {k: overrides.pop(k) for k in list(overrides) if k in ("tier", "threads", "gemv", "tiles", "executor")}
+    if "isa" in overrides:
+        native["tier"] = overrides.pop("isa")
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(settings, native=replace(settings.native, **{k: v for k, v in native.items() if v is not None}))

@@ -9,7 +9,6 @@ import torch
 
 from amxc.runtime.engine import Engine
 from amxc.runtime.errors import RequestError
-from amxc.runtime.kv_cache import KVCacheError
 
 PROMPTS = {
     "stories": ["Once upon a time", "The little dog was sad because", "Lily and Ben went to the park. They saw"],
@@ -92,15 +91,16 @@ def test_a_full_kv_cache_keeps_what_was_generated_and_recovers(stories_art):
     events = list(engine.stream("Once upon a time", max_new_tokens=60))
     assert [e.token for e in events[:-1]] == out.ids and events[-1].token is None
     assert events[-1].finish_reason == "kv_full"
-    assert len(engine.cache.free_blocks) == 4          # everything was given back
+    assert engine.blocks.num_free == 4                 # everything was given back
     assert len(engine.generate("Once", max_new_tokens=10).ids) == 10
 
 
 def test_a_prompt_the_kv_cache_cannot_hold_is_an_error_with_the_sizes(stories_art):
     engine = Engine.load(stories_art, kv_tokens=8, block_size=8)
-    with pytest.raises(KVCacheError, match=r"the prompt is \d+ tokens and the KV cache has room for 8 more"):
+    with pytest.raises(RequestError, match=r"the prompt is \d+ tokens and the KV cache holds 8 \(1 blocks of 8\): "
+                                           r"it can never fit"):
         engine.generate("Once upon a time there was a little girl", max_new_tokens=4)
-    assert len(engine.cache.free_blocks) == 1
+    assert engine.blocks.num_free == 1 and not engine.scheduler.has_work
 
 
 def test_prompts_longer_than_the_context_are_refused_or_truncated(stories_art):
@@ -114,12 +114,19 @@ def test_prompts_longer_than_the_context_are_refused_or_truncated(stories_art):
     assert len(near.ids) == 2 and near.finish_reason == "length"
 
 
+class NoSteps:
+    name = "no-steps"
+
+    def run(self, *args):
+        pytest.fail("ran a step for a bad request")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"temperature": -1.0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 2.0}, "top_p"), ({"top_k": -5}, "top_k"), ({"seed": -1}, "seed"),
     ({"max_new_tokens": -1}, "max_new_tokens"), ({"repetition_penalty": 0.0}, "repetition_penalty")])
 def test_bad_request_options_are_request_errors(stories_art, options, message):
-    engine = Engine.load(stories_art, executor=lambda *a: pytest.fail("ran a step for a bad request"))
+    engine = Engine.load(stories_art, program=NoSteps())
     with pytest.raises(RequestError, match=message):
         engine.generate("Once", **{"max_new_tokens": 4, **options})
 

@@ -1,0 +1,44 @@
+"""Runtime settings, in one object: how to execute (NativeOptions: executor, ISA tier, threads,
+GEMV/tile modes), how big the KV cache is, and how the scheduler fills a step.
+
+`Settings.from_env()` is where the AMXC_* variables are read (at the top: the CLI, the Python
+API, Engine.load); everything below takes the object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from amxc.backends.program import NativeOptions
+
+
+@dataclass(frozen=True)
+class Settings:
+    native: NativeOptions = field(default_factory=NativeOptions)
+    kv_tokens: int = 4096            # KV cache capacity, tokens (rounded up to whole blocks)
+    block_size: int = 16             # tokens per KV block
+    max_batch_tokens: int = 512      # tokens one step computes (decode rows + prefill chunks)
+    max_seqs: int = 64               # sequences running at once
+    prefix_caching: bool = True
+
+    def __post_init__(self):
+        for name in ("kv_tokens", "block_size", "max_batch_tokens", "max_seqs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"settings: {name} must be a positive integer, got {value!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.kv_tokens // self.block_size)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """Defaults, the environment's native options, then `overrides` (None means unset).
+        Native option names (tier, threads, gemv, tiles, executor, profile) go to `native`."""
+        native_names = {f.name for f in fields(NativeOptions)}
+        native = {k: overrides.pop(k) for k in list(overrides) if k in native_names}
+        if "isa" in overrides:                           # the older spelling of tier
+            native["tier"] = overrides.pop("isa")
+        base = cls(native=NativeOptions.from_env(**native))
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
