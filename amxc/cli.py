@@ -13,6 +13,8 @@ EPILOG = """examples:
   amxc inspect smollm2.amxc --stats           op counts and parameter bytes
   amxc inspect smollm2.amxc                   print the IR
   amxc inspect smollm2.amxc --format svg -o graph.svg
+  amxc inspect smollm2.amxc --kernels         the native code plan: kernel per node, epilogues,
+                                              aliases, workspace offsets (no C++ is built)
   amxc compile path/to/hf_checkpoint -o model.amxc
   amxc compile smollm2-135m -o smollm2-nf4.amxc --quant nf4
                                               NF4 weights, E4M3 double-quantized scales
@@ -120,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--format", choices=["text", "dot", "svg"], default="text",
                    help="text IR (default), Graphviz DOT, or a standalone SVG drawing")
     i.add_argument("--function", default=None, help="function to draw (default: the main one)")
+    i.add_argument("--kernels", action="store_true",
+                   help="for a compiled artifact: the native code plan of @prefill and @decode, per "
+                        "node the kernel chosen by row count, fused epilogue, alias, workspace "
+                        "offset and bytes (AMXC_GEMV and AMXC_TILES apply, as in run; no C++ is built)")
+    i.add_argument("--target", dest="tier", metavar="TIER", default=None,
+                   help="with --kernels: the ISA tier to plan for (ref, avx2, avx512, amx, "
+                        "amx-emulated; default: this machine's best)")
     i.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
 
     add_parsers(sub)
@@ -197,16 +206,20 @@ def _write(text: str, output: str | None) -> None:
 
 def cmd_inspect(args) -> int:
     from amxc.api import format_stats, load_ir
+    from amxc.errors import UsageError
     from amxc.ir import print_module
     from amxc.ir.graph import to_dot, to_svg
 
+    if args.tier is not None and not args.kernels:
+        raise UsageError("--target is for --kernels (the tier to plan native code for)")
     module, _ = load_ir(args.target, progress=True)
     if args.function is not None and args.function not in module.functions:
-        from amxc.errors import UsageError
         raise UsageError(f"--function {args.function}: {args.target} has no such function (it has: "
                          f"{', '.join(module.functions)})")
     fn = module.functions[args.function] if args.function else module.main
-    if args.stats:
+    if args.kernels:
+        text = _kernel_plan(module, args)
+    elif args.stats:
         text = format_stats(module) + "\n"
     elif args.format == "dot":
         text = to_dot(fn)
@@ -216,6 +229,22 @@ def cmd_inspect(args) -> int:
         text = print_module(module)
     _write(text, args.output)
     return 0
+
+
+def _kernel_plan(module, args) -> str:
+    from amxc.backends import env, isa
+    from amxc.backends.plan import Limits, format_plan, plan
+    from amxc.errors import UsageError
+
+    tiers = (*isa.TIERS, isa.EMULATED)
+    if args.tier is not None and args.tier not in tiers:
+        raise UsageError(f"--target {args.tier}: not a tier (tiers: {', '.join(tiers)})")
+    missing = [f"@{f}" for f in ("prefill", "decode") if f not in module.functions]
+    if missing:
+        raise UsageError(f"--kernels: {args.target} has no {' or '.join(missing)}; it needs a compiled "
+                         f"artifact (amxc compile MODEL -o ART)")
+    return format_plan(plan(module, args.tier or isa.best_tier(), Limits(), gemv=env.choice("AMXC_GEMV"),
+                            tiles=env.choice("AMXC_TILES")))
 
 
 def cmd_pull(args) -> int:

@@ -9,7 +9,7 @@ from amxc.runtime.kv_cache import KVCacheError
 from amxc.backends.program import NativeError, ProgramError
 from amxc.backends.step import StepError
 from amxc.backends.isa import ISAError
-from amxc.backends.codegen import CodegenError
+from amxc.backends.cxx import CodegenError
 from amxc.backends.toolchain import BuildError, CacheError
 from amxc.backends.env import EnvError
 from amxc.runtime.errors import RequestError

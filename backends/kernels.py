@@ -1,13 +1,18 @@
-"""The kernel library: jinja2 templates (templates/<family>_<isa>.cpp.j2) rendered with concrete
-shapes into C++ functions.  A KernelSet collects what one translation unit needs: asking twice
-for the same kernel returns the same function name, so each shape is instantiated once.
+"""The kernel library: jinja2 templates (templates/*.cpp.j2) rendered with concrete shapes into
+C++ functions.  A KernelSet collects what one translation unit needs: asking twice for the same
+kernel returns the same function name, so each shape is instantiated once; the code is rendered
+when the unit's source is asked for, in the order the kernels were first named.
 
-Which template a tier uses for a family is the table TIER_KERNELS: `amx` is avx512 with AMX tile
+Which template a tier uses for a family is the table TIER_KERNELS: a family maps to a Template,
+the isa that names its functions (`<family>_<isa>_<params>`), the template file, and parameters
+the family fixes (`gemm_f32` and `gemm_nf4` are one GEMM template per isa, rendered with
+weight="f32" or "nf4"; avx2 and avx512 share one f32 GEMV).  `amx` is avx512 with AMX tile
 GEMMs for prefill, `amx-emulated` the same tile GEMMs through the software emulator with avx2
 around them (so AMX code runs, slowly, on machines without AMX)."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,16 +21,35 @@ import jinja2
 TEMPLATES = Path(__file__).parent / "templates"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-#: family -> template isa, per tier
+
+@dataclass(frozen=True)
+class Template:
+    isa: str                                    # in the function name: <family>_<isa>_<params>
+    file: str                                   # templates/<file>.cpp.j2
+    fixed: dict = field(default_factory=dict)   # parameters the family fixes
+
+    @property
+    def path(self) -> str:
+        return f"{self.file}.cpp.j2"
+
+
+def _family_templates(isa: str, simd_gemv: bool) -> dict[str, Template]:
+    return {"q8": Template("ref", "q8_ref"),
+            "gemv_nf4": Template(isa, f"gemv_nf4_{isa}"),
+            "gemm_nf4": Template(isa, f"gemm_{isa}", {"weight": "nf4"}),
+            "gemv_f32": Template(isa, "gemv_f32_simd" if simd_gemv else f"gemv_f32_{isa}"),
+            "gemm_f32": Template(isa, f"gemm_{isa}", {"weight": "f32", "scale": ""})}
+
+
+_TILES = {"gemm_nf4_tiles": Template("amx", "gemm_nf4_tiles_amx")}
+
+#: family -> template, per tier
 TIER_KERNELS = {
-    "ref": {"q8": "ref", "gemv_nf4": "ref", "gemm_nf4": "ref", "gemv_f32": "ref", "gemm_f32": "ref"},
-    "avx2": {"q8": "ref", "gemv_nf4": "avx2", "gemm_nf4": "avx2", "gemv_f32": "avx2", "gemm_f32": "avx2"},
-    "avx512": {"q8": "ref", "gemv_nf4": "avx512", "gemm_nf4": "avx512", "gemv_f32": "avx512",
-               "gemm_f32": "avx512"},
-    "amx": {"q8": "ref", "gemv_nf4": "avx512", "gemm_nf4": "avx512", "gemv_f32": "avx512",
-            "gemm_f32": "avx512", "gemm_nf4_tiles": "amx"},
-    "amx-emulated": {"q8": "ref", "gemv_nf4": "avx2", "gemm_nf4": "avx2", "gemv_f32": "avx2",
-                     "gemm_f32": "avx2", "gemm_nf4_tiles": "amx"},
+    "ref": _family_templates("ref", simd_gemv=False),
+    "avx2": _family_templates("avx2", simd_gemv=True),
+    "avx512": _family_templates("avx512", simd_gemv=True),
+    "amx": {**_family_templates("avx512", simd_gemv=True), **_TILES},
+    "amx-emulated": {**_family_templates("avx2", simd_gemv=True), **_TILES},
 }
 #: headers each tier's translation unit includes
 TIER_HEADERS = {"ref": ["amxc_rt.h", "amxc_nf4.h"], "avx2": ["amxc_rt.h", "amxc_avx2.h"],
@@ -47,25 +71,28 @@ def render(template: str, **params) -> str:
 class KernelSet:
     def __init__(self, tier: str):
         self.tier = tier
-        self.sources: dict[str, str] = {}      # function name -> rendered C++
+        self.wanted: dict[str, tuple[Template, dict]] = {}     # function name -> how to render it
+        self.sources: dict[str, str] = {}                      # function name -> rendered C++
 
     def has(self, family: str) -> bool:
         return family in TIER_KERNELS[self.tier]
 
     def get(self, family: str, **params) -> str:
-        """The name of `family`'s kernel for `params`, rendering it on first use.  Parameters
+        """The name of `family`'s kernel for `params` (rendered by source()).  Parameters
         become C++ (sizes, the function name): only ints, flags and plain identifiers pass."""
         for k, v in params.items():
             if not (v is None or isinstance(v, (int, bool)) or (isinstance(v, str) and _IDENT.fullmatch(v))):
                 raise ValueError(f"kernel {family}: parameter {k} must be an int, a flag or an "
                                  f"identifier, got {type(v).__name__}")
-        isa = TIER_KERNELS[self.tier][family]
+        template = TIER_KERNELS[self.tier][family]
         key = "_".join(f"{v}" for v in params.values() if v not in (None, False, True, "")) + \
               "".join(f"_{k}" for k, v in params.items() if v is True)
-        name = f"{family}_{isa}_{key}".replace("-", "_").replace(".", "_")
-        if name not in self.sources:
-            self.sources[name] = render(f"{family}_{isa}.cpp.j2", name=name, **params)
+        name = f"{family}_{template.isa}_{key}".replace("-", "_").replace(".", "_")
+        self.wanted.setdefault(name, (template, params))
         return name
 
     def source(self) -> str:
-        return "\n".join(self.sources.values())
+        for name, (template, params) in self.wanted.items():
+            if name not in self.sources:
+                self.sources[name] = render(template.path, name=name, **params, **template.fixed)
+        return "\n".join(self.sources[name] for name in self.wanted)

@@ -4,8 +4,8 @@
     the IR still runs on the reference interpreter); an NF4 weight no kernel streams (block
     other than 64, rows not a multiple of 64 wide — bitsandbytes imports can have both) is
     stored decoded as f32 instead, and the report says so;
-  * every op of @prefill and @decode must have a kernel (codegen.SUPPORTED), else the pass
-    fails naming the op and its source line;
+  * every op of @prefill and @decode must have native code (its registry entry's `native`),
+    else the pass fails naming the op and its source line;
   * `target` is recorded: the lowest ISA tier the artifact may run on.  `auto` runs anywhere and
     picks the machine's best tier at load; `avx2`, `avx512` or `amx` make loading on a machine
     without it an error that names the fallback.
@@ -21,7 +21,6 @@ from amxc.ir.formats import nf4
 from amxc.ir.transform import swap_to_float
 from amxc.passes import Option, Pass, PassError, register_pass
 
-from .codegen import SUPPORTED
 from .isa import TIERS
 
 STEP_FUNCTIONS = ("prefill", "decode")
@@ -40,7 +39,7 @@ class Lower(Pass):
             raise PassError(f"lower needs @prefill and @decode (run kv-cache first); missing @{missing[0]}")
         for name in STEP_FUNCTIONS:
             for n in module.functions[name].nodes:
-                if n.op not in SUPPORTED:
+                if n.opdef.native is None:
                     raise PassError(f"lower: no native kernel for op '{n.op}' in @{name}"
                                     + (f" ({n.loc})" if n.loc else ""))
         self.repacked, self.decoded = [], []

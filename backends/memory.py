@@ -13,7 +13,8 @@ class Buffer:
     size: int          # bytes, at the largest sizes the step is planned for
     start: int         # index of the node that writes it
     end: int           # index of the last node that reads it
-    symbol: str = ""
+    symbol: str = ""   # its C++ offset constant
+    offset: int | None = None   # bytes into the workspace, once planned
 
 
 def plan_offsets(buffers: list[Buffer], align: int = 64) -> tuple[list[int], int]:

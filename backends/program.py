@@ -22,7 +22,8 @@ from amxc.ir.interpreter import run as interpret
 from amxc.ir.types import KVCacheType
 
 from . import env, isa, toolchain
-from .codegen import Limits, generate
+from .codegen import generate
+from .plan import Limits
 from .step import PagedView, StepBatch, StepError
 
 

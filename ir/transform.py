@@ -43,12 +43,6 @@ def clone_function(fn: Function, name: str, sizes: Mapping[str, D.Dim] | None = 
     return out
 
 
-#: where each op reads weights that may be stored quantized: op -> input positions
-WEIGHT_OPERANDS = {"linear": (1,), "linear_nf4": (1,), "mlp_swiglu": (1, 2, 3), "mlp_gelu": (1, 2)}
-#: the op a float op becomes when its weight is nf4 (fused ops take either)
-NF4_OP = {"linear": "linear_nf4"}
-
-
 def weight_uses(module) -> dict[str, list[tuple]]:
     """param name -> [(node, input position)] for every read of every parameter."""
     out: dict[str, list[tuple]] = {}
@@ -60,28 +54,32 @@ def weight_uses(module) -> dict[str, list[tuple]]:
     return out
 
 
+def is_weight_use(node: Node, position: int) -> bool:
+    """Whether `node` reads input `position` as a weight matrix (its op's `weights`)."""
+    return position in node.opdef.weights
+
+
 def swap_to_nf4(module, old: Param, new: Param) -> None:
     """Replace weight `old` by the nf4 parameter `new` (same name and logical shape) in every
-    node that reads it, turning `linear` into `linear_nf4`.  Every use must be a weight
-    operand (WEIGHT_OPERANDS); output types do not change."""
+    node that reads it, turning each op into its `nf4_variant` (linear -> linear_nf4).  Every
+    use must be a weight operand (the op's `weights`); output types do not change."""
     from .registry import get_op
 
     for n, i in weight_uses(module).get(old.name, []):
-        if i not in WEIGHT_OPERANDS.get(n.op, ()):
+        if not is_weight_use(n, i):
             raise ValueError(f"@{old.name} is read by {n.op} as operand {i}, not as a weight")
         n.inputs[i] = new
-        if n.op in NF4_OP:
-            n.opdef = get_op(NF4_OP[n.op])
+        if n.opdef.nf4_variant:
+            n.opdef = get_op(n.opdef.nf4_variant)
     module.params[old.name] = new
 
 
 def swap_to_float(module, old: Param, new: Param) -> None:
     """The inverse of swap_to_nf4: weight `old` (nf4) becomes the float parameter `new`."""
-    from .registry import get_op
+    from .registry import float_variant, get_op
 
-    back = {v: k for k, v in NF4_OP.items()}
     for n, i in weight_uses(module).get(old.name, []):
         n.inputs[i] = new
-        if n.op in back:
-            n.opdef = get_op(back[n.op])
+        if back := float_variant(n.op):
+            n.opdef = get_op(back)
     module.params[old.name] = new

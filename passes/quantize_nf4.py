@@ -1,7 +1,8 @@
 """quantize-nf4: store linear weights as NF4 codes with double-quantized block scales.
 
-Every float weight read only as a weight (by linear, mlp_swiglu, mlp_gelu) becomes an `nf4`
-parameter and `linear` becomes `linear_nf4`.  Formats and rounding rules: ir/formats/nf4.py.
+Every float weight read only as a weight (an input its op declares in `weights`: linear,
+mlp_swiglu, mlp_gelu) becomes an `nf4` parameter, and an op with an `nf4_variant` becomes it
+(`linear` -> `linear_nf4`).  Formats and rounding rules: ir/formats/nf4.py.
 
     double=fp8   E4M3FN block scales + one fp32 per scale_block blocks, codes chosen against the
                  decoded scale (our deployment: 0.5 + 1/64 + 4/(64*256) bytes per weight)
@@ -38,7 +39,7 @@ import numpy as np
 from amxc.ir import Module, Param, TensorType
 from amxc.ir.dtypes import f32, nf4
 from amxc.ir.formats import nf4 as fmt
-from amxc.ir.transform import WEIGHT_OPERANDS, swap_to_nf4, weight_uses
+from amxc.ir.transform import is_weight_use, swap_to_nf4, weight_uses
 
 from .base import Option, Pass, PassError, register_pass
 
@@ -74,7 +75,7 @@ class QuantizeNF4(Pass):
                 p, uses = self._untie(module, p, uses)
             reason = self._why_not(p, uses)
             if reason:
-                if any(i in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
+                if any(is_weight_use(n, i) for n, i in uses):
                     self.skipped[p.name] = reason      # only weights are worth reporting
             else:
                 todo.append(p)
@@ -163,7 +164,7 @@ class QuantizeNF4(Pass):
     def _untie(self, module: Module, p: Param, uses: list) -> tuple[Param, list]:
         """Move the weight uses of a parameter that is also read otherwise onto a float copy
         `@NAME.nf4`, to be quantized next; returns the parameter to judge and its uses."""
-        weight = [(n, i) for n, i in uses if i in WEIGHT_OPERANDS.get(n.op, ())]
+        weight = [(n, i) for n, i in uses if is_weight_use(n, i)]
         if not weight or len(weight) == len(uses) or self._why_not(p, weight):
             return p, uses
         name = f"{p.name}.nf4"
@@ -176,8 +177,8 @@ class QuantizeNF4(Pass):
         return copy, weight
 
     def _why_not(self, p: Param, uses) -> str | None:
-        if any(i not in WEIGHT_OPERANDS.get(n.op, ()) for n, i in uses):
-            other = next(n.op for n, i in uses if i not in WEIGHT_OPERANDS.get(n.op, ()))
+        other = next((n.op for n, i in uses if not is_weight_use(n, i)), None)
+        if other is not None:
             return f"also read by {other}"
         if p.type.dtype != f32:
             return f"stored as {p.type.dtype}"
@@ -205,29 +206,24 @@ class QuantizeNF4(Pass):
 
 
 def _calibration_run(module: Module, ids: np.ndarray, weight_for) -> None:
-    """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight a
-    linear or fused MLP reads goes through `weight_for(name, weight, its input)`, whose result
-    the node then uses (the MLPs' inner inputs are recomputed from the weights it returns)."""
+    """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight an op
+    reads (its `weights`) goes through `weight_for(name, weight, its input)`, whose result the
+    node then uses.  Weights go in input order and each one's input comes from the op's own
+    `weight_input` over the weights returned so far, so a fused MLP's down projection sees the
+    hidden layer its just-quantized gate and up produce."""
     from amxc.ir.interpreter import run
     from amxc.ir.ops.cache import DenseKVCache
-    from amxc.ir.ops.elementwise import gelu
-    from amxc.ir.ops.fused import linear
 
     def observe(node, args):
-        names = [v.name for v in node.inputs]
-        if node.op in ("linear", "linear_nf4"):
-            return [args[0], weight_for(names[1], args[1], args[0]), *args[2:]]
-        if node.op == "mlp_swiglu":
-            x = args[0]
-            wg, wu = weight_for(names[1], args[1], x), weight_for(names[2], args[2], x)
-            g = linear(x, wg)
-            return [x, wg, wu, weight_for(names[3], args[3], (g / (1.0 + np.exp(-g))) * linear(x, wu))]
-        if node.op == "mlp_gelu":
-            x = args[0]
-            w1 = weight_for(names[1], args[1], x)
-            h = gelu(linear(x, w1, args[3] if len(args) > 3 else None), node.attrs["approximate"])
-            return [x, w1, weight_for(names[2], args[2], h), *args[3:]]
-        return None
+        op = node.opdef
+        if not op.weights:
+            return None
+        args, types = list(args), [v.type for v in node.inputs]
+        for i in op.weights:
+            if i < len(args):
+                x = op.activation_of(i, args, node.attrs, types)
+                args[i] = weight_for(node.inputs[i].name, args[i], x)
+        return args
 
     pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
     if "prefill" in module.functions:

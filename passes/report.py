@@ -1,18 +1,20 @@
 """The fusion report: which expected fusions fired in which layer, and why the others did not.
 
 Counted on the result, not on pass firings, so a fusion the frontend already produced (GPT-2's
-`layer_norm`) counts too.  A layer missing an expected fusion is a warning naming the rejected
-candidates of that layer with the rule's reason (`--strict-fusion` makes it an error)."""
+`layer_norm`) counts too.  Which op counts as which fusion is the op's own `kind` (the op
+registry); every kind is expected in every layer.  A layer missing an expected fusion is a
+warning naming the rejected candidates of that layer with the rule's reason (`--strict-fusion`
+makes it an error)."""
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from amxc.ir import Module
+from amxc.ir import Module, all_ops
 
-KINDS = {"attention": ("attention", "attention_cached"), "norm": ("rms_norm", "layer_norm"),
-         "rope": ("rope",), "mlp": ("mlp_swiglu", "mlp_gelu")}
+#: the order the report lists kinds in (a layer's order); kinds ops declare beyond these follow
+ORDER = ("attention", "norm", "rope", "mlp")
 NO_ROPE_FAMILIES = {"gpt2"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks?)\.(\d+)(?:\.|\b)")
 
@@ -54,6 +56,13 @@ class FusionReport:
         return "\n".join([head, *rows, *(f"  warning: {w}" for w in self.warnings())])
 
 
+def kinds() -> tuple[str, ...]:
+    """Every fusion kind an op declares, in report order."""
+    declared = [op.kind for op in all_ops().values() if op.kind]
+    return tuple(sorted(set(declared), key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER),
+                                                      declared.index(k))))
+
+
 def _ranges(xs: list[int]) -> str:
     return ", ".join(str(x) for x in xs[:8]) + (" …" if len(xs) > 8 else "")
 
@@ -62,15 +71,13 @@ def fusion_report(module: Module, passes=()) -> FusionReport:
     fn = module.main
     counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for node in fn.nodes:
-        for kind, ops in KINDS.items():
-            if node.op in ops:
-                layer = layer_of(node.loc)
-                if node.op == "attention_cached":
-                    layer = node.attrs["layer"]
-                if layer is not None:
-                    counts[kind][layer] += 1
+        kind = node.opdef.kind
+        if kind:                          # an op that knows its layer (attention_cached) says so
+            layer = node.attrs["layer"] if "layer" in node.opdef.attrs else layer_of(node.loc)
+            if layer is not None:
+                counts[kind][layer] += 1
     layers = module.attrs.get("num_layers") or (1 + max((i for c in counts.values() for i in c), default=-1))
-    expected = tuple(k for k in KINDS if k != "rope" or module.attrs.get("family") not in NO_ROPE_FAMILIES)
+    expected = tuple(k for k in kinds() if k != "rope" or module.attrs.get("family") not in NO_ROPE_FAMILIES)
     rejected = [(rule, layer_of(node.loc), reason) for p in passes
                 for rule, node, reason in getattr(getattr(p, "log", None), "rejected", [])]
     return FusionReport(layers, expected, {k: dict(v) for k, v in counts.items()}, rejected)

@@ -56,7 +56,7 @@ def _cached_infer(ts, at):
 
 @register_op("attention_cached", "q k v positions cache",
              {"layer": Attr("int"), "scale": Attr("float"), "window": Attr("int", 0)},
-             infer=_cached_infer, side_effects=True)
+             infer=_cached_infer, side_effects=True, kind="attention", native="kernel")
 def attention_cached(q, k, v, positions, cache, *, layer, scale, window):
     """Store k, v at `positions` in the cache, then causal attention over the cached positions."""
     cache.write(layer, positions, k, v)

@@ -45,12 +45,13 @@ def _same(x, like):
 _ARITH = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "maximum": np.maximum,
           "minimum": np.minimum}
 _COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"}
+_NATIVE = {"add": "binary:Add", "sub": "binary:Sub", "mul": "binary:Mul"}
 for _name, _fn in _ARITH.items():
-    register_op(_name, "a b", infer=_binary_infer(), commutative=_name in _COMMUTATIVE)(
-        (lambda f: lambda a, b: _same(f(a, b), a))(_fn))
+    register_op(_name, "a b", infer=_binary_infer(), commutative=_name in _COMMUTATIVE,
+                native=_NATIVE.get(_name))((lambda f: lambda a, b: _same(f(a, b), a))(_fn))
 
 
-@register_op("div", "a b", infer=_binary_infer(floats_only=True))
+@register_op("div", "a b", infer=_binary_infer(floats_only=True), native="binary:Div")
 def div(a, b):
     """True division of floats."""
     return _same(np.divide(a, b), a)
@@ -82,28 +83,28 @@ def where(cond, a, b):
     return _same(np.where(cond, a, b), a)
 
 
-def _float_unary(name, fn):
-    register_op(name, "x", infer=_unary_infer())(lambda x: _same(fn(x), x))
+def _float_unary(name, fn, native=None):
+    register_op(name, "x", infer=_unary_infer(), native=native)(lambda x: _same(fn(x), x))
 
 
-_float_unary("exp", np.exp)
+_float_unary("exp", np.exp, "unary:Exp")
 _float_unary("log", np.log)
 _float_unary("sqrt", np.sqrt)
 _float_unary("rsqrt", lambda x: 1.0 / np.sqrt(x))
-_float_unary("sin", np.sin)
-_float_unary("cos", np.cos)
+_float_unary("sin", np.sin, "unary:Sin")
+_float_unary("cos", np.cos, "unary:Cos")
 _float_unary("tanh", np.tanh)
 _float_unary("reciprocal", lambda x: 1.0 / x)
 _float_unary("sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x)))
-_float_unary("silu", lambda x: x / (1.0 + np.exp(-x)))
+_float_unary("silu", lambda x: x / (1.0 + np.exp(-x)), "unary:Silu")
 _float_unary("relu", lambda x: np.maximum(x, 0))
-register_op("neg", "x", infer=_unary_infer(floats_only=False))(lambda x: np.negative(x))
+register_op("neg", "x", infer=_unary_infer(floats_only=False), native="unary:Neg")(lambda x: np.negative(x))
 register_op("abs", "x", infer=_unary_infer(floats_only=False))(lambda x: np.abs(x))
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
 
-@register_op("gelu", "x", {"approximate": Attr("str", "none")}, infer=_unary_infer())
+@register_op("gelu", "x", {"approximate": Attr("str", "none")}, infer=_unary_infer(), native="kernel")
 def gelu(x, approximate):
     """GELU; 'tanh' is the GPT-2 approximation, 'none' the exact erf form."""
     if approximate == "tanh":
@@ -114,6 +115,6 @@ def gelu(x, approximate):
 
 
 @register_op("cast", "x", {"dtype": Attr("dtype")},
-             infer=lambda ts, at: [ts[0].with_dtype(at["dtype"])])
+             infer=lambda ts, at: [ts[0].with_dtype(at["dtype"])], native="kernel")
 def cast(x, dtype):
     return x.astype(dtype.storage)

@@ -23,7 +23,8 @@ def _rms_norm_infer(ts, at):
     return [x]
 
 
-@register_op("rms_norm", "x weight", {"eps": Attr("float")}, infer=_rms_norm_infer)
+@register_op("rms_norm", "x weight", {"eps": Attr("float")}, infer=_rms_norm_infer, kind="norm",
+             native="kernel")
 def rms_norm(x, weight, eps):
     """weight * (x * rsqrt(mean(x^2, -1) + eps))"""
     var = np.mean(x * x, axis=-1, keepdims=True, dtype=x.dtype)
@@ -50,7 +51,8 @@ def rotate(x, interleaved: bool):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-@register_op("rope", "x cos sin", {"interleaved": Attr("bool", False)}, infer=_rope_infer)
+@register_op("rope", "x cos sin", {"interleaved": Attr("bool", False)}, infer=_rope_infer, kind="rope",
+             native="kernel")
 def rope(x, cos, sin, interleaved):
     """x * cos + rotate(x) * sin: rotate-half (HF) or interleaved pairs (GPT-J, llama.cpp)."""
     return (x * cos + rotate(x, interleaved) * sin).astype(x.dtype)
@@ -103,7 +105,7 @@ def masked_softmax(scores, mask):
 
 @register_op("attention", "q k v positions key_valid?",
              {"scale": Attr("float"), "causal": Attr("bool", True), "window": Attr("int", 0)},
-             infer=_attention_infer)
+             infer=_attention_infer, kind="attention")
 def attention(q, k, v, positions, key_valid=None, *, scale, causal, window):
     """Multi-head / grouped-query attention with a position mask (causal, optional sliding
     window) and an optional key-padding mask (False = padding token)."""
@@ -122,12 +124,19 @@ def _mlp_swiglu_infer(ts, at):
     return [x]
 
 
-@register_op("mlp_swiglu", "x w_gate w_up w_down", infer=_mlp_swiglu_infer)
+def _swiglu_input(position, x, w_gate, w_up, w_down, *, types):
+    """What each weight multiplies: x for gate and up, silu(gate(x)) * up(x) for down."""
+    if position != 3:
+        return x
+    g = linear(x, weight_value(w_gate, types[1]))
+    return (g / (1.0 + np.exp(-g))) * linear(x, weight_value(w_up, types[2]))
+
+
+@register_op("mlp_swiglu", "x w_gate w_up w_down", infer=_mlp_swiglu_infer, weights=(1, 2, 3),
+             weight_input=_swiglu_input, kind="mlp", native="linear")
 def mlp_swiglu(x, w_gate, w_up, w_down, *, types):
     """down(silu(gate(x)) * up(x)); weights f32 or nf4"""
-    w_gate, w_up, w_down = (weight_value(w, t) for w, t in zip((w_gate, w_up, w_down), types[1:]))
-    g = linear(x, w_gate)
-    return linear((g / (1.0 + np.exp(-g))) * linear(x, w_up), w_down)
+    return linear(_swiglu_input(3, x, w_gate, w_up, w_down, types=types), weight_value(w_down, types[3]))
 
 
 def _mlp_gelu_infer(ts, at):
@@ -144,11 +153,19 @@ def _mlp_gelu_infer(ts, at):
     return [x]
 
 
+def _gelu_mlp_input(position, x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate, types):
+    """What each weight multiplies: x for fc, gelu(fc(x)) for proj."""
+    if position != 2:
+        return x
+    return gelu(linear(x, weight_value(w_fc, types[1]), b_fc), approximate)
+
+
 @register_op("mlp_gelu", "x w_fc w_proj b_fc? b_proj?", {"approximate": Attr("str", "none")},
-             infer=_mlp_gelu_infer)
+             infer=_mlp_gelu_infer, weights=(1, 2), weight_input=_gelu_mlp_input, kind="mlp",
+             native="linear")
 def mlp_gelu(x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate, types):
     """proj(gelu(fc(x))); weights f32 or nf4"""
-    w_fc, w_proj = weight_value(w_fc, types[1]), weight_value(w_proj, types[2])
-    return linear(gelu(linear(x, w_fc, b_fc), approximate), w_proj, b_proj)
+    h = _gelu_mlp_input(2, x, w_fc, w_proj, b_fc, b_proj, approximate=approximate, types=types)
+    return linear(h, weight_value(w_proj, types[2]), b_proj)
 
 

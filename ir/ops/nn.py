@@ -26,7 +26,8 @@ def _linear_infer(ts, at):
     return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
 
 
-@register_op("linear", "x weight bias?", infer=_linear_infer)
+@register_op("linear", "x weight bias?", infer=_linear_infer, weights=(1,), nf4_variant="linear_nf4",
+             native="linear")
 def linear(x, weight, bias=None):
     """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
     y = np.matmul(x.astype(np.float64), weight.T.astype(np.float64))
@@ -54,7 +55,7 @@ def _embedding_infer(ts, at):
     return [w.with_shape(ids.shape + (w.shape[1],))]
 
 
-@register_op("embedding", "weight ids", infer=_embedding_infer)
+@register_op("embedding", "weight ids", infer=_embedding_infer, native="kernel")
 def embedding(weight, ids):
     return weight[ids]
 
@@ -70,7 +71,7 @@ def _layer_norm_infer(ts, at):
 
 
 @register_op("layer_norm", "x weight? bias?", {"axes": Attr("int", 1), "eps": Attr("float", 1e-5)},
-             infer=_layer_norm_infer)
+             infer=_layer_norm_infer, kind="norm", native="kernel")
 def layer_norm(x, weight=None, bias=None, *, axes, eps):
     """Normalizes over the last `axes` dims (torch.nn.functional.layer_norm)."""
     dims = tuple(range(x.ndim - axes, x.ndim))

@@ -44,7 +44,7 @@ def _linear_nf4_infer(ts, at):
     return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
 
 
-@register_op("linear_nf4", "x weight bias?", infer=_linear_nf4_infer)
+@register_op("linear_nf4", "x weight bias?", infer=_linear_nf4_infer, weights=(1,), native="linear")
 def linear_nf4(x, weight, bias=None, *, types):
     """x @ dequantize(weight).T (+ bias)"""
     return linear(x, weight_value(weight, types[1]), bias)

@@ -20,7 +20,7 @@ def _reshape_infer(ts, at):
     return [ts[0].with_shape(shape)]
 
 
-@register_op("reshape", "x", {"shape": Attr("dims")}, infer=_reshape_infer)
+@register_op("reshape", "x", {"shape": Attr("dims")}, infer=_reshape_infer, native="alias")
 def reshape(x, shape, env):
     return x.reshape([D.evaluate(d, env) for d in shape])
 
@@ -32,7 +32,7 @@ def _permute_infer(ts, at):
     return [ts[0].with_shape(ts[0].shape[p] for p in perm)]
 
 
-@register_op("permute", "x", {"perm": Attr("ints")}, infer=_permute_infer)
+@register_op("permute", "x", {"perm": Attr("ints")}, infer=_permute_infer, native="kernel")
 def permute(x, perm):
     return np.ascontiguousarray(np.transpose(x, perm))
 
@@ -94,7 +94,7 @@ def _concat_infer(ts, at):
     return [TensorType(dt, tuple(shape))]
 
 
-@register_op("concat", "xs*", {"axis": Attr("int")}, infer=_concat_infer)
+@register_op("concat", "xs*", {"axis": Attr("int")}, infer=_concat_infer, native="kernel")
 def concat(*xs, axis):
     return np.concatenate(xs, axis=axis)
 
@@ -115,7 +115,8 @@ def _split_infer(ts, at):
     return outs
 
 
-@register_op("split", "x", {"axis": Attr("int"), "sizes": Attr("dims")}, infer=_split_infer)
+@register_op("split", "x", {"axis": Attr("int"), "sizes": Attr("dims")}, infer=_split_infer,
+             native="kernel")
 def split(x, axis, sizes, env):
     bounds = np.cumsum([D.evaluate(s, env) for s in sizes])[:-1]
     return tuple(np.ascontiguousarray(p) for p in np.split(x, bounds, axis=axis))

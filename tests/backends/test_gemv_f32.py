@@ -1,4 +1,5 @@
-"""The f32-weight GEMV (decode rows of unquantized linears: backends/templates/gemv_f32_*.cpp.j2,
+"""The f32-weight GEMV (decode rows of unquantized linears on the int8 path:
+backends/templates/gemv_f32_ref.cpp.j2, and gemv_f32_simd.cpp.j2 for avx2 and avx512;
 y[m, n] = dot(x[m], W[n]) (+ bias[n]) (+ resid[m, n])) on every tier, against numpy fp64.
 
 Tolerance, per output element, a worst-case bound rather than a fitted number:

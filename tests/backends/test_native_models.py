@@ -12,7 +12,7 @@ import pytest
 
 from amxc.api import compile
 from amxc.backends import isa
-from amxc.backends.codegen import TILE_ROWS
+from amxc.backends.plan import TILE_ROWS
 from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
 from amxc.runtime.engine import Engine

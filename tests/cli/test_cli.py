@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,47 @@ def test_inspect_draws_svg_and_dot(stories_art, tmp_path):
     assert svg.startswith("<svg") and svg.count("<rect") == len(prefill.nodes) + 3 + 1  # ops, args, return
     dot = amxc("inspect", stories_art, "--format", "dot").stdout
     assert dot.startswith('digraph "prefill"') and dot.count("->") > len(prefill.nodes)
+
+
+def test_inspect_kernels_prints_the_native_plan(stories_art, tmp_path, monkeypatch):
+    """--kernels: per function, per node the kernel by row count, the fused residual adds,
+    aliases and each buffer's workspace offset and bytes, planned without building C++; the
+    host's best tier by default, --target another, AMXC_GEMV=exact the batch-invariant path."""
+    from amxc.backends import isa
+    from amxc.backends.plan import plan
+
+    monkeypatch.delenv("AMXC_GEMV", raising=False)
+    monkeypatch.delenv("AMXC_TILES", raising=False)
+    module, _ = load_artifact(stories_art)
+    text = amxc("inspect", stories_art, "--kernels").stdout
+    want = plan(module, isa.best_tier())
+    assert text.startswith(f"kernel plan for @stories260K: tier {isa.best_tier()}, gemv=int8, tiles=bf16; "
+                           f"workspace {want.workspace:,} bytes\n")
+    for fp, fn in zip(want.functions, ("prefill", "decode")):
+        assert f"@{fn} (planned for {', '.join(f'{k}={v}' for k, v in fp.sizes.items())}): workspace " \
+               f"{fp.workspace:,} bytes, {len(fp.buffers)} buffers" in text
+    section = text.split("@decode (")[1]
+    rows = [line.split() for line in section.splitlines() if re.match(r"\s+\d+\s+\w+\s+%", line)]
+    assert [(int(r[0]), r[1]) for r in rows] == [(i, n.op) for i, n in enumerate(module.functions["decode"].nodes)]
+    for line in section.splitlines()[2:]:
+        if m := re.search(r"\s([\d,]+)\s+([\d,]+)(?:\s|$)", line):
+            offset, size = (int(g.replace(",", "")) for g in m.groups())
+            assert offset + size <= want.functions[1].workspace, line
+    assert "gemv_f32 fp32 (m<=4) | gemm_f32 fp32; + %" in section            # o_proj absorbs the residual add
+    assert "residual epilogue of #" in section and "alias of %" in section and "rt attention_cached" in section
+    assert "down 64x172 f32" in section and "; in out" in section
+
+    monkeypatch.setenv("AMXC_GEMV", "exact")
+    exact = amxc("inspect", stories_art, "--kernels", "--target", "avx2").stdout
+    assert exact.startswith("kernel plan for @stories260K: tier avx2, gemv=exact, tiles=bf16")
+    assert "gemm_f32 fp32" in exact and "gemv_" not in exact
+
+    proc = amxc("inspect", stories_art, "--kernels", "--target", "avx3", check=False)
+    assert proc.returncode == 2 and "--target avx3: not a tier" in proc.stderr
+    (tmp_path / "f.ir").write_text(ir.print_module(ir.parse_module(
+        "module @m {\n  func @forward(%x: f32[2]) -> (f32[2]) {\n    %y = neg(%x) : f32[2]\n    return %y\n  }\n}")))
+    proc = amxc("inspect", tmp_path / "f.ir", "--kernels", check=False)
+    assert proc.returncode == 2 and "has no @prefill or @decode" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_inspect_traces_a_model_directly(stories_dir):
