@@ -241,8 +241,8 @@ class Emitter:
         """(the quantize call if this product computes it, else "", the GEMV's q8 arguments)."""
         q8 = prod.q8
         base = f"(a->ws + {q8.buffer.symbol})"
-        q, qs, qsum = (f"(int8_t*){base}", f"(float*)({base} + {GEMV_ROWS * q8.k})",
-                       f"(int32_t*)({base} + {GEMV_ROWS * q8.k + GEMV_ROWS * 4 * (q8.k // 64)})")
+        q, qs, qsum = (f"(int8_t*){base}", f"(float*)({base} + {q8.rows * q8.k})",
+                       f"(int32_t*)({base} + {q8.rows * q8.k + q8.rows * 4 * (q8.k // 64)})")
         quantize = f"{q8.kernel}({self.p(q8.x)}, {self._rows(q8.x)}, {q}, {qs}, {qsum});" if prod.quantizes else ""
         return quantize, f"{q}, {qs}, {qsum}"
 

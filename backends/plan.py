@@ -12,9 +12,14 @@ The decisions, per node:
     residual epilogue;
   * linear layers (default `gemv="int8"`) run the int8 GEMV when a call has at most GEMV_ROWS
     rows and the weight is NF4 (activations quantized once per input value, shared by every
-    GEMV reading it), the f32 GEMV for f32 weights at those rows, else the fp32 GEMM on decoded
+    GEMV reading it), the f32 GEMV for f32 weights up to F32_GEMV_ROWS rows, else the fp32 GEMM on decoded
     panels; on the amx tier, NF4 GEMMs of TILE_ROWS rows or more run on AMX tiles
     (`tiles="bf16"`, or `"int8"`: the same bits as the int8 GEMV; `"off"`: the fp32 GEMM);
+  * the decode function runs the GEMVs for every row count it is planned for (a batched decode
+    step of up to Limits.max_batch rows): each weight is streamed once for all rows, and a row's
+    result does not depend on how many rows share its step (measured on SmolLM2 at 16 rows, AMX
+    host: the int8 GEMV's MLP 8.7 ms a step against 11.3 ms on int8 AMX tiles and more on the
+    fp32 GEMM, whose small-m panels are decoded for few rows);
   * `gemv="exact"` is the exact fp32 path, and batch invariant: every linear runs the fp32
     GEMM for every row count m (no f32 GEMV, no int8 GEMV, no AMX tiles, whose bf16 rounds the
     activations), and the GEMM computes each row by itself in a fixed order, so a row gets the
@@ -36,6 +41,9 @@ from .kernels import KernelSet
 from .memory import Buffer, plan_offsets
 
 GEMV_ROWS = 4
+F32_GEMV_ROWS = 16    # f32 weights: the GEMV reads W once for every row, and beats the GEMM's
+                      # per-call panel transposes up to a decode batch (measured: SmolLM2's f32
+                      # lm_head at 16 rows, 16.6 ms by GEMM)
 TILE_ROWS = 32        # below this an AMX tile GEMM wastes most of each 16-row tile pair
 ALIGN = 64
 GEMV_MODES = ("int8", "exact")
@@ -87,11 +95,12 @@ class Scratch(Value):
 @dataclass
 class Q8:
     """The int8 activations of `x` for GEMVs: one buffer per value, computed by its first
-    reader (inside that reader's m <= GEMV_ROWS branch; all readers of x share m)."""
+    reader (inside that reader's GEMV branch; all readers of x share m)."""
     x: Value
     buffer: Buffer
     kernel: str                 # the q8 kernel
     k: int                      # row width
+    rows: int = GEMV_ROWS       # rows the buffer holds (the function's GEMV rows)
 
 
 @dataclass
@@ -183,6 +192,9 @@ class Planner:
 
     def __init__(self, fn: Function, kernels: KernelSet, env: dict[str, int], gemv: str, tiles: str):
         self.fn, self.k, self.env, self.gemv, self.tiles = fn, kernels, env, gemv, tiles
+        # rows up to which the GEMVs run: every decode row; prefill chunks of a few tokens
+        self.gemv_rows = max(GEMV_ROWS, env.get("b", 1)) if fn.name == "decode" else GEMV_ROWS
+        self.f32_gemv_rows = max(F32_GEMV_ROWS, self.gemv_rows)
         self.users = fn.users()
         for v in fn.results:
             self.users.setdefault(v, []).append(None)
@@ -340,12 +352,12 @@ class Planner:
             if self.gemv == "int8":
                 prod.q8, prod.quantizes = self.quantized(x, node)
                 prod.kernels.append(Kernel("gemv_nf4", self.k.get("gemv_nf4", **params, pair=False), "int8",
-                                           ("<=", GEMV_ROWS)))
+                                           ("<=", self.gemv_rows)))
             prod.kernels += [k for k in (tiles, gemm) if k is not None]
         else:
             if self.gemv == "int8":         # exact: the GEMM at every m (batch invariance)
                 prod.kernels.append(Kernel("gemv_f32", self.k.get("gemv_f32", N=n_out, K=k_in), "fp32",
-                                           ("<=", GEMV_ROWS)))
+                                           ("<=", self.f32_gemv_rows)))
             prod.kernels.append(Kernel("gemm_f32", self.k.get("gemm_f32", N=n_out, K=k_in), "fp32"))
         np_.products.append(prod)
         return prod
@@ -357,8 +369,8 @@ class Planner:
             k_in = x.type.shape[-1]
             readers = [u for u in self.users.get(x, []) if u is not None and is_linear_like(u)] or [node]
             until = max(self.order[id(u)] for u in readers)
-            buf = self.temp(f"q8_{x.name}", (GEMV_ROWS, k_in + 16 * (k_in // 64)), 1, node, until)
-            self.q8[x] = Q8(x, buf, "", k_in)
+            buf = self.temp(f"q8_{x.name}", (self.gemv_rows, k_in + 16 * (k_in // 64)), 1, node, until)
+            self.q8[x] = Q8(x, buf, "", k_in, self.gemv_rows)
         q = self.q8[x]
         q.kernel = self.k.get("q8", K=q.k)
         return q, first
@@ -381,7 +393,7 @@ class Planner:
             params = dict(N=f, K=x.type.shape[-1], scale=lay.scale, scale_block=lay.scale_block)
             pair = Product("gate+up", wg, x, h, None, None,
                            [Kernel("gemv_nf4", self.k.get("gemv_nf4", **params, pair=True), "int8",
-                                   ("<=", GEMV_ROWS), pair=True)], up=wu)
+                                   ("<=", self.gemv_rows), pair=True)], up=wu)
             pair.q8, pair.quantizes = self.quantized(x, n)
             np_.products.append(pair)
         g = self.scratch(np_, "g", rows, f)

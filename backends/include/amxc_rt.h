@@ -212,35 +212,64 @@ static inline void axpy(float* AMXC_RESTRICT y, float w, const float* AMXC_RESTR
 // The one summation order every tier uses for a dot product, so tiers agree to the bit: 16
 // partial sums (lane l takes k = l mod 16, fma in order), folded 8-4-2-1 (lane l += lane l+h),
 // then the n mod 16 tail in order.  AVX-512 is one 16-lane register, AVX2 two 8-lane ones.
-static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT y, int64_t n) {
-  const int64_t n16 = n / 16 * 16;
-  float s;
+// dot_rows<R> computes R such dot products (R rows of x, one y) at once: R independent fma
+// chains instead of one latency-bound chain, each row with exactly dot()'s operations.
 #if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n16; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
+static inline float fold16(__m512 acc) {
   __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
   __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
   h4 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-  s = _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
+  return _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
+}
 #elif defined(__AVX2__)
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n16; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), a1);
-  }
+static inline float fold16(__m256 a0, __m256 a1) {
   __m256 h8 = _mm256_add_ps(a0, a1);
   __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
   h4 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
-  s = _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
-#else
-  float l[16] = {0};
-  for (int64_t i = 0; i < n16; i += 16)
-    for (int j = 0; j < 16; ++j) l[j] = fmaf(x[i + j], y[i + j], l[j]);
-  for (int h = 8; h >= 1; h /= 2)
-    for (int j = 0; j < h; ++j) l[j] = l[j] + l[j + h];
-  s = l[0];
+  return _mm_cvtss_f32(_mm_add_ss(h4, _mm_movehdup_ps(h4)));
+}
 #endif
-  for (int64_t i = n16; i < n; ++i) s = fmaf(x[i], y[i], s);
+
+template <int R>
+static inline void dot_rows(const float* AMXC_RESTRICT x, int64_t sx, const float* AMXC_RESTRICT y, int64_t n,
+                            float* out) {
+  const int64_t n16 = n / 16 * 16;
+#if defined(__AVX512F__)
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m512 yv = _mm512_loadu_ps(y + i);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * sx + i), yv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = fold16(acc[r]);
+#elif defined(__AVX2__)
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m256 y0 = _mm256_loadu_ps(y + i), y1 = _mm256_loadu_ps(y + i + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * sx + i), y0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * sx + i + 8), y1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = fold16(a0[r], a1[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float l[16] = {0};
+    for (int64_t i = 0; i < n16; i += 16)
+      for (int j = 0; j < 16; ++j) l[j] = fmaf(x[r * sx + i + j], y[i + j], l[j]);
+    for (int h = 8; h >= 1; h /= 2)
+      for (int j = 0; j < h; ++j) l[j] = l[j] + l[j + h];
+    out[r] = l[0];
+  }
+#endif
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = n16; i < n; ++i) out[r] = fmaf(x[r * sx + i], y[i], out[r]);
+}
+
+static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT y, int64_t n) {
+  float s;
+  dot_rows<1>(x, 0, y, n, &s);
   return s;
 }
 // exp(x) for a score x minus its row max.  Below e^-69 ~ 1e-30 a weight cannot move an fp32

@@ -102,15 +102,15 @@ static void q8_ref_64(const float* x, int64_t m, int8_t* q, float* qs, int32_t* 
 
 // gemv_nf4_avx2_64_64_fp8_e4m3_256: N=64 K=64 scale=fp8_e4m3
 template <int MR>
-static void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(const int8_t* q, const float* qs, const int32_t* qsum,
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
+  (void)G; (void)nt;
+  {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
     amxc::GroupScales s2v(s2, g, N, NB, 256);
@@ -172,12 +172,14 @@ static void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(const int8_t* q, const float* 
 static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 64, NB = K / 64;
-  for (int64_t r = 0; r < m; r += 4) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
     const int64_t rows = std::min<int64_t>(4, m - r);
     const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
     const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
     switch (rows) {
       case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
       case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -267,15 +269,15 @@ static void gemm_nf4_avx2_32_64_fp8_e4m3_256(const float* x, int64_t m,
 
 // gemv_nf4_avx2_32_64_fp8_e4m3_256: N=32 K=64 scale=fp8_e4m3
 template <int MR>
-static void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(const int8_t* q, const float* qs, const int32_t* qsum,
+static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
   constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
+  (void)G; (void)nt;
+  {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
     amxc::GroupScales s2v(s2, g, N, NB, 256);
@@ -337,12 +339,14 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(const int8_t* q, const float* 
 static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 32, K = 64, NB = K / 64;
-  for (int64_t r = 0; r < m; r += 4) {
+  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
     const int64_t rows = std::min<int64_t>(4, m - r);
     const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
     const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
     switch (rows) {
       case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
       case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -355,7 +359,7 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
 
 // gemv_nf4_avx2_172_64_fp8_e4m3_256_pair: N=172 K=64 scale=fp8_e4m3 pair=silu(gate)*up
 template <int MR>
-static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(const int8_t* q, const float* qs, const int32_t* qsum,
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
     const float* bias, const float* resid, float* out, int nt) {
@@ -363,8 +367,8 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(const int8_t* q, const f
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
+  (void)G; (void)nt;
+  {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
     amxc::GroupScales s2v(s2, g, N, NB, 256);
@@ -467,12 +471,14 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair(const int8_t* q, const float*
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64;
-  for (int64_t r = 0; r < m; r += 4) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
     const int64_t rows = std::min<int64_t>(4, m - r);
     const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
     const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, nt
     switch (rows) {
       case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
       case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
@@ -562,15 +568,15 @@ static void gemm_nf4_avx2_172_64_fp8_e4m3_256(const float* x, int64_t m,
 
 // gemv_nf4_avx2_172_64_fp8_e4m3_256: N=172 K=64 scale=fp8_e4m3
 template <int MR>
-static void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(const int8_t* q, const float* qs, const int32_t* qsum,
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
+  (void)G; (void)nt;
+  {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
     amxc::GroupScales s2v(s2, g, N, NB, 256);
@@ -632,12 +638,14 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(const int8_t* q, const float*
 static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64;
-  for (int64_t r = 0; r < m; r += 4) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
     const int64_t rows = std::min<int64_t>(4, m - r);
     const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
     const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
     switch (rows) {
       case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
       case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -656,11 +664,17 @@ static void gemv_f32_avx2_64_172(const float* x, int64_t m, const float* w, cons
   for (int64_t n = 0; n < N; ++n) {
     const float* wr = w + n * K;
     _mm_prefetch((const char*)(wr + 4 * K), _MM_HINT_T0);
-    for (int64_t i = 0; i < m; ++i) {
-      float y = amxc::dot(x + i * K, wr, K);
-      if (bias) y = y + bias[n];
-      if (resid) y = y + resid[i * N + n];
-      out[i * N + n] = y;
+    float y[8];
+    for (int64_t i0 = 0; i0 < m; i0 += 8) {        // 8 rows at a time: independent fma chains
+      const int64_t rows = std::min<int64_t>(8, m - i0);
+      if (rows == 8) amxc::dot_rows<8>(x + i0 * K, K, wr, K, y);
+      else for (int64_t i = 0; i < rows; ++i) y[i] = amxc::dot(x + (i0 + i) * K, wr, K);
+      for (int64_t i = 0; i < rows; ++i) {
+        float v = y[i];
+        if (bias) v = v + bias[n];
+        if (resid) v = v + resid[(i0 + i) * N + n];
+        out[(i0 + i) * N + n] = v;
+      }
     }
   }
 }
@@ -730,11 +744,17 @@ static void gemv_f32_avx2_512_64(const float* x, int64_t m, const float* w, cons
   for (int64_t n = 0; n < N; ++n) {
     const float* wr = w + n * K;
     _mm_prefetch((const char*)(wr + 4 * K), _MM_HINT_T0);
-    for (int64_t i = 0; i < m; ++i) {
-      float y = amxc::dot(x + i * K, wr, K);
-      if (bias) y = y + bias[n];
-      if (resid) y = y + resid[i * N + n];
-      out[i * N + n] = y;
+    float y[8];
+    for (int64_t i0 = 0; i0 < m; i0 += 8) {        // 8 rows at a time: independent fma chains
+      const int64_t rows = std::min<int64_t>(8, m - i0);
+      if (rows == 8) amxc::dot_rows<8>(x + i0 * K, K, wr, K, y);
+      else for (int64_t i = 0; i < rows; ++i) y[i] = amxc::dot(x + (i0 + i) * K, wr, K);
+      for (int64_t i = 0; i < rows; ++i) {
+        float v = y[i];
+        if (bias) v = v + bias[n];
+        if (resid) v = v + resid[(i0 + i) * N + n];
+        out[(i0 + i) * N + n] = v;
+      }
     }
   }
 }
@@ -968,7 +988,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_4), (float*)(a->ws + TMP_prefill_2), (float*)(a->ws + TMP_prefill_2), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt);
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_19)), ((const float*)a->W[10]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_20)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
@@ -1019,7 +1039,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_9), (float*)(a->ws + TMP_prefill_7), (float*)(a->ws + TMP_prefill_7), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt);
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_33)), ((const float*)a->W[19]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_34)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
@@ -1070,7 +1090,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_14), (float*)(a->ws + TMP_prefill_12), (float*)(a->ws + TMP_prefill_12), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt);
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_47)), ((const float*)a->W[28]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_48)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
@@ -1121,7 +1141,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_19), (float*)(a->ws + TMP_prefill_17), (float*)(a->ws + TMP_prefill_17), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt);
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_61)), ((const float*)a->W[37]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_62)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
@@ -1172,11 +1192,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_24), (float*)(a->ws + TMP_prefill_22), (float*)(a->ws + TMP_prefill_22), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_75)), ((const float*)a->W[46]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_76)));
   // linear -> %linear_35  [lm_head (modeling_llama.py:471)]
-  if (((b)*(s)) <= 4) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  if (((b)*(s)) <= 16) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
   return 0;
 }
 
@@ -1184,8 +1204,8 @@ static constexpr int64_t OFF_decode_0 = 0;
 static constexpr int64_t OFF_decode_1 = 4096;
 static constexpr int64_t OFF_decode_2 = 4608;
 static constexpr int64_t OFF_decode_3 = 4096;
-static constexpr int64_t OFF_decode_4 = 34304;
-static constexpr int64_t OFF_decode_5 = 34816;
+static constexpr int64_t OFF_decode_4 = 35584;
+static constexpr int64_t OFF_decode_5 = 36096;
 static constexpr int64_t OFF_decode_6 = 4096;
 static constexpr int64_t OFF_decode_7 = 8192;
 static constexpr int64_t OFF_decode_8 = 12288;
@@ -1240,22 +1260,22 @@ static constexpr int64_t OFF_decode_56 = 0;
 static constexpr int64_t TMP_decode_0 = 16384;
 static constexpr int64_t TMP_decode_1 = 4096;
 static constexpr int64_t TMP_decode_2 = 0;
-static constexpr int64_t TMP_decode_3 = 35328;
+static constexpr int64_t TMP_decode_3 = 34304;
 static constexpr int64_t TMP_decode_4 = 11008;
 static constexpr int64_t TMP_decode_5 = 12288;
 static constexpr int64_t TMP_decode_6 = 0;
 static constexpr int64_t TMP_decode_7 = 0;
-static constexpr int64_t TMP_decode_8 = 35328;
+static constexpr int64_t TMP_decode_8 = 34304;
 static constexpr int64_t TMP_decode_9 = 11008;
 static constexpr int64_t TMP_decode_10 = 12288;
 static constexpr int64_t TMP_decode_11 = 0;
 static constexpr int64_t TMP_decode_12 = 0;
-static constexpr int64_t TMP_decode_13 = 35328;
+static constexpr int64_t TMP_decode_13 = 34304;
 static constexpr int64_t TMP_decode_14 = 11008;
 static constexpr int64_t TMP_decode_15 = 12288;
 static constexpr int64_t TMP_decode_16 = 0;
 static constexpr int64_t TMP_decode_17 = 0;
-static constexpr int64_t TMP_decode_18 = 35328;
+static constexpr int64_t TMP_decode_18 = 34304;
 static constexpr int64_t TMP_decode_19 = 11008;
 static constexpr int64_t TMP_decode_20 = 12288;
 static constexpr int64_t TMP_decode_21 = 0;
@@ -1285,13 +1305,13 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm  [model.layers.0.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_0)), ((const float*)a->W[1]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_6)));
   // linear_nf4 -> %linear  [model.layers.0.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 256), (int32_t*)((a->ws + TMP_decode_0) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 256), (int32_t*)((a->ws + TMP_decode_0) + 272), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_7)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_7)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_7)), nt); }
   // linear_nf4 -> %linear_1  [model.layers.0.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 256), (int32_t*)((a->ws + TMP_decode_0) + 272), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
   // linear_nf4 -> %linear_2  [model.layers.0.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 256), (int32_t*)((a->ws + TMP_decode_0) + 272), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
   // rope -> %rope  [model.layers.0.self_attn (modeling_llama.py:249)]
   const int64_t rl19[] = {b, 8, 1};
@@ -1304,29 +1324,29 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_cached  [model.layers.0.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_10)), ((float*)(a->ws + OFF_decode_11)), ((float*)(a->ws + OFF_decode_9)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_12)));
   // linear_nf4 -> %linear_3  [model.layers.0.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 256), (int32_t*)((a->ws + TMP_decode_1) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 256), (int32_t*)((a->ws + TMP_decode_1) + 272), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
   // rms_norm -> %rms_norm_1  [model.layers.0.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_13)), ((const float*)a->W[5]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_14)));
   // mlp_swiglu -> %mlp_swiglu  [model.layers.0.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_14)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 256), (int32_t*)((a->ws + TMP_decode_3) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 256), (int32_t*)((a->ws + TMP_decode_3) + 272), ((b)*(1)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); } else {
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 256), (int32_t*)((a->ws + TMP_decode_3) + 272), ((b)*(1)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_4), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_14)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 1024), (int32_t*)((a->ws + TMP_decode_3) + 1088)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 1024), (int32_t*)((a->ws + TMP_decode_3) + 1088), ((b)*(1)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); } else {
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 1024), (int32_t*)((a->ws + TMP_decode_3) + 1088), ((b)*(1)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_4), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_14)), ((b)*(1)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_4), nt); }
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 256), (int32_t*)((a->ws + TMP_decode_3) + 272), ((b)*(1)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_3), (float*)((a->ws + TMP_decode_3) + 1024), (int32_t*)((a->ws + TMP_decode_3) + 1088), ((b)*(1)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_14)), ((b)*(1)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_4), (float*)(a->ws + TMP_decode_2), (float*)(a->ws + TMP_decode_2), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt);
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_15)), ((const float*)a->W[10]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_16)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 256), (int32_t*)((a->ws + TMP_decode_5) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 256), (int32_t*)((a->ws + TMP_decode_5) + 272), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_17)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_17)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_17)), nt); }
   // linear_nf4 -> %linear_8  [model.layers.1.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 256), (int32_t*)((a->ws + TMP_decode_5) + 272), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
   // linear_nf4 -> %linear_9  [model.layers.1.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 256), (int32_t*)((a->ws + TMP_decode_5) + 272), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
   // rope -> %rope_2  [model.layers.1.self_attn (modeling_llama.py:249)]
   const int64_t rl39[] = {b, 8, 1};
@@ -1339,29 +1359,29 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_1_cached  [model.layers.1.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_20)), ((float*)(a->ws + OFF_decode_21)), ((float*)(a->ws + OFF_decode_19)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_22)));
   // linear_nf4 -> %linear_10  [model.layers.1.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 256), (int32_t*)((a->ws + TMP_decode_6) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 256), (int32_t*)((a->ws + TMP_decode_6) + 272), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
   // rms_norm -> %rms_norm_3  [model.layers.1.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_23)), ((const float*)a->W[14]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_24)));
   // mlp_swiglu -> %mlp_swiglu_1  [model.layers.1.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_24)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 256), (int32_t*)((a->ws + TMP_decode_8) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 256), (int32_t*)((a->ws + TMP_decode_8) + 272), ((b)*(1)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); } else {
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 256), (int32_t*)((a->ws + TMP_decode_8) + 272), ((b)*(1)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_9), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_24)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 1024), (int32_t*)((a->ws + TMP_decode_8) + 1088)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 1024), (int32_t*)((a->ws + TMP_decode_8) + 1088), ((b)*(1)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); } else {
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 1024), (int32_t*)((a->ws + TMP_decode_8) + 1088), ((b)*(1)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_9), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_24)), ((b)*(1)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_9), nt); }
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 256), (int32_t*)((a->ws + TMP_decode_8) + 272), ((b)*(1)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_8), (float*)((a->ws + TMP_decode_8) + 1024), (int32_t*)((a->ws + TMP_decode_8) + 1088), ((b)*(1)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_24)), ((b)*(1)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_9), (float*)(a->ws + TMP_decode_7), (float*)(a->ws + TMP_decode_7), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt);
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_25)), ((const float*)a->W[19]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_26)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 256), (int32_t*)((a->ws + TMP_decode_10) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 256), (int32_t*)((a->ws + TMP_decode_10) + 272), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_27)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_27)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_27)), nt); }
   // linear_nf4 -> %linear_15  [model.layers.2.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 256), (int32_t*)((a->ws + TMP_decode_10) + 272), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
   // linear_nf4 -> %linear_16  [model.layers.2.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 256), (int32_t*)((a->ws + TMP_decode_10) + 272), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
   // rope -> %rope_4  [model.layers.2.self_attn (modeling_llama.py:249)]
   const int64_t rl59[] = {b, 8, 1};
@@ -1374,29 +1394,29 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_2_cached  [model.layers.2.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_30)), ((float*)(a->ws + OFF_decode_31)), ((float*)(a->ws + OFF_decode_29)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_32)));
   // linear_nf4 -> %linear_17  [model.layers.2.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 256), (int32_t*)((a->ws + TMP_decode_11) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 256), (int32_t*)((a->ws + TMP_decode_11) + 272), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
   // rms_norm -> %rms_norm_5  [model.layers.2.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_33)), ((const float*)a->W[23]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_34)));
   // mlp_swiglu -> %mlp_swiglu_2  [model.layers.2.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_34)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 256), (int32_t*)((a->ws + TMP_decode_13) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 256), (int32_t*)((a->ws + TMP_decode_13) + 272), ((b)*(1)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); } else {
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 256), (int32_t*)((a->ws + TMP_decode_13) + 272), ((b)*(1)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_14), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_34)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 1024), (int32_t*)((a->ws + TMP_decode_13) + 1088)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 1024), (int32_t*)((a->ws + TMP_decode_13) + 1088), ((b)*(1)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); } else {
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 1024), (int32_t*)((a->ws + TMP_decode_13) + 1088), ((b)*(1)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_14), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_34)), ((b)*(1)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_14), nt); }
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 256), (int32_t*)((a->ws + TMP_decode_13) + 272), ((b)*(1)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_13), (float*)((a->ws + TMP_decode_13) + 1024), (int32_t*)((a->ws + TMP_decode_13) + 1088), ((b)*(1)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_34)), ((b)*(1)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_14), (float*)(a->ws + TMP_decode_12), (float*)(a->ws + TMP_decode_12), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt);
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_35)), ((const float*)a->W[28]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_36)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 256), (int32_t*)((a->ws + TMP_decode_15) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 256), (int32_t*)((a->ws + TMP_decode_15) + 272), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_37)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_37)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_37)), nt); }
   // linear_nf4 -> %linear_22  [model.layers.3.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 256), (int32_t*)((a->ws + TMP_decode_15) + 272), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
   // linear_nf4 -> %linear_23  [model.layers.3.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 256), (int32_t*)((a->ws + TMP_decode_15) + 272), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
   // rope -> %rope_6  [model.layers.3.self_attn (modeling_llama.py:249)]
   const int64_t rl79[] = {b, 8, 1};
@@ -1409,29 +1429,29 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_3_cached  [model.layers.3.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_40)), ((float*)(a->ws + OFF_decode_41)), ((float*)(a->ws + OFF_decode_39)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_42)));
   // linear_nf4 -> %linear_24  [model.layers.3.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 256), (int32_t*)((a->ws + TMP_decode_16) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 256), (int32_t*)((a->ws + TMP_decode_16) + 272), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
   // rms_norm -> %rms_norm_7  [model.layers.3.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_43)), ((const float*)a->W[32]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_44)));
   // mlp_swiglu -> %mlp_swiglu_3  [model.layers.3.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_44)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 256), (int32_t*)((a->ws + TMP_decode_18) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 256), (int32_t*)((a->ws + TMP_decode_18) + 272), ((b)*(1)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); } else {
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 256), (int32_t*)((a->ws + TMP_decode_18) + 272), ((b)*(1)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_19), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_44)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 1024), (int32_t*)((a->ws + TMP_decode_18) + 1088)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 1024), (int32_t*)((a->ws + TMP_decode_18) + 1088), ((b)*(1)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); } else {
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 1024), (int32_t*)((a->ws + TMP_decode_18) + 1088), ((b)*(1)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_19), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_44)), ((b)*(1)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_19), nt); }
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 256), (int32_t*)((a->ws + TMP_decode_18) + 272), ((b)*(1)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_18), (float*)((a->ws + TMP_decode_18) + 1024), (int32_t*)((a->ws + TMP_decode_18) + 1088), ((b)*(1)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_44)), ((b)*(1)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_19), (float*)(a->ws + TMP_decode_17), (float*)(a->ws + TMP_decode_17), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt);
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_45)), ((const float*)a->W[37]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_46)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 256), (int32_t*)((a->ws + TMP_decode_20) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 256), (int32_t*)((a->ws + TMP_decode_20) + 272), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_47)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_47)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_47)), nt); }
   // linear_nf4 -> %linear_29  [model.layers.4.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 256), (int32_t*)((a->ws + TMP_decode_20) + 272), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
   // linear_nf4 -> %linear_30  [model.layers.4.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 256), (int32_t*)((a->ws + TMP_decode_20) + 272), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
   // rope -> %rope_8  [model.layers.4.self_attn (modeling_llama.py:249)]
   const int64_t rl99[] = {b, 8, 1};
@@ -1444,23 +1464,23 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_4_cached  [model.layers.4.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_50)), ((float*)(a->ws + OFF_decode_51)), ((float*)(a->ws + OFF_decode_49)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_52)));
   // linear_nf4 -> %linear_31  [model.layers.4.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 256), (int32_t*)((a->ws + TMP_decode_21) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 256), (int32_t*)((a->ws + TMP_decode_21) + 272), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
   // rms_norm -> %rms_norm_9  [model.layers.4.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_53)), ((const float*)a->W[41]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_54)));
   // mlp_swiglu -> %mlp_swiglu_4  [model.layers.4.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(1)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_decode_54)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 256), (int32_t*)((a->ws + TMP_decode_23) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 256), (int32_t*)((a->ws + TMP_decode_23) + 272), ((b)*(1)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); } else {
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 256), (int32_t*)((a->ws + TMP_decode_23) + 272), ((b)*(1)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_24), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_54)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 1024), (int32_t*)((a->ws + TMP_decode_23) + 1088)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 1024), (int32_t*)((a->ws + TMP_decode_23) + 1088), ((b)*(1)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); } else {
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 1024), (int32_t*)((a->ws + TMP_decode_23) + 1088), ((b)*(1)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_24), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_54)), ((b)*(1)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_24), nt); }
-  if (((b)*(1)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 256), (int32_t*)((a->ws + TMP_decode_23) + 272), ((b)*(1)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); }
+  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_23), (float*)((a->ws + TMP_decode_23) + 1024), (int32_t*)((a->ws + TMP_decode_23) + 1088), ((b)*(1)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_54)), ((b)*(1)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_24), (float*)(a->ws + TMP_decode_22), (float*)(a->ws + TMP_decode_22), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 4) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_55)), ((const float*)a->W[46]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_56)));
   // linear -> %linear_35  [lm_head (modeling_llama.py:471)]
-  if (((b)*(1)) <= 4) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  if (((b)*(1)) <= 16) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
   return 0;
 }
 
