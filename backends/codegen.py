@@ -273,7 +273,17 @@ class Emitter:
                 self.lines.append(f"{gemm.name}({args});")
 
     def op_linear(self, np_: NodePlan) -> None:
-        self.product(np_.products[0], self._rows(np_.node.inputs[0]))
+        last = np_.product("last")
+        if last is None:
+            self.product(np_.products[0], self._rows(np_.node.inputs[0]))
+            return
+        x = np_.node.inputs[0]
+        self.lines.append(f"if (a->last_only) {{ amxc::last_rows({self.p(x)}, b, s, {cxx(x.type.shape[-1])}, "
+                          f"{self.p(last.x)});")
+        self.product(last, "b")
+        self.lines.append("} else {")
+        self.product(np_.products[0], self._rows(x))
+        self.lines.append("}")
 
     op_linear_nf4 = op_linear
 

@@ -378,7 +378,20 @@ class Planner:
     def plan_linear(self, np_: NodePlan) -> None:
         n = np_.node
         x, w = n.inputs[:2]
-        self.product(np_, "", x, w, n.inputs[2] if len(n.inputs) > 2 else None, np_.residual, n.output)
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        self.product(np_, "", x, w, bias, np_.residual, n.output)
+        if self.logits_head(np_):
+            # the logits of a prefill chunk: when the step asks only for each row's last token
+            # (a->last_only), the head runs on those rows alone (b of them, not b * s)
+            last = self.scratch(np_, "last", self.env["b"], x.type.shape[-1])
+            self.product(np_, "last", last, w, bias, None, n.output)
+
+    def logits_head(self, np_: NodePlan) -> bool:
+        """A linear writing the function's result [b, s, vocab] from [b, s, hidden] rows."""
+        n = np_.node
+        x = n.inputs[0]
+        return (self.fn.name == "prefill" and self.slots[n.output].place == "out" and np_.residual is None
+                and x.type.rank == 3 and n.output.type.rank == 3)
 
     plan_linear_nf4 = plan_linear
 

@@ -66,7 +66,7 @@ class CStepArgs(ctypes.Structure):
                 ("block_tables", ctypes.c_void_p),
                 ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64), ("num_blocks", ctypes.c_int64),
                 ("out", ctypes.c_void_p), ("ws", ctypes.c_void_p), ("W", ctypes.c_void_p),
-                ("nthreads", ctypes.c_int)]
+                ("nthreads", ctypes.c_int), ("last_only", ctypes.c_int)]
 
 
 def required_tier(module: Module) -> str:
@@ -179,7 +179,8 @@ class NativeProgram(Program):
 
     def _run(self, batch, k, v):
         b, s = batch.ids.shape
-        out = np.empty((b, s, self.vocab), np.float32)
+        last = batch.logits == "last"        # prefill: the head runs on each row's last token only
+        out = np.empty((b, 1 if last else s, self.vocab), np.float32)
         if batch.function == "decode":       # calls of at most max_batch rows (the workspace's plan)
             for r0 in range(0, b, self.limits.max_batch):
                 self._call(batch.rows_slice(r0, r0 + self.limits.max_batch), k, v, out[r0:r0 + self.limits.max_batch])
@@ -188,15 +189,16 @@ class NativeProgram(Program):
                 row = batch.rows_slice(r, r + 1)
                 for c0 in range(0, s, self.limits.max_tokens):
                     self._call(row.tokens_slice(c0, c0 + self.limits.max_tokens), k, v,
-                               out[r:r + 1, c0:c0 + self.limits.max_tokens])
+                               out[r:r + 1] if last else out[r:r + 1, c0:c0 + self.limits.max_tokens], last)
         return out
 
-    def _call(self, step: StepBatch, k, v, out) -> None:
+    def _call(self, step: StepBatch, k, v, out, last_only: bool = False) -> None:
         result = out if out.flags.c_contiguous else np.empty(out.shape, np.float32)
         bt = step.block_tables
         args = CStepArgs(step.ids.shape[0], step.ids.shape[1], step.ids.ctypes.data, step.positions.ctypes.data,
                          k.ctypes.data, v.ctypes.data, bt.ctypes.data, bt.shape[1], k.shape[3], k.shape[1],
-                         result.ctypes.data, self.ws_ptr, ctypes.addressof(self.table), self.threads)
+                         result.ctypes.data, self.ws_ptr, ctypes.addressof(self.table), self.threads,
+                         int(last_only))
         rc = self.entry[step.function](ctypes.byref(args))
         if rc != 0:
             raise NativeError(f"native @{step.function} failed with status {rc}")

@@ -214,7 +214,13 @@ class Scheduler:
             if budget == 0 or req.status != RUNNING:
                 continue
             n = min(req.num_tokens - req.num_computed, budget)
-            if not self._grow(req, req.num_computed + n, events):
+            # A victim is never a request planned earlier in this loop: it is the most recently
+            # admitted, and a request admitted after one that is still prefilling cannot exist
+            # (admission stops when a chunk takes the rest of a step's budget), so the victims
+            # come after `req` in admission order, and decode rows precede prefill chunks.
+            grown = self._grow(req, req.num_computed + n, events)
+            assert all(r.status == RUNNING for r, _ in plan), "a planned request was preempted"
+            if not grown:
                 preempted = True
                 continue
             plan.append((req, n))

@@ -24,6 +24,7 @@ struct StepArgs {
   uint8_t* ws;                   // workspace, amxc_workspace_bytes() long, 64-byte aligned
   const void* const* W;          // parameters, in the order of the generated table
   int nthreads;
+  int last_only;                 // prefill: out holds only each row's last token's logits, [b, vocab]
 };
 
 #define AMXC_RESTRICT __restrict__
@@ -110,6 +111,11 @@ static void concat(const float* const* ins, const int64_t* width, int nin, int64
 // one piece of a split: columns [start, start+width) of `outer` rows of `total`
 static void slice_cols(const float* in, int64_t outer, int64_t total, int64_t start, int64_t width, float* out) {
   for (int64_t r = 0; r < outer; ++r) memcpy(out + r * width, in + r * total + start, width * sizeof(float));
+}
+
+// the last of each row's s token vectors: x [b, s, k] -> out [b, k]
+static void last_rows(const float* x, int64_t b, int64_t s, int64_t k, float* out) {
+  for (int64_t r = 0; r < b; ++r) memcpy(out + r * k, x + (r * s + s - 1) * k, k * sizeof(float));
 }
 
 static void embedding(const float* table, const int64_t* ids, int64_t n, int64_t dim, float* out) {
@@ -307,6 +313,14 @@ static inline float* scratch(int slot, int64_t n) {
   static thread_local int64_t cap[3] = {0, 0, 0};
   if (n > cap[slot]) { free(buf[slot]); cap[slot] = n; buf[slot] = (float*)malloc(n * sizeof(float)); }
   return buf[slot];
+}
+
+// a per-thread, 64-byte aligned int8 buffer of at least n bytes (kernels' lookup panels)
+static inline int8_t* scratch_i8(int64_t n) {
+  static thread_local int8_t* buf = nullptr;
+  static thread_local int64_t cap = 0;
+  if (n > cap) { free(buf); cap = (n + 63) / 64 * 64; buf = (int8_t*)aligned_alloc(64, cap); }
+  return buf;
 }
 
 // qs: the `group` query heads of one query, pre-scaled, [group][d].  Writes [group][m, l, o[d]]

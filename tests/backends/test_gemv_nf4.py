@@ -33,7 +33,8 @@ def rel_rms(a, b):
 @pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
 @pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
-                                            (16, 64, 4, "bnb_dynamic8")])
+                                            (16, 64, 4, "bnb_dynamic8"), (96, 576, 16, "fp8_e4m3"),
+                                            (33, 128, 9, "bnb_dynamic8")])
 def test_gemv_nf4_q8(tier, n, k, m, scale):
     wt = nf4_weight(n, k, scale, seed=n + k)
     blob, layout = wt.blob, wt.layout
@@ -55,8 +56,9 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
 
 
 @pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
-def test_gemv_nf4_q8_swiglu_pair(tier):
-    n, k, m = 40, 256, 2
+@pytest.mark.parametrize("m", [2, 11])       # 11: a batched decode step (weights looked up once, 3 chunks)
+def test_gemv_nf4_q8_swiglu_pair(tier, m):
+    n, k = 40, 256
     gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)
     x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
     q, qs, qsum = twin.quantize_q8(x)

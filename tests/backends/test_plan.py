@@ -44,7 +44,7 @@ def test_kernel_choice(tier, gemv, tiles):
     p = plan(lowered_linear_model(), tier, Limits(), gemv, tiles)
     assert not p.kernels.sources, "planning must not render templates"
     prefill = p.functions[0]
-    gemv_nf4, gemv_f32 = ("gemv_nf4", "int8", ("<=", 4)), ("gemv_f32", "fp32", ("<=", 4))
+    gemv_nf4, gemv_f32 = ("gemv_nf4", "int8", ("<=", 4)), ("gemv_f32", "fp32", ("<=", 16))
     tile = ("gemm_nf4_tiles", tiles, (">=", 32))
     if gemv == "exact":              # batch invariant: the fp32 GEMM for every m, no GEMV, no tiles
         assert kernels_of(prefill, "y") == {"": [("gemm_f32", "fp32", None)]}
@@ -60,6 +60,22 @@ def test_kernel_choice(tier, gemv, tiles):
                                         "down": nf4}
     pair = next(np_ for np_ in prefill.nodes if np_.node.op == "mlp_swiglu").product("gate+up")
     assert pair.up.name == "up" and pair.kernels[0].pair and pair.kernels[0].name.endswith("_pair")
+    decode = p.functions[1]                  # every decode row (up to Limits.max_batch) on the GEMVs
+    assert kernels_of(decode, "z")[""][0] == ("gemv_nf4", "int8", ("<=", 16))
+    assert kernels_of(decode, "y")[""][0] == ("gemv_f32", "fp32", ("<=", 16))
+    assert kernels_of(decode, "h")["gate+up"] == [("gemv_nf4", "int8", ("<=", 16))]
+
+
+def test_the_prefill_head_can_run_on_last_rows_only():
+    """Prefill's logits linear has a second product on the b last rows (a->last_only: the
+    scheduler asks only for the last token's logits); decode's head needs none."""
+    p = plan(lowered_linear_model(), "avx2")
+    prefill, decode = p.functions
+    head = next(np_ for np_ in prefill.nodes if np_.node.output.name == "logits")
+    last = head.product("last")
+    assert last is not None and last.x.type.shape == (1, head.node.inputs[0].type.shape[-1])
+    assert last.weight is head.products[0].weight and last.out is head.node.output
+    assert next(np_ for np_ in decode.nodes if np_.node.output.name == "logits").product("last") is None
 
 
 def test_residual_epilogues_aliases_and_shared_activations():

@@ -918,6 +918,7 @@ static constexpr int64_t TMP_prefill_21 = 131072;
 static constexpr int64_t TMP_prefill_22 = 0;
 static constexpr int64_t TMP_prefill_23 = 1097728;
 static constexpr int64_t TMP_prefill_24 = 352256;
+static constexpr int64_t TMP_prefill_25 = 131072;
 extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t b = a->b, s = a->s; (void)b; (void)s;
   const int nt = a->nthreads; (void)nt;
@@ -1196,7 +1197,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_75)), ((const float*)a->W[46]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_76)));
   // linear -> %linear_35  [lm_head (modeling_llama.py:471)]
+  if (a->last_only) { amxc::last_rows(((float*)(a->ws + OFF_prefill_76)), b, s, 64, (float*)(a->ws + TMP_prefill_25));
+  if (b <= 16) gemv_f32_avx2_512_64((float*)(a->ws + TMP_prefill_25), b, ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64((float*)(a->ws + TMP_prefill_25), b, ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  } else {
   if (((b)*(s)) <= 16) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  }
   return 0;
 }
 
