@@ -87,7 +87,7 @@ class QuantizeNF4(Pass):
             raise PassError(f"quantize-nf4: method={self.opts['method']!r} is not rtn or gptq")
         from tqdm import tqdm
         for old in tqdm(todo, desc="quantizing nf4", unit="weight", file=sys.stderr, leave=False,
-                        delay=1.0):
+                        delay=1.0, disable=None):          # None: a bar on terminals only, not in logs
             swap_to_nf4(module, old, self._quantize(old, layout, None if blobs is None else blobs[old.name]))
             self.quantized.append(old.name)
         return bool(todo)

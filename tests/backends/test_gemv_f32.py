@@ -18,7 +18,7 @@ error (K + 2 roundings at 2^-53).  Summing a 16-block twice or dropping one is o
 order is not, which is why every tier must also equal the scalar ref tier bit for bit (the
 templates promise "the same bits in every tier"), at 1 and 2 threads.
 
-Shapes: N and K multiples of 16 and not, K < 16 (tail only); m = 1..4 (GEMV_ROWS); with and
+Shapes: N and K multiples of 16 and not, K < 16 (tail only); m = 1..4, 9 and 16; with and
 without bias and residual.  The output buffer is NaN-filled with a guard tail: every output is
 written and nothing past it.
 
@@ -78,7 +78,7 @@ def bound(x, w, bias, resid):
 def test_gemv_f32_against_fp64_and_the_ref_tier(tier, n, k):
     rng = np.random.default_rng(n * 1000 + k)
     w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    for m in (1, 2, 3, 4):
+    for m in (1, 2, 3, 4, 9, 16):          # 9, 16: a batched decode step (rows 8 at a time)
         x = rng.standard_normal((m, k)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
         r = rng.standard_normal((m, n)).astype(np.float32)
