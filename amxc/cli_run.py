@@ -39,6 +39,14 @@ def add_parsers(sub) -> None:
     e.add_argument("--max-tokens", type=at_least(2), default=None, help="score only the first N tokens")
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    _model_arg(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=at_least(1), default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    s.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 429 (default 256)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")
+
     b = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
     _model_arg(b)
     b.add_argument("--prompt-tokens", type=at_least(1), default=128)
@@ -194,4 +202,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from amxc.runtime.server import create_app
+    from amxc.runtime.service import EngineService
+    if args.port > 65535:
+        from amxc.errors import UsageError
+        raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
+    engine = _engine(args)
+    service = EngineService(engine, max_queue=args.max_queue)
+    name = args.served_model_name or engine.module.name
+    app = create_app(service, name, api_key=args.api_key)
+    print(f"amxc: serving {name} on http://{args.host}:{args.port}/v1 ({engine.program.name})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        service.close(drain=True, timeout=60)           # SIGTERM: uvicorn stops accepting, requests finish
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "run": cmd_run, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench}
