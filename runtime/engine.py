@@ -8,7 +8,6 @@ interpreter), chosen by the engine's Settings.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -95,8 +94,7 @@ class Engine:
         for fn in ("prefill", "decode"):
             if fn not in module.functions:
                 raise ArtifactError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
-        self.settings = settings if settings is not None and not overrides else \
-            Settings.from_env(**overrides) if settings is None else _override(settings, overrides)
+        self.settings = (settings or Settings.from_env()).with_overrides(**overrides)
         self.module, self.manifest, self.tokenizer = module, manifest or {}, tokenizer
         self.program = program if program is not None else default_program(module, self.settings)
         self.config = self.manifest.get("config", dict(module.attrs))
@@ -304,11 +302,3 @@ def _context_length(config: dict) -> int | None:
         raise ArtifactError(f"config: max_position_embeddings must be a positive integer, got {value!r}")
     return value
 
-
-def _override(settings: Settings, overrides: dict) -> Settings:
-    from dataclasses import replace
-    native = {k: overrides.pop(k) for k in list(overrides) if k in ("tier", "threads", "gemv", "tiles", "executor")}
-    if "isa" in overrides:
-        native["tier"] = overrides.pop("isa")
-    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    return replace(settings, native=replace(settings.native, **{k: v for k, v in native.items() if v is not None}))

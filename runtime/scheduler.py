@@ -78,6 +78,11 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def span(self, start: int, stop: int) -> list[int]:
+        """tokens[start:stop] without building the whole list (the decode hot path)."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:stop] + self.output_ids[max(start - p, 0):max(stop - p, 0)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -283,7 +288,7 @@ class Scheduler:
         decode = [i for i, (_, n) in enumerate(plan) if n == 1]
         if decode:
             reqs = [plan[i][0] for i in decode]
-            batch = StepBatch("decode", [[r.tokens[r.num_computed]] for r in reqs],
+            batch = StepBatch("decode", [r.span(r.num_computed, r.num_computed + 1) for r in reqs],
                               [[r.num_computed] for r in reqs], _tables([r.blocks for r in reqs]),
                               [r.id for r in reqs])
             logits = self.program.run(batch, k, v)
@@ -292,7 +297,7 @@ class Scheduler:
         for i, (req, n) in enumerate(plan):
             if n > 1:
                 start = req.num_computed
-                batch = StepBatch("prefill", [req.tokens[start:start + n]], [list(range(start, start + n))],
+                batch = StepBatch("prefill", [req.span(start, start + n)], [list(range(start, start + n))],
                                   _tables([req.blocks]), [req.id])
                 out[i] = self.program.run(batch, k, v)[0]
         return out
@@ -310,7 +315,8 @@ class Scheduler:
             self.blocks.register(req.blocks[i], prev)
 
     def _sample(self, req: Request, logits: np.ndarray) -> Event:
-        token = req.sampler(logits, req.tokens)
+        history = req.tokens if req.params.repetition_penalty != 1.0 else ()   # only the penalty reads it
+        token = req.sampler(logits, history)
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         if req.stats.first_token is None:

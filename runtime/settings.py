@@ -31,14 +31,18 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        """Defaults, the environment's native options, then `overrides` (None means unset).
-        Native option names (tier, threads, gemv, tiles, executor, profile) go to `native`."""
+        """Defaults, the environment's native options, then `overrides` (see with_overrides)."""
+        return cls(native=NativeOptions.from_env()).with_overrides(**overrides)
+
+    def with_overrides(self, **overrides) -> "Settings":
+        """These settings with `overrides` applied (None means unset).  Native option names
+        (tier or its older spelling isa, threads, gemv, tiles, executor, profile) go to `native`."""
+        if "isa" in overrides:
+            overrides["tier"] = overrides.pop("isa")
         native_names = {f.name for f in fields(NativeOptions)}
         native = {k: overrides.pop(k) for k in list(overrides) if k in native_names}
-        if "isa" in overrides:                           # the older spelling of tier
-            native["tier"] = overrides.pop("isa")
-        base = cls(native=NativeOptions.from_env(**native))
-        unknown = set(overrides) - {f.name for f in fields(cls)}
+        unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return replace(out, native=replace(out.native, **{k: v for k, v in native.items() if v is not None}))

@@ -261,3 +261,11 @@ def test_bad_requests_are_refused_before_any_step():
     with pytest.raises(RequestError, match="stop strings need a tokenizer"):
         s.add_request([1], max_tokens=3, stop_strings=["x"])
     assert not s.has_work and not s.program.calls
+
+
+def test_a_requests_token_span_equals_slicing_its_tokens():
+    from amxc.runtime.scheduler import Request
+    r = Request(0, [5, 6, 7], SamplingParams(), 10, frozenset(), output_ids=[8, 9])
+    for start in range(6):
+        for stop in range(start, 7):
+            assert r.span(start, stop) == r.tokens[start:stop], (start, stop)
