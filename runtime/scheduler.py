@@ -32,10 +32,12 @@ from amxc.backends.step import StepBatch
 from .blocks import BlockManager, block_key
 from .errors import RequestError
 from .kv_cache import KVStorage
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
 from .sampling import Sampler, SamplingParams
 from .settings import Settings
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+_DECODE_CONTEXT = 4      # prompt tokens the text decoder sees before the first generated one
 
 
 @dataclass
@@ -60,7 +62,11 @@ class Request:
     max_tokens: int
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None           # report each generated token's logprob and this many top ones
+    prompt_logprobs: int | None = None    # the same for the prompt's tokens (their first has none)
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_lps: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None      # "stop", "length", "kv_full", "abort"
     status: str = WAITING
     # KV state
@@ -84,6 +90,11 @@ class Request:
         return self.prompt_ids[start:stop] + self.output_ids[max(start - p, 0):max(stop - p, 0)]
 
     @property
+    def scoring_prompt(self) -> bool:
+        """Its prompt's logprobs are wanted and not all known yet (each needs its position computed)."""
+        return self.prompt_logprobs is not None and len(self.prompt_lps) < len(self.prompt_ids)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
@@ -101,6 +112,7 @@ class Event:
     token: int | None
     text: str
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None   # the token's, when the request asked for logprobs
 
 
 @dataclass
@@ -134,8 +146,12 @@ class Scheduler:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                     max_tokens: int = 16, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
                     request_id: int | None = None) -> int:
-        """Queue a request; it joins the batch at the next step.  Returns its id."""
+        """Queue a request; it joins the batch at the next step.  Returns its id.  `logprobs`
+        (`prompt_logprobs`): report the log-probability of each generated (prompt) token and of
+        that many most likely tokens at its position; a prompt is scored even with
+        max_tokens 0."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise RequestError("empty prompt")
@@ -151,17 +167,24 @@ class Scheduler:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         if stop_strings and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this model has none: stop on token ids")
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise RequestError(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {k}")
         rid = self._next_id if request_id is None else int(request_id)
         if rid in self.requests:
             raise RequestError(f"request id {rid} is already in use")
         self._next_id = max(self._next_id, rid + 1)
         req = Request(rid, prompt, params or SamplingParams(), int(max_tokens), frozenset(stop_ids),
-                      tuple(s for s in stop_strings if s))
+                      tuple(s for s in stop_strings if s), logprobs, prompt_logprobs)
         req.stats.arrival = time.perf_counter()
         req.sampler = Sampler(req.params)
-        req.decoder = self.tokenizer.stream() if self.tokenizer is not None else None
+        if prompt_logprobs is not None:
+            req.prompt_lps.append(None)           # the first token has no context to be scored in
+        # the prompt's last tokens as context, so the text joins on as the prompt left it
+        # (SentencePiece keeps the space before the first new word, as vLLM's detokenizer does)
+        req.decoder = self.tokenizer.stream(prompt[-_DECODE_CONTEXT:]) if self.tokenizer is not None else None
         self.requests[rid] = req
-        if req.max_tokens < 1:
+        if req.max_tokens < 1 and prompt_logprobs is None:
             self._finish(req, "length")
         else:
             self.waiting.append(req)
@@ -205,7 +228,12 @@ class Scheduler:
             req.num_computed += n
             req.stats.computed_tokens += n
             self._register_full_blocks(req)
-            if req.num_computed == req.num_tokens:        # its last token was computed: sample
+            if req.num_computed < req.num_tokens:
+                continue
+            if req.max_tokens < 1:                        # a prompt scored, nothing to generate
+                self.running.remove(req)
+                events.append(self._finish(req, "length"))
+            else:                                         # its last token was computed: sample
                 events.append(self._sample(req, row))
         return events
 
@@ -234,7 +262,9 @@ class Scheduler:
             req = self.waiting[0]
             tokens = req.tokens
             # the last token is always computed (its logits are needed), so its block is never shared
-            hits, keys = self.blocks.lookup(tokens, limit=(len(tokens) - 1) // self.blocks.block_size)
+            # (a prompt being scored computes every position: its logprobs need each one's logits)
+            limit = 0 if req.scoring_prompt else (len(tokens) - 1) // self.blocks.block_size
+            hits, keys = self.blocks.lookup(tokens, limit=limit)
             cached = len(hits) * self.blocks.block_size
             n = min(len(tokens) - cached, budget)
             missing = self.blocks.blocks_for(cached + n) - len(hits)
@@ -294,13 +324,28 @@ class Scheduler:
             logits = self.program.run(batch, k, v)
             for row, i in enumerate(decode):
                 out[i] = logits[row]
+                if reqs[row].scoring_prompt:          # a one-token chunk of a prompt being scored
+                    self._score_prompt(reqs[row], reqs[row].num_computed, logits[row:row + 1])
         for i, (req, n) in enumerate(plan):
             if n > 1:
                 start = req.num_computed
+                scoring = req.scoring_prompt
                 batch = StepBatch("prefill", [req.span(start, start + n)], [list(range(start, start + n))],
-                                  _tables([req.blocks]), [req.id])
-                out[i] = self.program.run(batch, k, v)[0]
+                                  _tables([req.blocks]), [req.id], logits="all" if scoring else "last")
+                rows = self.program.run(batch, k, v)[0]
+                if scoring:
+                    self._score_prompt(req, start, rows)
+                out[i] = rows[-1] if scoring else rows
         return out
+
+    def _score_prompt(self, req: Request, start: int, rows: np.ndarray) -> None:
+        """Record prompt logprobs from the logits of positions start.. (row j predicts token
+        start + j + 1).  Positions already scored (before a preemption) are skipped."""
+        prompt = req.prompt_ids
+        for j in range(len(rows)):
+            pos = start + j + 1
+            if pos == len(req.prompt_lps) and pos < len(prompt):
+                req.prompt_lps.append(token_logprob(rows[j], prompt[pos], req.prompt_logprobs))
 
     def _register_full_blocks(self, req: Request) -> None:
         bs = self.blocks.block_size
@@ -318,6 +363,9 @@ class Scheduler:
         history = req.tokens if req.params.repetition_penalty != 1.0 else ()   # only the penalty reads it
         token = req.sampler(logits, history)
         req.output_ids.append(token)
+        lp = None if req.logprobs is None else token_logprob(logits, token, req.logprobs)
+        if lp is not None:
+            req.output_logprobs.append(lp)
         self.stats.generated_tokens += 1
         if req.stats.first_token is None:
             req.stats.first_token = time.perf_counter()
@@ -332,9 +380,11 @@ class Scheduler:
                                or (self.context and req.num_tokens >= self.context)):
             reason = "length"
         if reason is None:
-            return Event(req.id, token, self._emit(req))
+            return Event(req.id, token, self._emit(req), logprob=lp)
         self.running.remove(req)
-        return self._finish(req, reason, token, flush)
+        ev = self._finish(req, reason, token, flush)
+        ev.logprob = lp
+        return ev
 
     def _cut_at_stop_string(self, req: Request) -> bool:
         """If a stop string has appeared, cut the text before it."""

@@ -153,3 +153,13 @@ def test_ignore_eos_runs_every_step(stories_art):
     out = engine.generate("Once upon a time", max_new_tokens=20, ignore_eos=True)
     assert out.finish_reason == "length" and out.ids == free
     assert len(engine.last_timings.decode) == 19
+
+
+def test_text_joins_the_prompt_as_the_whole_sequence_decodes(stories_art):
+    # SentencePiece drops the leading space of a sequence's first word: the decoder sees the
+    # prompt's end, so "Once upon a" continues " time", and prompt + text is the whole decode
+    e = Engine.load(stories_art)
+    g = e.generate("Once upon a", max_new_tokens=8)
+    tok = e.tokenizer
+    whole = tok.decode(g.prompt_ids + g.ids)
+    assert g.text.startswith(" ") and tok.decode(g.prompt_ids) + g.text == whole

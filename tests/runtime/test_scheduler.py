@@ -227,7 +227,7 @@ class Letters:
     """A tokenizer whose token i is the letter chr(97 + i % 26), streamed one by one."""
     eos_token_ids = frozenset()
 
-    def stream(self):
+    def stream(self, context=()):
         class D:
             def push(self, t):
                 return chr(97 + t % 26)
