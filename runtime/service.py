@@ -11,14 +11,19 @@ turns overload into an immediate refusal (the server's 429) instead of unbounded
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from .errors import RequestError
+from .metrics import ServerMetrics
 from .sampling import SamplingParams
-from .scheduler import Event
+from .scheduler import Event, Request
+
+log = logging.getLogger("amxc.serve")
 
 
 class QueueFull(RuntimeError):
@@ -36,14 +41,21 @@ class Submission:
     max_tokens: int
     stop_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    name: str = ""                        # the id clients see (logs)
 
 
 @dataclass
 class Ticket:
-    """A submitted request: its id (once the engine thread accepted it) and its event stream."""
+    """A submitted request: its id (once the engine thread accepted it) and its event stream.
+    `prompt_logprobs` is set (by the engine thread) before the first event is delivered."""
     loop: asyncio.AbstractEventLoop
+    name: str = ""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int | None = None
+    prompt_logprobs: list | None = None
+    last_token: float | None = None       # when its previous token came (inter-token latency)
 
 
 class EngineService:
@@ -53,6 +65,7 @@ class EngineService:
         self._commands: deque = deque()
         self._tickets: dict[int, Ticket] = {}
         self._closing = False
+        self.metrics = ServerMetrics(self.scheduler)
         self._thread = threading.Thread(target=self._loop, name="amxc-engine", daemon=True)
         self._thread.start()
 
@@ -60,12 +73,14 @@ class EngineService:
     async def submit(self, sub: Submission) -> Ticket:
         """Queue a request; its events (scheduler.Event, or an exception) arrive on ticket.queue.
         Raises QueueFull or ServiceClosed at once, RequestError when the engine refuses it."""
-        ticket = Ticket(asyncio.get_running_loop())
+        ticket = Ticket(asyncio.get_running_loop(), sub.name)
         accepted = ticket.loop.create_future()
         with self._cv:
             if self._closing:
+                self.metrics.rejected.labels("closing").inc()
                 raise ServiceClosed("the server is shutting down")
             if len(self.scheduler.waiting) + len(self._commands) >= self.max_queue:
+                self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._commands.append(("add", sub, ticket, accepted))
             self._cv.notify()
@@ -115,12 +130,18 @@ class EngineService:
                     self._deliver(ticket, e)
                     self._forget(rid)
                 continue
+            now = time.perf_counter()
             for ev in events:
                 ticket = self._tickets.get(ev.request_id)
-                if ticket is not None:
-                    self._deliver(ticket, ev)
-                    if ev.finish_reason is not None:
-                        self._forget(ev.request_id)
+                if ticket is None:
+                    continue
+                if ev.token is not None:
+                    if ticket.last_token is not None:
+                        self.metrics.itl.observe(now - ticket.last_token)
+                    ticket.last_token = now
+                self._deliver(ticket, ev)
+                if ev.finish_reason is not None:
+                    self._forget(ev.request_id)
 
     def _apply(self, cmd) -> None:
         kind = cmd[0]
@@ -128,8 +149,10 @@ class EngineService:
             _, sub, ticket, accepted = cmd
             try:
                 rid = self.scheduler.add_request(sub.prompt_ids, sub.params, max_tokens=sub.max_tokens,
-                                                 stop_ids=sub.stop_ids, stop_strings=sub.stop_strings)
+                                                 stop_ids=sub.stop_ids, stop_strings=sub.stop_strings,
+                                                 logprobs=sub.logprobs, prompt_logprobs=sub.prompt_logprobs)
             except RequestError as e:
+                self.metrics.rejected.labels("invalid").inc()
                 ticket.loop.call_soon_threadsafe(_settle, accepted, None, e)
                 return
             ticket.id = rid
@@ -151,11 +174,32 @@ class EngineService:
                 self._forget(rid)
 
     def _deliver(self, ticket: Ticket, item) -> None:
+        if ticket.prompt_logprobs is None and ticket.id is not None:
+            req = self.scheduler.requests.get(ticket.id)
+            if req is not None and req.prompt_logprobs is not None and not req.scoring_prompt:
+                ticket.prompt_logprobs = list(req.prompt_lps)
         ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
 
     def _forget(self, rid: int) -> None:
-        self._tickets.pop(rid, None)
-        self.scheduler.release(rid)
+        ticket = self._tickets.pop(rid, None)
+        req = self.scheduler.release(rid)
+        if req is not None and req.finished:
+            self._account(req, ticket.name if ticket is not None else str(rid))
+
+    def _account(self, req: Request, name: str) -> None:
+        """Metrics and the one log line of a finished request."""
+        st, n = req.stats, len(req.output_ids)
+        self.metrics.finished.labels(req.finish_reason).inc()
+        if st.ttft is not None:
+            self.metrics.ttft.observe(st.ttft)
+        if st.finished is not None:
+            self.metrics.e2e.observe(st.finished - st.arrival)
+        decode_s = (st.finished - st.first_token) if st.first_token is not None and st.finished else 0.0
+        rate = f"{(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "-"
+        ttft = f"{st.ttft * 1e3:.0f} ms" if st.ttft is not None else "-"
+        log.info("%s: prompt %d tokens (%d cached), generated %d, ttft %s, %s, finish %s%s", name,
+                 len(req.prompt_ids), st.cached_tokens, n, ttft, rate, req.finish_reason,
+                 f", preempted {st.preemptions}x" if st.preemptions else "")
 
 
 def _settle(future: asyncio.Future, value, error) -> None:
@@ -169,9 +213,11 @@ def _settle(future: asyncio.Future, value, error) -> None:
 
 def request_of(engine, prompt, *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
-               add_special_tokens: bool = True, ignore_eos: bool = False) -> Submission:
+               add_special_tokens: bool = True, ignore_eos: bool = False, logprobs: int | None = None,
+               prompt_logprobs: int | None = None, name: str = "") -> Submission:
     """A Submission from request fields, checked the way Engine.generate checks them."""
     params = SamplingParams(temperature, top_k, top_p, 1.0, seed)
     ids = engine._prompts([prompt], add_special_tokens, max_tokens, False)[0]
     stop_ids, stop_strings = engine._stops(list(stop or ()), ignore_eos)
-    return Submission(ids, params, max_tokens, frozenset(stop_ids), tuple(stop_strings))
+    return Submission(ids, params, max_tokens, frozenset(stop_ids), tuple(stop_strings), logprobs,
+                      prompt_logprobs, name)

@@ -63,6 +63,8 @@ class Tokenizer:
         self.byte_token_ids = _byte_token_ids(backend)
         self.special_token_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items()
                                            if t.special)
+        self._pieces: dict[int, str] = {}
+        self._piece_anchor = backend.encode("a", add_special_tokens=False).ids[-1:]
 
     @classmethod
     def from_dir(cls, path: str | Path, *, only: Collection[str] | None = None) -> Tokenizer:
@@ -126,6 +128,22 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def piece(self, token_id: int) -> str:
+        """One token's text as it reads inside a sequence (logprobs: `tokens`, `top_logprobs`).
+        Decoding it alone would lose what decoders strip from a sequence's start (SentencePiece's
+        leading space), so it is decoded after a plain letter and the letter's text removed.
+        Special tokens keep their text; a lone byte of a multi-byte character reads U+FFFD."""
+        cached = self._pieces.get(token_id)
+        if cached is None:
+            ref = self._piece_anchor
+            head = self.backend.decode(ref, skip_special_tokens=False)
+            text = self.backend.decode(ref + [int(token_id)], skip_special_tokens=False)
+            cached = text[len(head):] if text.startswith(head) else \
+                self.backend.decode([int(token_id)], skip_special_tokens=False)
+            if len(self._pieces) < 1 << 20:
+                self._pieces[token_id] = cached
+        return cached
 
     def stream(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> StreamDecoder:
         """An incremental decoder.  `context` (the prompt) is decoded with the new tokens but
