@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
 import time
 
@@ -56,7 +57,10 @@ def add_parsers(sub) -> None:
 
 def _model_arg(p) -> None:
     p.add_argument("model", metavar="ART|MODEL", help="an artifact, or a model compiled on first use")
-    p.add_argument("--kv-tokens", type=at_least(1), default=4096, help="KV cache size in tokens (default 4096)")
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument("--kv-tokens", type=at_least(1), default=None, help="KV cache size in tokens (default 4096)")
+    kv.add_argument("--kv-capacity", type=capacity, default=None, metavar="TOKENS|SIZE",
+                    help="KV cache size as tokens (4096) or memory (512MiB, 2GiB, 1.5GB)")
     p.add_argument("--quant", metavar="SPEC", default=None,
                    help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
 
@@ -81,7 +85,29 @@ def _sampling(args) -> dict:
 
 def _engine(args):
     from amxc.api import load
-    return load(args.model, quant=args.quant, progress=True, kv_tokens=args.kv_tokens)
+    tokens, nbytes = args.kv_tokens, None
+    if args.kv_capacity is not None:
+        kind, value = args.kv_capacity
+        tokens, nbytes = (value, None) if kind == "tokens" else (None, value)
+    return load(args.model, quant=args.quant, progress=True, kv_tokens=tokens, kv_bytes=nbytes)
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def capacity(text: str) -> tuple[str, int]:
+    """An argparse type: ('tokens', n) for a plain integer, ('bytes', n) for a size with a unit."""
+    import argparse
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or (unit and unit not in _UNITS) or (not unit and "." in m.group(1)):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a token count (4096) nor a size (512MiB, 2GiB)")
+    value = int(float(m.group(1)) * _UNITS[unit]) if unit else int(m.group(1))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the KV cache needs a positive size")
+    return ("bytes" if unit else "tokens"), value
 
 
 def cmd_run(args) -> int:
@@ -107,8 +133,8 @@ def cmd_run(args) -> int:
 
 def _warn_cut(reason: str | None, args) -> None:
     if reason == "kv_full":
-        print(f"amxc: warning: the KV cache ({args.kv_tokens} tokens, --kv-tokens) filled up; the "
-              f"output stops there", file=sys.stderr)
+        print("amxc: warning: the KV cache filled up (--kv-tokens / --kv-capacity); the output stops there",
+              file=sys.stderr)
 
 
 def at_least(low: int):
@@ -210,15 +236,26 @@ def cmd_serve(args) -> int:
     if args.port > 65535:
         from amxc.errors import UsageError
         raise UsageError(f"--port {args.port} is not a TCP port (1-65535)")
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = _engine(args)
+    engine.warm_up()
     service = EngineService(engine, max_queue=args.max_queue)
     name = args.served_model_name or engine.module.name
     app = create_app(service, name, api_key=args.api_key)
-    print(f"amxc: serving {name} on http://{args.host}:{args.port}/v1 ({engine.program.name})", file=sys.stderr)
+    kv = engine.settings
+    print(f"amxc: serving {name} on http://{args.host}:{args.port}/v1 ({engine.program.name}, KV cache "
+          f"{kv.num_blocks * kv.block_size} tokens, {engine.scheduler.storage.nbytes / 2**20:.0f} MiB)",
+          file=sys.stderr)
+    # On SIGTERM uvicorn stops accepting, lets the requests in flight finish (30 s at most), puts
+    # back the handler it found and raises the signal again: this no-op handler makes that a
+    # normal return, so the engine is closed below and the exit status is 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     finally:
-        service.close(drain=True, timeout=60)           # SIGTERM: uvicorn stops accepting, requests finish
+        service.close(drain=True, timeout=60)
+    print("amxc: server stopped", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,8 @@ interpreter), chosen by the engine's Settings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -20,10 +21,11 @@ from amxc.backends.toolchain import BuildError
 from amxc.ir import Module
 
 from .artifact import ArtifactError, load_artifact
-from .blocks import KVCacheError
+from .blocks import BlockStats, KVCacheError
 from .errors import RequestError
+from .kv_cache import KVStorage
 from .sampling import SamplingParams
-from .scheduler import Event, Request, Scheduler
+from .scheduler import Event, Request, Scheduler, SchedulerStats
 from .settings import Settings
 
 
@@ -95,11 +97,14 @@ class Engine:
             if fn not in module.functions:
                 raise ArtifactError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
         self.settings = (settings or Settings.from_env()).with_overrides(**overrides)
+        cache_type = module.functions["prefill"].args[-1].type
+        if self.settings.kv_bytes is not None:
+            self.settings = _kv_tokens_for(self.settings, cache_type)
         self.module, self.manifest, self.tokenizer = module, manifest or {}, tokenizer
         self.program = program if program is not None else default_program(module, self.settings)
         self.config = self.manifest.get("config", dict(module.attrs))
         self.context = _context_length(self.config)
-        self.scheduler = Scheduler(self.program, module.functions["prefill"].args[-1].type, self.settings,
+        self.scheduler = Scheduler(self.program, cache_type, self.settings,
                                    tokenizer=tokenizer, context=self.context)
         self.last_timings = Timings()
 
@@ -115,6 +120,19 @@ class Engine:
     @property
     def blocks(self):
         return self.scheduler.blocks
+
+    def warm_up(self, tokens: int = 32) -> float:
+        """Run one short prompt and two decode steps, then forget them (cache and counters), so
+        that a server's first request does not pay for first-touch costs (weight pages, thread
+        start-up: ~0.3 s for SmolLM2).  Returns the seconds it took."""
+        t0 = time.perf_counter()
+        vocab = getattr(self.program, "embed_rows", 0) or 2
+        ids = [i % vocab for i in range(1, tokens + 1)]
+        self.generate(ids, max_new_tokens=2, ignore_eos=True)
+        self.reset_prefix_cache()
+        self.scheduler.stats = SchedulerStats()
+        self.scheduler.blocks.stats = BlockStats()
+        return time.perf_counter() - t0
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prompt blocks no request holds (benchmarks: a cold prefill)."""
@@ -291,6 +309,16 @@ class Engine:
             elif s:
                 strings.append(s)
         return ids, strings
+
+
+def _kv_tokens_for(settings: Settings, cache_type) -> Settings:
+    """Settings whose kv_tokens fill settings.kv_bytes of KV cache (whole blocks)."""
+    per_token = KVStorage.bytes_per_token(cache_type)
+    blocks = settings.kv_bytes // (per_token * settings.block_size)
+    if blocks < 1:
+        raise KVCacheError(f"a KV cache of {settings.kv_bytes} bytes holds less than one block of "
+                           f"{settings.block_size} tokens ({per_token} bytes per token, {cache_type}); allow more")
+    return replace(settings, kv_tokens=blocks * settings.block_size, kv_bytes=None)
 
 
 def _context_length(config: dict) -> int | None:

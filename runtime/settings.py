@@ -14,14 +14,17 @@ from amxc.backends.program import NativeOptions
 class Settings:
     native: NativeOptions = field(default_factory=NativeOptions)
     kv_tokens: int = 4096            # KV cache capacity, tokens (rounded up to whole blocks)
+    kv_bytes: int | None = None      # or its memory, bytes: the engine turns it into tokens
     block_size: int = 16             # tokens per KV block
     max_batch_tokens: int = 512      # tokens one step computes (decode rows + prefill chunks)
     max_seqs: int = 64               # sequences running at once
     prefix_caching: bool = True
 
     def __post_init__(self):
-        for name in ("kv_tokens", "block_size", "max_batch_tokens", "max_seqs"):
+        for name in ("kv_tokens", "block_size", "max_batch_tokens", "max_seqs", "kv_bytes"):
             value = getattr(self, name)
+            if name == "kv_bytes" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"settings: {name} must be a positive integer, got {value!r}")
 

@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -61,10 +62,11 @@ class LiveServer:
         raise KeyError(f"{name} not in /metrics")
 
 
-@pytest.fixture(scope="module")
-def server(smollm2_art):
-    engine = Engine.load(smollm2_art)
-    service = EngineService(engine, max_queue=8)
+@contextmanager
+def live_server(art, *, max_queue: int = 8, **settings):
+    """Serve the artifact at `art` (engine settings as keyword overrides) on a free loopback port."""
+    engine = Engine.load(art, **settings)
+    service = EngineService(engine, max_queue=max_queue)
     port = free_port()
     config = uvicorn.Config(create_app(service, SERVED_NAME, api_key=API_KEY), host="127.0.0.1", port=port,
                             log_level="error")
@@ -75,7 +77,21 @@ def server(smollm2_art):
     while not srv.started:
         assert time.time() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield LiveServer(f"http://127.0.0.1:{port}", Engine.load(smollm2_art), service)
-    srv.should_exit = True
-    thread.join(10)
-    service.close(drain=False, timeout=10)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", Engine.load(art), service)
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        service.close(drain=False, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_art):
+    with live_server(smollm2_art) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def serve():
+    """live_server, for tests that need a server with other settings."""
+    return live_server
