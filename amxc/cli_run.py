@@ -239,8 +239,8 @@ def cmd_serve(args) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     engine = _engine(args)
-    engine.warm_up()
-    service = EngineService(engine, max_queue=args.max_queue)
+    service = EngineService(engine, max_queue=args.max_queue, warm_up=True)
+    service.ready.wait()
     name = args.served_model_name or engine.module.name
     app = create_app(service, name, api_key=args.api_key)
     kv = engine.settings

@@ -7,6 +7,12 @@ queue (an asyncio.Queue fed with call_soon_threadsafe when the caller is a corou
 engine thread sleeps on a condition when there is nothing to do (no spinning: on two cores a
 busy-waiting server thread would take a CPU from the kernels), and a bounded waiting queue
 turns overload into an immediate refusal (the server's 429) instead of unbounded latency.
+
+The engine thread is the only thread that runs the native program, its warm-up included:
+each thread that opens OpenMP parallel regions gets a team of its own, and once libgomp
+manages more threads than there are CPUs it stops spinning between regions (GOMP's throttled
+spin count), which made every decode step 4x slower on two cores (7 -> 29 ms, SmolLM2 NF4)
+when the main thread had warmed the engine up.
 """
 from __future__ import annotations
 
@@ -59,8 +65,11 @@ class Ticket:
 
 
 class EngineService:
-    def __init__(self, engine, *, max_queue: int = 256):
+    def __init__(self, engine, *, max_queue: int = 256, warm_up: bool = False):
+        """`warm_up`: run Engine.warm_up on the engine thread before the first request;
+        `ready` is set when the thread serves."""
         self.engine, self.scheduler, self.max_queue = engine, engine.scheduler, max_queue
+        self.warm_up, self.ready = warm_up, threading.Event()
         self._cv = threading.Condition()
         self._commands: deque = deque()
         self._tickets: dict[int, Ticket] = {}
@@ -111,6 +120,11 @@ class EngineService:
 
     # -- the engine thread -----------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            if self.warm_up:
+                self.engine.warm_up()
+        finally:
+            self.ready.set()
         while True:
             with self._cv:
                 while not self._commands and not self.scheduler.has_work and not self._closing:
