@@ -65,7 +65,6 @@ class Request:
     logprobs: int | None = None           # report each generated token's logprob and this many top ones
     prompt_logprobs: int | None = None    # the same for the prompt's tokens (their first has none)
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_lps: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None      # "stop", "length", "kv_full", "abort"
     status: str = WAITING
@@ -364,8 +363,6 @@ class Scheduler:
         token = req.sampler(logits, history)
         req.output_ids.append(token)
         lp = None if req.logprobs is None else token_logprob(logits, token, req.logprobs)
-        if lp is not None:
-            req.output_logprobs.append(lp)
         self.stats.generated_tokens += 1
         if req.stats.first_token is None:
             req.stats.first_token = time.perf_counter()

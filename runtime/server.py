@@ -191,7 +191,7 @@ def create_app(service: EngineService, model_name: str, api_key: str | None = No
                               add_special_tokens=add_special, ignore_eos=req.ignore_eos, logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs, name=name)
         except RequestError as e:
-            raise APIError(400, str(e), "prompt" if "prompt" in str(e) or "token id" in str(e) else None) from None
+            raise APIError(400, str(e)) from None
 
     async def start(sub):
         try:
@@ -245,7 +245,7 @@ def create_app(service: EngineService, model_name: str, api_key: str | None = No
             for t in tickets:
                 service.abort(t)
             raise
-        texts = [p if isinstance(p, str) else piece_text(sub.prompt_ids) for p, sub in zip(prompts, subs)]
+        texts = [p if isinstance(p, str) else decode_prompt(sub.prompt_ids) for p, sub in zip(prompts, subs)]
         if req.stream:
             return StreamingResponse(stream_completion(rid, subs[0], tickets[0], req, texts[0]),
                                      media_type="text/event-stream")
@@ -268,7 +268,7 @@ def create_app(service: EngineService, model_name: str, api_key: str | None = No
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage(sum(len(s.prompt_ids) for s in subs), generated)}
 
-    def piece_text(ids: list[int]) -> str:
+    def decode_prompt(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False) if tokenizer is not None else ""
 
     def prompt_entries(sub, ticket) -> list:

@@ -55,7 +55,8 @@ class Submission:
 @dataclass
 class Ticket:
     """A submitted request: its id (once the engine thread accepted it) and its event stream.
-    `prompt_logprobs` is set (by the engine thread) before the first event is delivered."""
+    `prompt_logprobs`: [] while a request that asked for them is being scored; the engine thread
+    fills it in before delivering the request's first event."""
     loop: asyncio.AbstractEventLoop
     name: str = ""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -82,7 +83,8 @@ class EngineService:
     async def submit(self, sub: Submission) -> Ticket:
         """Queue a request; its events (scheduler.Event, or an exception) arrive on ticket.queue.
         Raises QueueFull or ServiceClosed at once, RequestError when the engine refuses it."""
-        ticket = Ticket(asyncio.get_running_loop(), sub.name)
+        ticket = Ticket(asyncio.get_running_loop(), sub.name,
+                        prompt_logprobs=[] if sub.prompt_logprobs is not None else None)
         accepted = ticket.loop.create_future()
         with self._cv:
             if self._closing:
@@ -188,10 +190,8 @@ class EngineService:
                 self._forget(rid)
 
     def _deliver(self, ticket: Ticket, item) -> None:
-        if ticket.prompt_logprobs is None and ticket.id is not None:
-            req = self.scheduler.requests.get(ticket.id)
-            if req is not None and req.prompt_logprobs is not None and not req.scoring_prompt:
-                ticket.prompt_logprobs = list(req.prompt_lps)
+        if ticket.prompt_logprobs == [] and ticket.id in self.scheduler.requests:
+            ticket.prompt_logprobs = list(self.scheduler.requests[ticket.id].prompt_lps)
         ticket.loop.call_soon_threadsafe(ticket.queue.put_nowait, item)
 
     def _forget(self, rid: int) -> None:

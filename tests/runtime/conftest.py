@@ -53,13 +53,15 @@ class LiveServer:
             payload = text
         return r.status, payload, dict(r.getheaders())
 
-    def metric(self, name: str) -> float:
-        """A sample's value from /metrics (the first line naming it)."""
+    def metric(self, name: str, default: float | None = None) -> float:
+        """A sample's value from /metrics (the first line naming it; `default` if none does)."""
         _, text, _ = self.call("/metrics")
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
-        raise KeyError(f"{name} not in /metrics")
+        if default is None:
+            raise KeyError(f"{name} not in /metrics")
+        return default
 
 
 @contextmanager

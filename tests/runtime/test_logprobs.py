@@ -1,5 +1,6 @@
 """Logprobs from the scheduler (what the server's `logprobs`, `top_logprobs` and `echo` report)
-against the oracle: log-softmax of one whole-prompt prefill's logits (Engine.logits), in float64.
+against the oracle: torch's log-softmax (not amxc's) of one whole-prompt prefill's logits
+(Engine.logits), in float64.
 
 Tolerance 1e-4 on log-probabilities of the exact path: the scheduler computes the same tokens
 in chunks of another size and in decode steps, which the kernels make bit-identical on the
@@ -8,15 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from amxc.backends.program import NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
 from amxc.runtime.engine import Engine
 from amxc.runtime.errors import RequestError
-from amxc.runtime.logprobs import log_softmax, token_logprob
+from amxc.runtime.logprobs import token_logprob
 from amxc.runtime.tokenizer import Tokenizer
 
 TOL = 1e-4
+
+
+def log_softmax(logits) -> np.ndarray:
+    return torch.log_softmax(torch.as_tensor(np.asarray(logits, np.float64)), dim=-1).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def test_token_logprob_top_is_sorted_and_contains_the_argmax():
     logits = np.array([0.5, 2.0, 2.0, -1.0, 3.0])
     lp = token_logprob(logits, 3, top=3)
     ref = log_softmax(logits)
-    assert lp.logprob == pytest.approx(ref[3]) and np.exp(ref).sum() == pytest.approx(1.0)
+    assert lp.logprob == pytest.approx(ref[3])
     assert [i for i, _ in lp.top] == [4, 1, 2]                 # ties: lower id first
     assert token_logprob(logits, 0, top=0).top == ()
 
