@@ -31,7 +31,7 @@ class Generated:
 
 
 def generate(module: Module, tier: str, limits: Limits = Limits(), gemv: str = "int8",
-             tiles: str = "bf16", profile: bool = False, trace: bool = False) -> Generated:
+             tiles: str = "int8", profile: bool = False, trace: bool = False) -> Generated:
     p = plan(module, tier, limits, gemv, tiles)
     bodies, profiled = [], {}
     for fp in p.functions:

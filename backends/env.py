@@ -8,7 +8,7 @@ import os
 CHOICES = {
     "AMXC_EXECUTOR": (("native", "interpreter"), "native"),
     "AMXC_GEMV": (("int8", "exact"), "int8"),
-    "AMXC_TILES": (("bf16", "int8", "off"), "bf16"),
+    "AMXC_TILES": (("int8", "bf16", "off"), "int8"),
     "AMXC_PROFILE": (("0", "1"), "0"),
 }
 

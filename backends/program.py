@@ -40,12 +40,13 @@ class NativeOptions:
     """How to run a module.  executor: "native" or "interpreter"; tier: an ISA tier or "auto";
     threads: None for every CPU this process may use; gemv: "int8" (decode rows on int8
     activations) or "exact" (fp32 arithmetic everywhere, the same bits for a row whatever else
-    is in its step); tiles: AMX tile mode ("bf16", "int8", "off")."""
+    is in its step); tiles: AMX tile mode ("int8": the int8 GEMV's bits, the default; "bf16": faster prefill,
+    whose results depend on the chunk size; "off")."""
     executor: str = "native"
     tier: str = "auto"
     threads: int | None = None
     gemv: str = "int8"
-    tiles: str = "bf16"
+    tiles: str = "int8"
     profile: bool = False
 
     @classmethod

@@ -824,8 +824,8 @@ static constexpr int64_t OFF_prefill_0 = 0;
 static constexpr int64_t OFF_prefill_1 = 131072;
 static constexpr int64_t OFF_prefill_2 = 147456;
 static constexpr int64_t OFF_prefill_3 = 131072;
-static constexpr int64_t OFF_prefill_4 = 1097728;
-static constexpr int64_t OFF_prefill_5 = 1114112;
+static constexpr int64_t OFF_prefill_4 = 1138688;
+static constexpr int64_t OFF_prefill_5 = 1155072;
 static constexpr int64_t OFF_prefill_6 = 131072;
 static constexpr int64_t OFF_prefill_7 = 262144;
 static constexpr int64_t OFF_prefill_8 = 393216;
@@ -900,22 +900,22 @@ static constexpr int64_t OFF_prefill_76 = 0;
 static constexpr int64_t TMP_prefill_0 = 524288;
 static constexpr int64_t TMP_prefill_1 = 262144;
 static constexpr int64_t TMP_prefill_2 = 0;
-static constexpr int64_t TMP_prefill_3 = 1130496;
+static constexpr int64_t TMP_prefill_3 = 1097728;
 static constexpr int64_t TMP_prefill_4 = 352256;
 static constexpr int64_t TMP_prefill_5 = 393216;
 static constexpr int64_t TMP_prefill_6 = 131072;
 static constexpr int64_t TMP_prefill_7 = 0;
-static constexpr int64_t TMP_prefill_8 = 1130496;
+static constexpr int64_t TMP_prefill_8 = 1097728;
 static constexpr int64_t TMP_prefill_9 = 352256;
 static constexpr int64_t TMP_prefill_10 = 393216;
 static constexpr int64_t TMP_prefill_11 = 131072;
 static constexpr int64_t TMP_prefill_12 = 0;
-static constexpr int64_t TMP_prefill_13 = 1130496;
+static constexpr int64_t TMP_prefill_13 = 1097728;
 static constexpr int64_t TMP_prefill_14 = 352256;
 static constexpr int64_t TMP_prefill_15 = 393216;
 static constexpr int64_t TMP_prefill_16 = 131072;
 static constexpr int64_t TMP_prefill_17 = 0;
-static constexpr int64_t TMP_prefill_18 = 1130496;
+static constexpr int64_t TMP_prefill_18 = 1097728;
 static constexpr int64_t TMP_prefill_19 = 352256;
 static constexpr int64_t TMP_prefill_20 = 393216;
 static constexpr int64_t TMP_prefill_21 = 131072;
@@ -946,21 +946,21 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm  [model.layers.0.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_0)), ((const float*)a->W[1]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_6)));
   // linear_nf4 -> %linear  [model.layers.0.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 256), (int32_t*)((a->ws + TMP_prefill_0) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 256), (int32_t*)((a->ws + TMP_prefill_0) + 272), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_7)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_7)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_7)), nt); }
   // permute -> %transpose  [model.layers.0.self_attn (modeling_llama.py:244)]
   const int64_t pshp10[] = {b, s, 8, 8};
   const int perm10[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_7)), (uint8_t*)((float*)(a->ws + OFF_prefill_8)), 4, 4, pshp10, perm10);
   // linear_nf4 -> %linear_1  [model.layers.0.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 256), (int32_t*)((a->ws + TMP_prefill_0) + 272), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
   // permute -> %transpose_1  [model.layers.0.self_attn (modeling_llama.py:245)]
   const int64_t pshp13[] = {b, s, 4, 8};
   const int perm13[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_9)), (uint8_t*)((float*)(a->ws + OFF_prefill_10)), 4, 4, pshp13, perm13);
   // linear_nf4 -> %linear_2  [model.layers.0.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 256), (int32_t*)((a->ws + TMP_prefill_0) + 272), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
   // permute -> %transpose_2  [model.layers.0.self_attn (modeling_llama.py:246)]
   const int64_t pshp16[] = {b, s, 4, 8};
@@ -981,15 +981,15 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm22[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_15)), (uint8_t*)((float*)(a->ws + OFF_prefill_16)), 4, 4, pshp22, perm22);
   // linear_nf4 -> %linear_3  [model.layers.0.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 256), (int32_t*)((a->ws + TMP_prefill_1) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 256), (int32_t*)((a->ws + TMP_prefill_1) + 272), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
   // rms_norm -> %rms_norm_1  [model.layers.0.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_17)), ((const float*)a->W[5]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_18)));
   // mlp_swiglu -> %mlp_swiglu  [model.layers.0.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 256), (int32_t*)((a->ws + TMP_prefill_3) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 256), (int32_t*)((a->ws + TMP_prefill_3) + 272), ((b)*(s)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); } else {
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 256), (int32_t*)((a->ws + TMP_prefill_3) + 272), ((b)*(s)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_4), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 32768), (int32_t*)((a->ws + TMP_prefill_3) + 34816)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 32768), (int32_t*)((a->ws + TMP_prefill_3) + 34816), ((b)*(s)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); } else {
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 32768), (int32_t*)((a->ws + TMP_prefill_3) + 34816), ((b)*(s)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_4), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), ((const uint8_t*)a->W[3]) + 0, ((const uint8_t*)a->W[3]) + 5632, (const float*)(((const uint8_t*)a->W[3]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_4), nt); }
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 256), (int32_t*)((a->ws + TMP_prefill_3) + 272), ((b)*(s)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_3), (float*)((a->ws + TMP_prefill_3) + 32768), (int32_t*)((a->ws + TMP_prefill_3) + 34816), ((b)*(s)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_4), (float*)(a->ws + TMP_prefill_2), (float*)(a->ws + TMP_prefill_2), (((b)*(s)))*172);
   }
@@ -997,21 +997,21 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_19)), ((const float*)a->W[10]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_20)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 256), (int32_t*)((a->ws + TMP_prefill_5) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 256), (int32_t*)((a->ws + TMP_prefill_5) + 272), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_21)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_21)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_21)), nt); }
   // permute -> %transpose_4  [model.layers.1.self_attn (modeling_llama.py:244)]
   const int64_t pshp32[] = {b, s, 8, 8};
   const int perm32[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_21)), (uint8_t*)((float*)(a->ws + OFF_prefill_22)), 4, 4, pshp32, perm32);
   // linear_nf4 -> %linear_8  [model.layers.1.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 256), (int32_t*)((a->ws + TMP_prefill_5) + 272), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
   // permute -> %transpose_5  [model.layers.1.self_attn (modeling_llama.py:245)]
   const int64_t pshp35[] = {b, s, 4, 8};
   const int perm35[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_23)), (uint8_t*)((float*)(a->ws + OFF_prefill_24)), 4, 4, pshp35, perm35);
   // linear_nf4 -> %linear_9  [model.layers.1.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 256), (int32_t*)((a->ws + TMP_prefill_5) + 272), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
   // permute -> %transpose_6  [model.layers.1.self_attn (modeling_llama.py:246)]
   const int64_t pshp38[] = {b, s, 4, 8};
@@ -1032,15 +1032,15 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm42[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_29)), (uint8_t*)((float*)(a->ws + OFF_prefill_30)), 4, 4, pshp42, perm42);
   // linear_nf4 -> %linear_10  [model.layers.1.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 256), (int32_t*)((a->ws + TMP_prefill_6) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 256), (int32_t*)((a->ws + TMP_prefill_6) + 272), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
   // rms_norm -> %rms_norm_3  [model.layers.1.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_31)), ((const float*)a->W[14]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_32)));
   // mlp_swiglu -> %mlp_swiglu_1  [model.layers.1.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 256), (int32_t*)((a->ws + TMP_prefill_8) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 256), (int32_t*)((a->ws + TMP_prefill_8) + 272), ((b)*(s)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); } else {
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 256), (int32_t*)((a->ws + TMP_prefill_8) + 272), ((b)*(s)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_9), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 32768), (int32_t*)((a->ws + TMP_prefill_8) + 34816)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 32768), (int32_t*)((a->ws + TMP_prefill_8) + 34816), ((b)*(s)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); } else {
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 32768), (int32_t*)((a->ws + TMP_prefill_8) + 34816), ((b)*(s)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_9), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), ((const uint8_t*)a->W[12]) + 0, ((const uint8_t*)a->W[12]) + 5632, (const float*)(((const uint8_t*)a->W[12]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_9), nt); }
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 256), (int32_t*)((a->ws + TMP_prefill_8) + 272), ((b)*(s)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_8), (float*)((a->ws + TMP_prefill_8) + 32768), (int32_t*)((a->ws + TMP_prefill_8) + 34816), ((b)*(s)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_9), (float*)(a->ws + TMP_prefill_7), (float*)(a->ws + TMP_prefill_7), (((b)*(s)))*172);
   }
@@ -1048,21 +1048,21 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_33)), ((const float*)a->W[19]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_34)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 256), (int32_t*)((a->ws + TMP_prefill_10) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 256), (int32_t*)((a->ws + TMP_prefill_10) + 272), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_35)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_35)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_35)), nt); }
   // permute -> %transpose_8  [model.layers.2.self_attn (modeling_llama.py:244)]
   const int64_t pshp52[] = {b, s, 8, 8};
   const int perm52[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_35)), (uint8_t*)((float*)(a->ws + OFF_prefill_36)), 4, 4, pshp52, perm52);
   // linear_nf4 -> %linear_15  [model.layers.2.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 256), (int32_t*)((a->ws + TMP_prefill_10) + 272), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
   // permute -> %transpose_9  [model.layers.2.self_attn (modeling_llama.py:245)]
   const int64_t pshp55[] = {b, s, 4, 8};
   const int perm55[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_37)), (uint8_t*)((float*)(a->ws + OFF_prefill_38)), 4, 4, pshp55, perm55);
   // linear_nf4 -> %linear_16  [model.layers.2.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 256), (int32_t*)((a->ws + TMP_prefill_10) + 272), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
   // permute -> %transpose_10  [model.layers.2.self_attn (modeling_llama.py:246)]
   const int64_t pshp58[] = {b, s, 4, 8};
@@ -1083,15 +1083,15 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm62[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_43)), (uint8_t*)((float*)(a->ws + OFF_prefill_44)), 4, 4, pshp62, perm62);
   // linear_nf4 -> %linear_17  [model.layers.2.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 256), (int32_t*)((a->ws + TMP_prefill_11) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 256), (int32_t*)((a->ws + TMP_prefill_11) + 272), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
   // rms_norm -> %rms_norm_5  [model.layers.2.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_45)), ((const float*)a->W[23]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_46)));
   // mlp_swiglu -> %mlp_swiglu_2  [model.layers.2.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 256), (int32_t*)((a->ws + TMP_prefill_13) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 256), (int32_t*)((a->ws + TMP_prefill_13) + 272), ((b)*(s)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); } else {
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 256), (int32_t*)((a->ws + TMP_prefill_13) + 272), ((b)*(s)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_14), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 32768), (int32_t*)((a->ws + TMP_prefill_13) + 34816)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 32768), (int32_t*)((a->ws + TMP_prefill_13) + 34816), ((b)*(s)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); } else {
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 32768), (int32_t*)((a->ws + TMP_prefill_13) + 34816), ((b)*(s)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_14), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), ((const uint8_t*)a->W[21]) + 0, ((const uint8_t*)a->W[21]) + 5632, (const float*)(((const uint8_t*)a->W[21]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_14), nt); }
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 256), (int32_t*)((a->ws + TMP_prefill_13) + 272), ((b)*(s)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_13), (float*)((a->ws + TMP_prefill_13) + 32768), (int32_t*)((a->ws + TMP_prefill_13) + 34816), ((b)*(s)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_14), (float*)(a->ws + TMP_prefill_12), (float*)(a->ws + TMP_prefill_12), (((b)*(s)))*172);
   }
@@ -1099,21 +1099,21 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_47)), ((const float*)a->W[28]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_48)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 256), (int32_t*)((a->ws + TMP_prefill_15) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 256), (int32_t*)((a->ws + TMP_prefill_15) + 272), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_49)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_49)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_49)), nt); }
   // permute -> %transpose_12  [model.layers.3.self_attn (modeling_llama.py:244)]
   const int64_t pshp72[] = {b, s, 8, 8};
   const int perm72[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_49)), (uint8_t*)((float*)(a->ws + OFF_prefill_50)), 4, 4, pshp72, perm72);
   // linear_nf4 -> %linear_22  [model.layers.3.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 256), (int32_t*)((a->ws + TMP_prefill_15) + 272), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
   // permute -> %transpose_13  [model.layers.3.self_attn (modeling_llama.py:245)]
   const int64_t pshp75[] = {b, s, 4, 8};
   const int perm75[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_51)), (uint8_t*)((float*)(a->ws + OFF_prefill_52)), 4, 4, pshp75, perm75);
   // linear_nf4 -> %linear_23  [model.layers.3.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 256), (int32_t*)((a->ws + TMP_prefill_15) + 272), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
   // permute -> %transpose_14  [model.layers.3.self_attn (modeling_llama.py:246)]
   const int64_t pshp78[] = {b, s, 4, 8};
@@ -1134,15 +1134,15 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm82[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_57)), (uint8_t*)((float*)(a->ws + OFF_prefill_58)), 4, 4, pshp82, perm82);
   // linear_nf4 -> %linear_24  [model.layers.3.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 256), (int32_t*)((a->ws + TMP_prefill_16) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 256), (int32_t*)((a->ws + TMP_prefill_16) + 272), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
   // rms_norm -> %rms_norm_7  [model.layers.3.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_59)), ((const float*)a->W[32]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_60)));
   // mlp_swiglu -> %mlp_swiglu_3  [model.layers.3.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 256), (int32_t*)((a->ws + TMP_prefill_18) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 256), (int32_t*)((a->ws + TMP_prefill_18) + 272), ((b)*(s)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); } else {
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 256), (int32_t*)((a->ws + TMP_prefill_18) + 272), ((b)*(s)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_19), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 32768), (int32_t*)((a->ws + TMP_prefill_18) + 34816)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 32768), (int32_t*)((a->ws + TMP_prefill_18) + 34816), ((b)*(s)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); } else {
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 32768), (int32_t*)((a->ws + TMP_prefill_18) + 34816), ((b)*(s)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_19), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), ((const uint8_t*)a->W[30]) + 0, ((const uint8_t*)a->W[30]) + 5632, (const float*)(((const uint8_t*)a->W[30]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_19), nt); }
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 256), (int32_t*)((a->ws + TMP_prefill_18) + 272), ((b)*(s)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_18), (float*)((a->ws + TMP_prefill_18) + 32768), (int32_t*)((a->ws + TMP_prefill_18) + 34816), ((b)*(s)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_19), (float*)(a->ws + TMP_prefill_17), (float*)(a->ws + TMP_prefill_17), (((b)*(s)))*172);
   }
@@ -1150,21 +1150,21 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_61)), ((const float*)a->W[37]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_62)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 256), (int32_t*)((a->ws + TMP_prefill_20) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 256), (int32_t*)((a->ws + TMP_prefill_20) + 272), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_63)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_63)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_63)), nt); }
   // permute -> %transpose_16  [model.layers.4.self_attn (modeling_llama.py:244)]
   const int64_t pshp92[] = {b, s, 8, 8};
   const int perm92[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_63)), (uint8_t*)((float*)(a->ws + OFF_prefill_64)), 4, 4, pshp92, perm92);
   // linear_nf4 -> %linear_29  [model.layers.4.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 256), (int32_t*)((a->ws + TMP_prefill_20) + 272), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
   // permute -> %transpose_17  [model.layers.4.self_attn (modeling_llama.py:245)]
   const int64_t pshp95[] = {b, s, 4, 8};
   const int perm95[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_65)), (uint8_t*)((float*)(a->ws + OFF_prefill_66)), 4, 4, pshp95, perm95);
   // linear_nf4 -> %linear_30  [model.layers.4.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 256), (int32_t*)((a->ws + TMP_prefill_20) + 272), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
   // permute -> %transpose_18  [model.layers.4.self_attn (modeling_llama.py:246)]
   const int64_t pshp98[] = {b, s, 4, 8};
@@ -1185,15 +1185,15 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm102[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_71)), (uint8_t*)((float*)(a->ws + OFF_prefill_72)), 4, 4, pshp102, perm102);
   // linear_nf4 -> %linear_31  [model.layers.4.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 256), (int32_t*)((a->ws + TMP_prefill_21) + 272)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 256), (int32_t*)((a->ws + TMP_prefill_21) + 272), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
   // rms_norm -> %rms_norm_9  [model.layers.4.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_73)), ((const float*)a->W[41]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_74)));
   // mlp_swiglu -> %mlp_swiglu_4  [model.layers.4.mlp.down_proj (modeling_llama.py:164)]
-  if (((b)*(s)) <= 4) { q8_ref_64(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 256), (int32_t*)((a->ws + TMP_prefill_23) + 272)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 256), (int32_t*)((a->ws + TMP_prefill_23) + 272), ((b)*(s)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); } else {
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 256), (int32_t*)((a->ws + TMP_prefill_23) + 272), ((b)*(s)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_24), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 32768), (int32_t*)((a->ws + TMP_prefill_23) + 34816)); gemv_nf4_avx2_172_64_fp8_e4m3_256_pair((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 32768), (int32_t*)((a->ws + TMP_prefill_23) + 34816), ((b)*(s)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); } else {
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 32768), (int32_t*)((a->ws + TMP_prefill_23) + 34816), ((b)*(s)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_24), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), ((const uint8_t*)a->W[39]) + 0, ((const uint8_t*)a->W[39]) + 5632, (const float*)(((const uint8_t*)a->W[39]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_24), nt); }
-  if (((b)*(s)) <= 4) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 256), (int32_t*)((a->ws + TMP_prefill_23) + 272), ((b)*(s)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); }
+  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_172_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_23), (float*)((a->ws + TMP_prefill_23) + 32768), (int32_t*)((a->ws + TMP_prefill_23) + 34816), ((b)*(s)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); }
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_24), (float*)(a->ws + TMP_prefill_22), (float*)(a->ws + TMP_prefill_22), (((b)*(s)))*172);
   }
@@ -1493,5 +1493,5 @@ extern "C" int amxc_decode(const StepArgs* a) {
   return 0;
 }
 
-extern "C" int64_t amxc_workspace_bytes() { return 1130816; }
+extern "C" int64_t amxc_workspace_bytes() { return 1171456; }
 extern "C" int64_t amxc_num_params() { return 48; }
