@@ -47,7 +47,12 @@ EXACT_TOL = 1e-3
 #: bounds are ~2x the larger of the two realizations (1.5x for SmolLM2's rel-RMS, 12 steps).
 #: A defect fails them by far: activation scales off by 2x give max 18.7-69 and rel-RMS
 #: 0.7-4.9; off by 1.1x max 3.0-11.7; block absmax over 32 of the 64 values max 23-45.
-INT8_TOL = {"stories": (0.7, 0.025), "smollm2": (3.0, 0.10)}
+#: Since the prefill also runs int8 activations (every NF4 row count on the same numerics, so
+#: results do not depend on chunking), the prompt's keys and values carry that rounding too:
+#: SmolLM2 measures max 1.96 / 1.95 and rel-RMS 0.098 / 0.106 on the AMX host (stories 0.27 /
+#: 0.45, 0.010 / 0.015), so SmolLM2's rel-RMS bound is 1.5x the new 0.106.  (Perplexity of
+#: SmolLM2 NF4 on botchan.txt, 4096 tokens: exact 39.64, int8 40.02, bf16 tiles 39.65.)
+INT8_TOL = {"stories": (0.7, 0.025), "smollm2": (3.0, 0.16)}
 
 #: prompts of >= TILE_ROWS tokens: the prefill GEMMs run on AMX tiles
 LONG_PROMPTS = {
@@ -176,13 +181,13 @@ def test_nf4_exact_path_equals_the_interpreter(artifacts, reference, model, quan
 def test_nf4_int8_decode_teacher_forced_against_the_interpreter(artifacts, reference, model, quant, tier):
     """The int8-activation decode (AMXC_GEMV=int8) on every tier, teacher-forced on the
     interpreter's greedy tokens: every step's logits within INT8_TOL of the interpreter's (a
-    fixed bound, not the path's own error: see INT8_TOL).  Step 0 is the prefill (exact path)."""
+    fixed bound, not the path's own error: see INT8_TOL).  Step 0 is the prefill, on the same
+    int8 numerics (NF4 rows run int8 activations at every row count)."""
     prompt, want, ref_logits = reference(model, quant)
     e = engine(artifacts[model, quant], tier=tier, gemv="int8")
     assert e.program.name == f"native-{tier}" and e.program.gemv == "int8"
     logits, _ = step_logits(e, prompt, len(want), forced=want)
     diff = logits - ref_logits
-    assert np.abs(diff[0]).max() <= EXACT_TOL            # the prefill runs no int8 GEMV
     worst = np.abs(diff).max(axis=1)
     rel_rms = np.sqrt((diff ** 2).mean(axis=1)) / ref_logits.std(axis=1)
     max_tol, rms_tol = INT8_TOL[model]
@@ -235,19 +240,21 @@ def test_emulated_amx_tiles_keep_the_fp32_gemm_tokens(artifacts):
     assert emulated[:8] == fp32[:8]
 
 
+@pytest.mark.parametrize("tiles", ["int8", "bf16"])
 @pytest.mark.parametrize("model", ["stories", "smollm2"])
-def test_native_amx_equals_the_emulator_bit_for_bit_on_whole_models(artifacts, model):
+def test_native_amx_equals_the_emulator_bit_for_bit_on_whole_models(artifacts, model, tiles):
     """Native AMX against the software tile emulator on a whole model: the prefill logits of
-    every position of a >= 32-token prompt (bf16 AMX tile GEMMs) and 16 greedy decode steps
-    (int8 GEMVs: avx512 natively, avx2 emulated) are bit for bit the same, and so are the
-    tokens (docs/backends.md: native TDPBF16PS matches the emulator's reading of the SDM)."""
+    every position of a >= 32-token prompt (AMX tile GEMMs, int8 or bf16) and 16 greedy decode
+    steps (int8 GEMVs: avx512 natively, avx2 emulated) are bit for bit the same, and so are the
+    tokens (docs/backends.md: native TDPBSSD/TDPBF16PS match the emulator's reading of the SDM)."""
     require_tier("amx")
     require_tier(isa.EMULATED)
     art = artifacts[model, "nf4"]
     runs = {}
     for tier in ("amx", isa.EMULATED):
-        e = engine(art, tier=tier)
-        assert "_tile_dpbf16ps" in e.program.source         # the prefill GEMMs run on tiles
+        e = engine(art, tier=tier, tiles=tiles)
+        op = "_tile_dpbssd" if tiles == "int8" else "_tile_dpbf16ps"
+        assert op in e.program.source                       # the prefill GEMMs run on tiles
         prompt = e.tokenizer.encode(LONG_PROMPTS[model])
         assert len(prompt) >= TILE_ROWS
         prefill = e.logits(prompt)                          # [len(prompt), vocab]

@@ -38,13 +38,17 @@ def test_every_native_op_has_its_emitter_and_functor():
                 f"{name}: amxc::{native.functor} is not a {native.form} functor of amxc_rt.h"
 
 
-@pytest.mark.parametrize("tier, gemv, tiles", [("amx", "int8", "bf16"), ("amx", "int8", "off"), ("avx2", "int8", "bf16"),
-                                               ("amx", "exact", "bf16"), ("ref", "exact", "bf16")])
+@pytest.mark.parametrize("tier, gemv, tiles", [("amx", "int8", "int8"), ("amx", "int8", "bf16"), ("amx", "int8", "off"),
+                                               ("avx2", "int8", "int8"), ("amx", "exact", "bf16"),
+                                               ("ref", "exact", "bf16")])
 def test_kernel_choice(tier, gemv, tiles):
     p = plan(lowered_linear_model(), tier, Limits(), gemv, tiles)
     assert not p.kernels.sources, "planning must not render templates"
     prefill = p.functions[0]
-    gemv_nf4, gemv_f32 = ("gemv_nf4", "int8", ("<=", 4)), ("gemv_f32", "fp32", ("<=", 16))
+    # prefill NF4 rows on int8 numerics at every m: the GEMV up to the int8 tiles (amx), or for
+    # every row (no tiles); bf16 tiles keep the GEMV to a few rows, the fp32 GEMM between
+    rows = {"bf16": 4, "int8": 31}.get(tiles, 512) if tier == "amx" else 512
+    gemv_nf4, gemv_f32 = ("gemv_nf4", "int8", ("<=", rows)), ("gemv_f32", "fp32", ("<=", 16))
     tile = ("gemm_nf4_tiles", tiles, (">=", 32))
     if gemv == "exact":              # batch invariant: the fp32 GEMM for every m, no GEMV, no tiles
         assert kernels_of(prefill, "y") == {"": [("gemm_f32", "fp32", None)]}
@@ -56,7 +60,7 @@ def test_kernel_choice(tier, gemv, tiles):
     nf4 = [gemv_nf4, *([tile] if tier == "amx" and tiles != "off" else []), ("gemm_nf4", "fp32", None)]
     assert kernels_of(prefill, "y") == {"": [gemv_f32, ("gemm_f32", "fp32", None)]}
     assert kernels_of(prefill, "z") == {"": nf4}
-    assert kernels_of(prefill, "h") == {"gate+up": [("gemv_nf4", "int8", ("<=", 4))], "gate": nf4, "up": nf4,
+    assert kernels_of(prefill, "h") == {"gate+up": [("gemv_nf4", "int8", ("<=", rows))], "gate": nf4, "up": nf4,
                                         "down": nf4}
     pair = next(np_ for np_ in prefill.nodes if np_.node.op == "mlp_swiglu").product("gate+up")
     assert pair.up.name == "up" and pair.kernels[0].pair and pair.kernels[0].name.endswith("_pair")
