@@ -114,7 +114,7 @@ def test_memory_plan_keeps_live_buffers_apart(tier):
 def test_format_plan_lists_every_node():
     p = plan(lowered_linear_model(), "amx")
     text = format_plan(p)
-    assert text.startswith(f"kernel plan for @linears: tier amx, gemv=int8, tiles=bf16; workspace {p.workspace:,} bytes")
+    assert text.startswith(f"kernel plan for @linears: tier amx, gemv=int8, tiles=int8; workspace {p.workspace:,} bytes")
     assert "@prefill (planned for b=1, s=512)" in text and "@decode (planned for b=16, s=1)" in text
-    assert "gemv_nf4 int8 (m<=4) | tiles bf16 (m>=32) | gemm_nf4 fp32; + %x (the add #3)" in text
+    assert "gemv_nf4 int8 (m<=31) | tiles int8 (m>=32) | gemm_nf4 fp32; + %x (the add #3)" in text
     assert "residual epilogue of #2" in text and "gate+up 192x128 nf4" in text and "q8 of %r" in text

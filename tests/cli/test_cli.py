@@ -94,7 +94,7 @@ def test_inspect_kernels_prints_the_native_plan(stories_art, tmp_path, monkeypat
     module, _ = load_artifact(stories_art)
     text = amxc("inspect", stories_art, "--kernels").stdout
     want = plan(module, isa.best_tier())
-    assert text.startswith(f"kernel plan for @stories260K: tier {isa.best_tier()}, gemv=int8, tiles=bf16; "
+    assert text.startswith(f"kernel plan for @stories260K: tier {isa.best_tier()}, gemv=int8, tiles=int8; "
                            f"workspace {want.workspace:,} bytes\n")
     for fp, fn in zip(want.functions, ("prefill", "decode")):
         assert f"@{fn} (planned for {', '.join(f'{k}={v}' for k, v in fp.sizes.items())}): workspace " \
@@ -112,7 +112,7 @@ def test_inspect_kernels_prints_the_native_plan(stories_art, tmp_path, monkeypat
 
     monkeypatch.setenv("AMXC_GEMV", "exact")
     exact = amxc("inspect", stories_art, "--kernels", "--target", "avx2").stdout
-    assert exact.startswith("kernel plan for @stories260K: tier avx2, gemv=exact, tiles=bf16")
+    assert exact.startswith("kernel plan for @stories260K: tier avx2, gemv=exact, tiles=int8")
     assert "gemm_f32 fp32" in exact and "gemv_" not in exact
 
     proc = amxc("inspect", stories_art, "--kernels", "--target", "avx3", check=False)

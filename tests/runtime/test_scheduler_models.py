@@ -2,11 +2,12 @@
 
 * batch invariance: 16 greedy requests with prompts of 1-600 tokens, arriving at staggered steps
   and prefilled in chunks, each produce exactly the tokens they produce alone — SmolLM2 on the
-  exact fp32 path (AMXC_GEMV=exact: fp32 GEMM rows and the one attention algorithm, so the bits
-  of a token do not depend on its step) with fp32 and NF4 weights; on the int8-activation
-  default path a decode row's GEMV and a prefill row's GEMM round differently, so a request may
-  part ways with its solo run only at a near-tie (checked: at the first differing token the
-  two candidates' logits are within the int8 path's tolerance of each other);
+  exact fp32 path (AMXC_GEMV=exact) with fp32 and NF4 weights, and with NF4 weights on the
+  default int8 path too (every NF4 row runs int8 activations at every row count), also when
+  their prompts come back from the prefix cache; f32 weights on the int8 path run the f32 GEMV
+  for decode rows and the fp32 GEMM for prompt chunks, so there a request may part ways with
+  its solo run only at a near-tie (checked: at the first differing token the two candidates'
+  logits are within the int8 path's tolerance of each other);
 * prefix cache: a request sharing a 512-token prefix with a finished one computes only its
   tail, with the tokens of a run without the cache;
 * exhaustion: 32 concurrent generations with KV room for 8 all finish with their solo tokens,
@@ -84,11 +85,29 @@ def test_batched_chunked_requests_equal_solo_runs_on_the_exact_path(request, tex
         assert b == s, f"request {i} ({LENGTHS[i]} prompt tokens) differs batched"
 
 
-def test_batched_requests_on_the_int8_path_differ_from_solo_only_at_near_ties(smollm2_nf4_art, text_ids):
+def test_nf4_requests_on_the_default_int8_path_equal_solo_runs_batched_and_cached(smollm2_nf4_art, text_ids):
+    """Every NF4 row runs int8 activations at every row count (docs/backends.md), so on the
+    default path too a request's tokens are its solo run's: batched, chunked, and from the
+    prefix cache (a defect this catches: any kernel chosen by row count with other numerics,
+    e.g. AMXC_TILES=bf16, where 7 of 8 cached prompts changed their greedy text)."""
     prompts = prompts_from(text_ids)
     e = engine(smollm2_nf4_art, "int8", max_batch_tokens=128)
     batched = staggered(e, prompts)
     solo = alone(engine(smollm2_nf4_art, "int8", max_batch_tokens=512, prefix_caching=False), prompts)
+    for i, (b, s) in enumerate(zip(batched, solo)):
+        assert b == s, f"request {i} ({LENGTHS[i]} prompt tokens) differs batched on the int8 path"
+    cached = alone(e, prompts)                   # the same prompts again: prefixes from the cache
+    assert e.blocks.stats.hit_tokens > 0
+    assert cached == solo
+
+
+def test_fp32_requests_on_the_int8_path_differ_from_solo_only_at_near_ties(smollm2_art, text_ids):
+    """f32 weights run the f32 GEMV for decode rows and the fp32 GEMM for prompt chunks, which
+    round differently: a batched request may part from its solo run, but only at a near-tie."""
+    prompts = prompts_from(text_ids)
+    e = engine(smollm2_art, "int8", max_batch_tokens=128)
+    batched = staggered(e, prompts)
+    solo = alone(engine(smollm2_art, "int8", max_batch_tokens=512, prefix_caching=False), prompts)
     differing = 0
     for i, (b, s) in enumerate(zip(batched, solo)):
         if b == s:
