@@ -4,7 +4,10 @@ bandwidth measured in the same run (benchmarks/bandwidth.py): weights for linear
 cached keys and values for attention.  A group far above its bound is the place to work.
 Prints a table and writes an SVG bar chart (measured bars, bound marks).
 
-    python benchmarks/profile_decode.py ART [--tokens 64] [--threads 2] [--svg decode_profile.svg]
+    python benchmarks/profile_decode.py ART [--tokens 64] [--batch 1] [--threads 2] [--svg decode_profile.svg]
+
+--batch N decodes N sequences per step (the serving case): weights are read once per step, the
+cached keys and values once per sequence.
 """
 from __future__ import annotations
 
@@ -24,9 +27,9 @@ def group_of(node) -> str:
     return node.op
 
 
-def bytes_read(node, context: int) -> int:
-    """Bytes a decode step must read for `node` (one sequence at `context` cached tokens):
-    its parameters, and for attention the keys and values of its layer."""
+def bytes_read(node, context: int, batch: int = 1) -> int:
+    """Bytes a decode step must read for `node` (`batch` sequences at `context` cached tokens):
+    its parameters once, and for attention the keys and values of its layer per sequence."""
     from amxc.ir import Param
     params = sum(x.type.nbytes() for x in node.inputs if isinstance(x, Param) and node.op != "embedding")
     if node.op == "embedding":                  # one row of the table
@@ -34,11 +37,11 @@ def bytes_read(node, context: int) -> int:
         params = table.type.nbytes() // int(table.type.shape[0])
     if node.op == "attention_cached":
         k = node.inputs[1].type                 # [b, kv_heads, s, head_dim]
-        params += 2 * int(k.shape[1]) * int(k.shape[3]) * 4 * context
+        params += 2 * int(k.shape[1]) * int(k.shape[3]) * 4 * context * batch
     return params
 
 
-def profile(art: str, tokens: int):
+def profile(art: str, tokens: int, batch: int = 1):
     from amxc.backends.program import NativeOptions, NativeProgram
     from amxc.runtime.artifact import load_artifact
     from amxc.runtime.engine import Engine
@@ -46,17 +49,18 @@ def profile(art: str, tokens: int):
     module, manifest = load_artifact(art)
     ex = NativeProgram(module, NativeOptions.from_env(profile=True))
     engine = Engine(module, manifest, None, program=ex)
-    prompt = np.random.default_rng(0).integers(3, int(module.attrs["vocab_size"]), 128).tolist()
-    engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)            # warm-up, then count from here
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, int(module.attrs["vocab_size"]), 128).tolist() for _ in range(batch)]
+    engine.generate(prompts[0][:16], max_new_tokens=4, ignore_eos=True)        # warm-up, then count from here
     before = [t for _, t in ex.profile("decode")]
-    engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    engine.generate(prompts if batch > 1 else prompts[0], max_new_tokens=tokens, ignore_eos=True)
     steps = len(engine.last_timings.decode)
     per_group: dict[str, float] = collections.Counter()
     bytes_group: dict[str, int] = collections.Counter()
-    context = len(prompt) + tokens // 2                 # the mean cached length over the run
+    context = len(prompts[0]) + tokens // 2             # the mean cached length over the run
     for (node, t), t0 in zip(ex.profile("decode"), before):
         per_group[group_of(node)] += (t - t0) / steps
-        bytes_group[group_of(node)] += bytes_read(node, context)
+        bytes_group[group_of(node)] += bytes_read(node, context, batch)
     wall = sum(engine.last_timings.decode) / steps
     return dict(per_group.most_common()), bytes_group, wall, engine.last_timings, ex.tier
 
@@ -89,6 +93,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: AMXC_NUM_THREADS or all)")
     ap.add_argument("--svg", type=Path, default=Path("decode_profile.svg"))
     args = ap.parse_args()
@@ -99,10 +104,10 @@ def main() -> int:
     if args.threads:
         os.environ["AMXC_NUM_THREADS"] = str(args.threads)
     bw = bandwidth.measure(env.threads())
-    rows, nbytes, wall, timings, tier = profile(args.artifact, args.tokens)
+    rows, nbytes, wall, timings, tier = profile(args.artifact, args.tokens, args.batch)
     bounds = {name: nbytes[name] / (bw["read_GBps"] * 1e9) for name in rows}
     total = sum(rows.values())
-    print(f"decode step: {wall * 1e3:.2f} ms wall ({1 / wall:.1f} tok/s), {total * 1e3:.2f} ms in kernels, "
+    print(f"decode step of {args.batch} sequence(s): {wall * 1e3:.2f} ms wall ({args.batch / wall:.1f} tok/s), {total * 1e3:.2f} ms in kernels, "
           f"tier {tier}; sampling {1e3 * timings.sampling / max(len(timings.decode), 1):.2f} ms/token")
     print(f"read bandwidth {bw['read_GBps']:.1f} GB/s (native loop; numpy {bw['numpy_read_GBps']:.1f}); "
           f"all bytes of a step at that speed: {1e3 * sum(bounds.values()):.2f} ms")
@@ -111,7 +116,7 @@ def main() -> int:
         ratio = f"{sec / bounds[name]:8.2f}" if bounds[name] else f"{'-':>8}"
         print(f"{name:<30} {sec * 1e3:9.3f} {100 * sec / total:6.1f}% {nbytes[name] / 1e6:9.3f} "
               f"{bounds[name] * 1e3:9.3f} {ratio}")
-    title = f"{Path(args.artifact).name}: one decode step, {wall * 1e3:.1f} ms ({tier}); ticks: bandwidth bound"
+    title = f"{Path(args.artifact).name}: one decode step of {args.batch}, {wall * 1e3:.1f} ms ({tier}); ticks: bandwidth bound"
     args.svg.write_text(svg_bars(rows, title, bounds))
     print(f"wrote {args.svg}")
     return 0
