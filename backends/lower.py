@@ -73,9 +73,9 @@ class Lower(Pass):
 def _repacked(p: Param, layout: nf4.Layout) -> Param:
     target = layout.packed("r16k4")
     t = TensorType(p.type.dtype, p.type.shape, target.encoding())
-    return Param(p.name, t, loader=lambda: nf4.repack(p.load(), layout)[0], attrs=p.attrs)
+    return p.derive(p.name, t, lambda blob: nf4.repack(blob, layout)[0], attrs=p.attrs)
 
 
 def _decoded(p: Param, layout: nf4.Layout) -> Param:
-    return Param(p.name, TensorType(f32, p.type.shape), loader=lambda: layout.dequantize(p.load()),
-                 attrs={**p.attrs, "decoded_from": str(p.type)})
+    return p.derive(p.name, TensorType(f32, p.type.shape), layout.dequantize,
+                    attrs={**p.attrs, "decoded_from": str(p.type)})

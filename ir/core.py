@@ -35,38 +35,68 @@ class Value:
 class Param(Value):
     """A named weight of the module; `load()` returns its data (float or encoded storage).
     `attrs` carry facts about the weight that are not part of its type, such as the error a
-    quantization introduced; they are printed with the parameter and never change semantics."""
-    __slots__ = ("loader", "digest", "attrs", "_data")
+    quantization introduced; they are printed with the parameter and never change semantics.
+
+    A module sharded for tensor parallelism (the shard-tp pass) gives a split parameter one
+    loader per rank (`shards`); its type is one rank's slice, the same on every rank.  Such a
+    parameter has no single value: `load(rank)` names the rank, and `load()` is an error."""
+    __slots__ = ("loader", "digest", "attrs", "_data", "shards")
 
     def __init__(self, name: str, type: TensorType, loader: Callable[[], np.ndarray] | None = None,
-                 digest: str | None = None, attrs: dict | None = None):
+                 digest: str | None = None, attrs: dict | None = None,
+                 shards: list[Callable[[], np.ndarray]] | None = None):
         super().__init__(name, type)
         self.loader = loader
         self.digest = digest
         self.attrs = dict(attrs or {})
         self._data = None
+        self.shards = list(shards) if shards is not None else None
 
     @property
     def ref(self) -> str:
         return f"@{self.name}"
 
-    def load(self) -> np.ndarray:
+    @property
+    def sharded(self) -> bool:
+        return self.shards is not None
+
+    def load(self, rank: int | None = None) -> np.ndarray:
+        """The data; for a sharded parameter, rank `rank`'s slice (a replicated one ignores it)."""
+        if self.shards is not None:
+            if rank is None:
+                raise LookupError(f"parameter @{self.name} is split {len(self.shards)} ways: load(rank) "
+                                  f"names the rank whose slice to read")
+            if not 0 <= rank < len(self.shards):
+                raise LookupError(f"parameter @{self.name} has {len(self.shards)} shards, not rank {rank}")
+            return self._checked(self.shards[rank]())
         if self._data is not None:
             return self._data
         if self.loader is None:
             raise LookupError(f"parameter @{self.name} has no data attached")
-        arr = self.loader()
+        return self._checked(self.loader())
+
+    def _checked(self, arr: np.ndarray) -> np.ndarray:
         want = self.type.storage_shape()
         if tuple(arr.shape) != want or arr.dtype != self.type.dtype.storage:
             raise ValueError(f"parameter @{self.name}: data is {arr.dtype}{list(arr.shape)},"
                              f" type says {self.type}")
         return arr
 
+    def derive(self, name: str, type: TensorType, fn: Callable[[np.ndarray], np.ndarray],
+               attrs: dict | None = None) -> "Param":
+        """A parameter whose data is fn(this one's data), computed lazily and per shard, so a
+        pass that re-encodes weights (quantize, repack) works on sharded modules unchanged."""
+        if self.shards is not None:
+            shards = [lambda load=load: fn(load()) for load in self.shards]
+            return Param(name, type, attrs=attrs, shards=shards)
+        return Param(name, type, lambda: fn(self.load()), attrs=attrs)
+
     def set_data(self, arr: np.ndarray) -> None:
         """Pin data in memory (small constants, test fixtures)."""
         self._data = np.ascontiguousarray(arr, dtype=self.type.dtype.storage)
         self.loader = lambda: self._data
         self.digest = digest_of(self._data)
+        self.shards = None
 
 
 def digest_of(arr: np.ndarray) -> str:

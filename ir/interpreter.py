@@ -14,6 +14,7 @@ import numpy as np
 from . import dims as D
 from .core import Module, Param, Value
 from .errors import InterpreterError
+from .ops.collective import COLLECTIVES
 from .registry import OpDef
 from .types import TensorType
 
@@ -64,54 +65,88 @@ def bind_sizes(args: Sequence[Value], arrays: Sequence[np.ndarray]) -> dict[str,
 
 
 def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
-        function: str | None = None, observe=None) -> list[np.ndarray]:
+        function: str | None = None, observe=None, *, rank: int | None = None) -> list[np.ndarray]:
     """Run a function (default: the module's main) on numpy inputs; returns its results.
     `observe(node, input_arrays)`, if given, sees every node's inputs before it runs and may
     return replacements (calibration for quantization: statistics, and running a layer with
-    its just-quantized weights)."""
-    fn = module.functions[function] if function else module.main
-    if isinstance(inputs, Mapping):
-        missing = [a.name for a in fn.args if a.name not in inputs]
-        if missing:
-            raise InterpreterError(f"missing inputs: {', '.join(missing)}")
-        inputs = [inputs[a.name] for a in fn.args]
-    if len(inputs) != len(fn.args):
-        raise InterpreterError(f"@{fn.name} takes {len(fn.args)} inputs, got {len(inputs)}")
-    arrays = [np.asarray(x) if isinstance(a.type, TensorType) else x for a, x in zip(fn.args, inputs)]
-    env = bind_sizes(fn.args, arrays)
+    its just-quantized weights).  A module sharded for tensor parallelism runs all its ranks
+    at once: `run_ranks`."""
+    if module.attrs.get("tp", 1) > 1:
+        raise InterpreterError(f"@{module.name} is sharded {module.attrs['tp']} ways: run_ranks() runs "
+                               f"its ranks in lockstep")
+    return _run(module, [inputs], function, observe)[0]
 
+
+def run_ranks(module: Module, inputs: Sequence, function: str | None = None) -> list[list[np.ndarray]]:
+    """Run every rank of a module sharded for tensor parallelism, node by node in lockstep:
+    rank r reads its slice of each split parameter, and a collective (ir/ops/collective.py)
+    gets all ranks' inputs at once.  `inputs`: one input list (or mapping) per rank; returns
+    one result list per rank.  The oracle of the native ranks."""
+    ways = module.attrs.get("tp", 1)
+    if len(inputs) != ways:
+        raise InterpreterError(f"@{module.name} has {ways} ranks, got inputs for {len(inputs)}")
+    return _run(module, list(inputs), function, None)
+
+
+def _run(module: Module, rank_inputs: list, function: str | None, observe) -> list[list[np.ndarray]]:
+    fn = module.functions[function] if function else module.main
+    ranks = [_RankState(module, fn, inputs, r if len(rank_inputs) > 1 else None)
+             for r, inputs in enumerate(rank_inputs)]
+    env = ranks[0].env
     last_use: dict[int, int] = {}
     for i, node in enumerate(fn.nodes):
         for v in node.inputs:
             last_use[id(v)] = i
     keep = {id(v) for v in fn.results}
-    live: dict[int, np.ndarray] = {id(a): x for a, x in zip(fn.args, arrays)}
-
-    def fetch(v: Value) -> np.ndarray:
-        if isinstance(v, Param):
-            return v.load()
-        return live[id(v)]
-
     for i, node in enumerate(fn.nodes):
         op = node.opdef
-        args = [fetch(v) for v in node.inputs]
+        args = [[st.fetch(v) for v in node.inputs] for st in ranks]
         if observe is not None:
-            args = observe(node, args) or args
+            args[0] = observe(node, args[0]) or args[0]
         try:
-            out = op.reference(*args, **reference_kwargs(node, env))
+            if op.name in COLLECTIVES:
+                outs = op.reference(*[a[0] for a in args], **reference_kwargs(node, env))
+                per_rank = [(o,) for o in outs]
+            else:
+                per_rank = []
+                for a in args:
+                    out = op.reference(*a, **reference_kwargs(node, env))
+                    per_rank.append(out if isinstance(out, tuple) else (out,))
         except Exception as e:   # any numpy failure becomes a located error
             raise InterpreterError(f"{node!r}: {type(e).__name__}: {e}"
                                    + (f"\n  from {node.loc}" if node.loc else "")) from e
-        outs = out if isinstance(out, tuple) else (out,)
-        for v, arr in zip(node.outputs, outs, strict=True):
-            arr = np.asarray(arr)
-            want = v.type.concrete_shape(env)
-            if arr.dtype != v.type.dtype.storage or tuple(arr.shape) != want:
-                raise InterpreterError(f"{node!r}: produced {arr.dtype}{list(arr.shape)}, declared "
-                                       f"{v.type.dtype.storage}{list(want)}"
-                                       + (f"\n  from {node.loc}" if node.loc else ""))
-            live[id(v)] = arr
-        for v in node.inputs:
-            if last_use.get(id(v)) == i and id(v) not in keep:
-                live.pop(id(v), None)
-    return [fetch(v) for v in fn.results]
+        for st, outs in zip(ranks, per_rank):
+            for v, arr in zip(node.outputs, outs, strict=True):
+                arr = np.asarray(arr)
+                want = v.type.concrete_shape(env)
+                if arr.dtype != v.type.dtype.storage or tuple(arr.shape) != want:
+                    raise InterpreterError(f"{node!r}: produced {arr.dtype}{list(arr.shape)}, declared "
+                                           f"{v.type.dtype.storage}{list(want)}"
+                                           + (f"\n  from {node.loc}" if node.loc else ""))
+                st.live[id(v)] = arr
+            for v in node.inputs:
+                if last_use.get(id(v)) == i and id(v) not in keep:
+                    st.live.pop(id(v), None)
+    return [[st.fetch(v) for v in fn.results] for st in ranks]
+
+
+class _RankState:
+    """One rank's live values and its view of the parameters."""
+
+    def __init__(self, module: Module, fn, inputs, rank: int | None):
+        if isinstance(inputs, Mapping):
+            missing = [a.name for a in fn.args if a.name not in inputs]
+            if missing:
+                raise InterpreterError(f"missing inputs: {', '.join(missing)}")
+            inputs = [inputs[a.name] for a in fn.args]
+        if len(inputs) != len(fn.args):
+            raise InterpreterError(f"@{fn.name} takes {len(fn.args)} inputs, got {len(inputs)}")
+        arrays = [np.asarray(x) if isinstance(a.type, TensorType) else x for a, x in zip(fn.args, inputs)]
+        self.env = bind_sizes(fn.args, arrays)
+        self.live: dict[int, np.ndarray] = {id(a): x for a, x in zip(fn.args, arrays)}
+        self.rank = rank
+
+    def fetch(self, v: Value) -> np.ndarray:
+        if isinstance(v, Param):
+            return v.load(self.rank) if v.sharded else v.load()
+        return self.live[id(v)]

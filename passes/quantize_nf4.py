@@ -80,6 +80,10 @@ class QuantizeNF4(Pass):
             else:
                 todo.append(p)
         if self.opts["method"] == "gptq":
+            if module.attrs.get("tp", 1) > 1:
+                raise PassError(f"quantize-nf4{{method=gptq}} calibrates on the whole model and this one is "
+                                f"already sharded {module.attrs['tp']} ways: quantize before shard-tp, or "
+                                f"use method=rtn with tensor parallelism")
             blobs = self._gptq(module, todo, layout)
         elif self.opts["method"] == "rtn":
             blobs = None
@@ -170,7 +174,7 @@ class QuantizeNF4(Pass):
         name = f"{p.name}.nf4"
         if name in module.params:
             raise PassError(f"quantize-nf4{{untie}}: @{name} already exists")
-        copy = Param(name, p.type, p.loader, p.digest, p.attrs)
+        copy = Param(name, p.type, p.loader, p.digest, p.attrs, shards=p.shards)
         for n, i in weight:
             n.inputs[i] = copy
         module.params[name] = copy
@@ -193,6 +197,15 @@ class QuantizeNF4(Pass):
     def _quantize(self, old: Param, enc: dict, blob: np.ndarray | None = None) -> Param:
         t = TensorType(nf4, old.type.shape, fmt.Layout(tuple(old.type.shape), **enc).encoding())
         layout = t.nf4_layout()
+        if old.sharded:                  # each rank's slice quantized by itself (shard-tp ran first)
+            if blob is not None:
+                raise PassError(f"quantize-nf4{{method={self.opts['method']}}} cannot calibrate a module "
+                                f"sharded for tensor parallelism (@{old.name}); use method=rtn with --tp")
+            weights = [old.load(r) for r in range(len(old.shards))]
+            blobs = [fmt.quantize(w, layout) for w in weights]
+            stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
+            return Param(old.name, t, attrs={k: round(v, 6) for k, v in stats.items()},
+                         shards=[lambda b=b: b for b in blobs])
         weight = old.load()
         if blob is None:
             blob = fmt.quantize(weight, layout)

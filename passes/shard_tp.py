@@ -1,0 +1,389 @@
+"""shard-tp{ways=N}: Megatron tensor parallelism on cache-aware IR (design.md §7,
+research/yuan_tp.md §2, §4).
+
+The result is one SPMD module: every rank runs the same functions with the same shapes on its
+own slice of the weights (a split parameter carries one loader per rank, `Param.shards`), and
+the ranks meet only at explicit collectives (ir/ops/collective.py):
+
+    pattern (found per layer, per function)            split                        then
+    q/k/v linear -> reshape -> permute [-> rope]       rows, by kv-head group       -
+      -> attention_cached                              (a rank's q heads go with
+                                                        its kv heads)
+    attention_cached -> permute -> reshape -> linear   o_proj columns, same heads   all_reduce
+    mlp_swiglu / mlp_gelu                              gate/up (fc) rows, down      all_reduce
+                                                       (proj) columns
+    the logits linear (a function's result)            rows (vocab)                 all_gather
+    everything else (embedding, norms, rope tables)    replicated                   -
+
+Head counts that do not divide: kv groups G with G % N == 0 split evenly; with N % G == 0 each
+kv head is replicated on N/G ranks that share its q heads (vLLM), when those divide; otherwise
+the groups are padded with zero heads up to a multiple of N (SmolLM2: 3 groups -> 4 at N=2 or
+4), never beyond twice the real count.  A zero head is exact: zero q and k give uniform weights
+over zero values, and its o_proj columns are zero.  The MLP's intermediate size pads with zero
+rows the same way (silu(0) * 0 = 0), to a multiple of 64 * N when it is a multiple of 64, so
+every rank's down_proj input stays whole NF4 blocks.  Biases split with their rows; a
+row-parallel bias stays on rank 0 only (the all-reduce adds it once).
+
+Run it before quantize-nf4: each rank's slice is then quantized by itself.  Column-split rows
+quantize to exactly the unsharded codes and block scales (blocks run along a row); a row split
+cuts each row at a multiple of 64 when it can, so the codes and first-level scales are the
+unsharded ones, and only the second-level scales (one per 256 blocks, grouped in storage order)
+can differ.  Slices that are not whole blocks stay float, as quantize-nf4 reports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from amxc.ir import Function, Module, Node, Param, Value
+from amxc.ir.dtypes import nf4
+from amxc.ir.types import KVCacheType, TensorType
+
+from .base import Option, Pass, PassError, register_pass
+
+LINEAR = ("linear",)
+MLP = ("mlp_swiglu", "mlp_gelu")
+
+
+@dataclass
+class Split:
+    """How one parameter is cut: per rank, the indices along `axis` it takes (-1: a zero row)."""
+    axis: int                       # 0: rows (outputs), 1: columns (inputs); for 1-D params 0
+    index: list[np.ndarray]         # per rank
+    role: str                       # what it is, for the printed plan
+    rank0_only: bool = False        # a row-parallel bias: rank 0 keeps it, the others get zeros
+
+
+@dataclass
+class Heads:
+    """Which heads each rank runs: q heads and kv groups per rank (-1 = a zero padding head)."""
+    q: list[np.ndarray]
+    kv: list[np.ndarray]
+    head_dim: int
+    note: str = ""
+
+    @property
+    def q_per_rank(self) -> int:
+        return len(self.q[0])
+
+    @property
+    def kv_per_rank(self) -> int:
+        return len(self.kv[0])
+
+
+def plan_heads(heads: int, kv_heads: int, head_dim: int, ways: int, where: str) -> Heads:
+    """The head assignment of shard-tp's rules (module docstring)."""
+    if heads % kv_heads:
+        raise PassError(f"shard-tp: {where}: {heads} query heads are not a multiple of {kv_heads} kv heads")
+    group = heads // kv_heads
+    if kv_heads % ways == 0:
+        return _by_groups(kv_heads, group, head_dim, ways, kv_heads, "")
+    share = ways // kv_heads if ways % kv_heads == 0 else 0
+    if share and group % share == 0:                # each kv head on `share` ranks, q heads divided
+        qper = group // share
+        kv = [np.array([r // share]) for r in range(ways)]
+        q = [np.arange((r // share) * group + (r % share) * qper, (r // share) * group + (r % share + 1) * qper)
+             for r in range(ways)]
+        return Heads(q, kv, head_dim, f"each kv head replicated on {share} ranks")
+    padded = -(-kv_heads // ways) * ways
+    if padded <= 2 * kv_heads:
+        return _by_groups(kv_heads, group, head_dim, ways, padded, f"kv groups padded {kv_heads} -> {padded}")
+    raise PassError(f"shard-tp{{ways={ways}}}: {where}: kv_heads={kv_heads} (with {group} query heads each) cannot "
+                    f"be split {ways} ways: not by kv group ({kv_heads} % {ways} != 0), not by replicating kv "
+                    f"heads ({group} query heads per kv head do not divide among the ranks sharing one), and "
+                    f"padding to {padded} groups would more than double them")
+
+
+def _by_groups(kv_heads: int, group: int, head_dim: int, ways: int, padded: int, note: str) -> Heads:
+    per = padded // ways
+    kv = [np.array([g if g < kv_heads else -1 for g in range(r * per, (r + 1) * per)]) for r in range(ways)]
+    q = [np.concatenate([np.arange(g * group, (g + 1) * group) if g >= 0 else np.full(group, -1) for g in kvr])
+         for kvr in kv]
+    return Heads(q, kv, head_dim, note)
+
+
+def rows_of(units: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the rows of `units` (each `size` rows long; -1 stays -1)."""
+    return np.concatenate([np.arange(u * size, (u + 1) * size) if u >= 0 else np.full(size, -1) for u in units])
+
+
+def even_split(n: int, ways: int, unit: int) -> list[np.ndarray]:
+    """n indices in `ways` equal contiguous parts, padded (-1) to a multiple of unit * ways."""
+    padded = -(-n // (unit * ways)) * unit * ways
+    per = padded // ways
+    return [np.array([i if i < n else -1 for i in range(r * per, (r + 1) * per)]) for r in range(ways)]
+
+
+@dataclass
+class ShardPlan:
+    ways: int
+    splits: dict[str, Split] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, p: Param, split: Split, where: str) -> None:
+        old = self.splits.get(p.name)
+        if old is not None:
+            if old.axis != split.axis or any(not np.array_equal(a, b) for a, b in zip(old.index, split.index)):
+                raise PassError(f"shard-tp: @{p.name} is used two ways that need different splits ({old.role} "
+                                f"and {split.role}, at {where})")
+            return
+        self.splits[p.name] = split
+
+
+@register_pass("shard-tp")
+class ShardTP(Pass):
+    options = {"ways": Option(int, 2, "ranks (tensor-parallel degree), 1 to 8")}
+
+    def run(self, module: Module) -> bool:
+        ways = self.opts["ways"]
+        if not 1 <= ways <= 8:
+            raise PassError(f"shard-tp: ways={ways} must be from 1 to 8")
+        if ways == 1:
+            return False
+        if module.attrs.get("tp", 1) != 1:
+            raise PassError(f"shard-tp: @{module.name} is already sharded {module.attrs['tp']} ways")
+        quantized = [p.name for p in module.params.values() if p.type.dtype == nf4]
+        if quantized:
+            raise PassError(f"shard-tp runs before quantize-nf4 (each rank's slice is quantized by itself), "
+                            f"and @{quantized[0]} is already nf4: put shard-tp earlier in the pipeline")
+        if "target" in module.attrs:
+            raise PassError("shard-tp runs before lower: the module is already lowered")
+        plan = ShardPlan(ways)
+        rewrites = []
+        for fn in module.functions.values():
+            rewrites.append(self._plan_function(module, fn, plan))
+        self._shard_params(module, plan)
+        for fn, todo in zip(module.functions.values(), rewrites):
+            self._rewrite(module, fn, plan, todo)
+        module.attrs["tp"] = ways
+        if "kv_cache" in module.attrs:
+            kvt = next((a.type for fn in module.functions.values() for a in fn.args
+                        if isinstance(a.type, KVCacheType)), None)
+            if kvt is not None:
+                module.attrs["kv_cache"] = str(kvt)
+        self.plan = plan
+        return True
+
+    # -- finding the patterns -----------------------------------------------------------------
+    def _plan_function(self, module: Module, fn: Function, plan: ShardPlan) -> dict:
+        users = fn.users()
+        todo = {"reshapes": {}, "reduce_after": [], "gather_after": [], "heads": {}}
+        attn_ops = [n for n in fn.nodes if n.op in ("attention_cached", "attention")]
+        for a in attn_ops:
+            where = _where(a)
+            q_lin, q_chain = _producer_chain(a.inputs[0], where, "q")
+            k_lin, k_chain = _producer_chain(a.inputs[1], where, "k")
+            v_lin, v_chain = _producer_chain(a.inputs[2], where, "v")
+            heads_n = int(a.inputs[0].type.shape[1])
+            kv_n = int(a.inputs[1].type.shape[1])
+            d = int(a.inputs[0].type.shape[3])
+            h = plan_heads(heads_n, kv_n, d, plan.ways, where)
+            if h.note and h.note not in plan.notes:
+                plan.notes.append(h.note)
+            todo["heads"][id(a)] = h
+            self._split_linear(plan, q_lin, 0, [rows_of(x, d) for x in h.q], "q rows (heads)", where)
+            self._split_linear(plan, k_lin, 0, [rows_of(x, d) for x in h.kv], "k rows (kv heads)", where)
+            self._split_linear(plan, v_lin, 0, [rows_of(x, d) for x in h.kv], "v rows (kv heads)", where)
+            for node, count in [*[(n, h.q_per_rank) for n in q_chain], *[(n, h.kv_per_rank) for n in k_chain + v_chain]]:
+                todo["reshapes"][id(node)] = ("heads", count)
+            o_lin, o_chain = _consumer_chain(a.outputs[0], users, where)
+            for node in o_chain:
+                todo["reshapes"][id(node)] = ("flat", h.q_per_rank * d)
+            self._split_linear(plan, o_lin, 1, [rows_of(x, d) for x in h.q], "o columns (heads)", where)
+            todo["reduce_after"].append(o_lin)
+        for n in fn.nodes:
+            if n.op in MLP:
+                self._split_mlp(plan, n)
+                todo["reduce_after"].append(n)
+        head = _logits_linear(fn)
+        if head is not None:
+            w = head.inputs[1]
+            vocab = int(w.type.shape[0])
+            if vocab % plan.ways:
+                raise PassError(f"shard-tp{{ways={plan.ways}}}: the vocabulary ({vocab} rows of @{w.name}) does "
+                                f"not divide {plan.ways} ways")
+            parts = even_split(vocab, plan.ways, 1)
+            plan.add(w, Split(0, parts, "vocab rows"), _where(head))
+            if len(head.inputs) > 2 and head.inputs[2] is not None:
+                plan.add(head.inputs[2], Split(0, parts, "vocab bias"), _where(head))
+            todo["gather_after"].append(head)
+        elif attn_ops:
+            raise PassError(f"shard-tp: @{fn.name} has no logits linear as its result to split by vocabulary")
+        return todo
+
+    def _split_linear(self, plan: ShardPlan, node: Node, axis: int, index: list[np.ndarray], role: str,
+                      where: str) -> None:
+        w = node.inputs[1]
+        if not isinstance(w, Param):
+            raise PassError(f"shard-tp: {where}: the {role.split()[0]} projection's weight is computed, not a parameter")
+        plan.add(w, Split(axis, index, role), where)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = node.inputs[2]
+            if axis == 0:
+                plan.add(b, Split(0, index, role.replace("rows", "bias")), where)
+            else:
+                plan.add(b, Split(0, [np.arange(int(b.type.shape[0]))] * plan.ways, "bias (rank 0)",
+                                  rank0_only=True), where)
+
+    def _split_mlp(self, plan: ShardPlan, n: Node) -> None:
+        where = _where(n)
+        inner = int(n.inputs[1].type.shape[0])
+        parts = even_split(inner, plan.ways, 64 if inner % 64 == 0 else 1)
+        if len(parts[0]) * plan.ways != inner:
+            note = f"MLP intermediate padded {inner} -> {len(parts[0]) * plan.ways}"
+            if note not in plan.notes:
+                plan.notes.append(note)
+        if n.op == "mlp_swiglu":
+            plan.add(n.inputs[1], Split(0, parts, "gate rows"), where)
+            plan.add(n.inputs[2], Split(0, parts, "up rows"), where)
+            plan.add(n.inputs[3], Split(1, parts, "down columns"), where)
+        else:                                   # mlp_gelu: x w_fc w_proj b_fc? b_proj?
+            plan.add(n.inputs[1], Split(0, parts, "fc rows"), where)
+            plan.add(n.inputs[2], Split(1, parts, "proj columns"), where)
+            if len(n.inputs) > 3 and n.inputs[3] is not None:
+                plan.add(n.inputs[3], Split(0, parts, "fc bias"), where)
+            if len(n.inputs) > 4 and n.inputs[4] is not None:
+                b = n.inputs[4]
+                plan.add(b, Split(0, [np.arange(int(b.type.shape[0]))] * plan.ways, "proj bias (rank 0)",
+                                  rank0_only=True), where)
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def _shard_params(self, module: Module, plan: ShardPlan) -> None:
+        # a tied table read by the embedding (replicated) and split as the head gets a split copy
+        for fn in module.functions.values():
+            for n in fn.nodes:
+                if n.op == "embedding" and n.inputs[0].name in plan.splits:
+                    table = n.inputs[0]
+                    copy_name = f"{table.name}.tp"
+                    if copy_name not in module.params:
+                        module.add_param(Param(copy_name, table.type, table.loader, table.digest, table.attrs))
+                        plan.splits[copy_name] = plan.splits.pop(table.name)
+                    for f2 in module.functions.values():
+                        for m in f2.nodes:
+                            if m.op != "embedding":
+                                m.inputs = [module.params[copy_name] if v is table else v for v in m.inputs]
+        for name, split in plan.splits.items():
+            old = module.params[name]
+            shape = list(old.type.shape)
+            shape[split.axis] = len(split.index[0])
+            shards = [_slicer(old, split, r) for r in range(plan.ways)]
+            new = Param(name, old.type.with_shape(shape), attrs={**old.attrs, "tp": f"{split.role}, {plan.ways} ways"},
+                        shards=shards)
+            module.params[name] = new
+            for fn in module.functions.values():
+                for n in fn.nodes:
+                    n.inputs = [new if v is old else v for v in n.inputs]
+
+    def _rewrite(self, module: Module, fn: Function, plan: ShardPlan, todo: dict) -> None:
+        for n in fn.nodes:
+            kind = todo["reshapes"].get(id(n))
+            if kind is None:
+                continue
+            shape = list(n.attrs["shape"])
+            if kind[0] == "heads":              # [b, s, H, d]
+                shape[2] = kind[1]
+            else:                               # [b, s, H * d]
+                shape[-1] = kind[1]
+            n.attrs = {**n.attrs, "shape": tuple(shape)}
+        for a in fn.args:
+            if isinstance(a.type, KVCacheType):
+                heads = next(iter(todo["heads"].values()), None)
+                if heads is not None:
+                    a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype)
+        for node in todo["reduce_after"]:
+            _insert_after(fn, node, "all_reduce", plan.ways)
+        for node in todo["gather_after"]:
+            _insert_after(fn, node, "all_gather", plan.ways)
+        _reinfer(fn)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _where(n: Node) -> str:
+    layer = n.attrs.get("layer")
+    return f"{n.op}{'' if layer is None else f' of layer {layer}'}{f' ({n.loc})' if n.loc else ''}"
+
+
+def _producer_chain(v: Value, where: str, what: str) -> tuple[Node, list[Node]]:
+    """From an attention input back through rope/permute/reshape to its linear; the reshapes."""
+    chain = []
+    node = v.producer
+    while node is not None and node.op in ("rope", "permute", "reshape"):
+        if node.op == "reshape":
+            chain.append(node)
+        node = node.inputs[0].producer
+    if node is None or node.op not in LINEAR or len(chain) != 1:
+        raise PassError(f"shard-tp: {where}: the {what} input does not come from a linear projection through "
+                        f"reshape/permute/rope (found {node.op if node else 'a function argument'}); this "
+                        f"attention layout is not supported for tensor parallelism")
+    return node, chain
+
+
+def _consumer_chain(v: Value, users: dict, where: str) -> tuple[Node, list[Node]]:
+    chain = []
+    while True:
+        nxt = users.get(v, [])
+        if len(nxt) != 1:
+            raise PassError(f"shard-tp: {where}: the attention output is read by {len(nxt)} nodes, "
+                            f"not by one output projection")
+        node = nxt[0]
+        if node.op in LINEAR:
+            if len(chain) != 1:
+                break
+            return node, chain
+        if node.op not in ("permute", "reshape"):
+            break
+        if node.op == "reshape":
+            chain.append(node)
+        v = node.outputs[0]
+    raise PassError(f"shard-tp: {where}: the attention output does not reach an output projection through "
+                    f"permute/reshape; this layout is not supported for tensor parallelism")
+
+
+def _logits_linear(fn: Function) -> Node | None:
+    for r in fn.results:
+        node = r.producer
+        while node is not None and node.op == "reshape":
+            node = node.inputs[0].producer
+        if node is not None and node.op in LINEAR and isinstance(node.inputs[1], Param):
+            return node
+    return None
+
+
+def _slicer(old: Param, split: Split, rank: int):
+    index = split.index[rank]
+
+    def load():
+        data = old.load()
+        if split.rank0_only:
+            return data if rank == 0 else np.zeros_like(data)
+        taken = np.take(data, np.maximum(index, 0), axis=split.axis)
+        if (index < 0).any():
+            mask = (index < 0)
+            if split.axis == 0:
+                taken[mask] = 0
+            else:
+                taken[:, mask] = 0
+        return np.ascontiguousarray(taken)
+    return load
+
+
+def _insert_after(fn: Function, node: Node, op: str, ways: int) -> None:
+    out = node.outputs[0]
+    users = [n for n in fn.nodes if any(v is out for v in n.inputs)]
+    new = Node(op, [out], {"ways": ways}, [out.type], [f"{out.name}_{op}"], node.loc)
+    fn.nodes.insert(fn.nodes.index(node) + 1, new)
+    for u in users:
+        u.inputs = [new.outputs[0] if v is out else v for v in u.inputs]
+    fn.results = [new.outputs[0] if v is out else v for v in fn.results]
+
+
+def _reinfer(fn: Function) -> None:
+    """Recompute every node's output types after the per-rank shapes changed."""
+    for n in fn.nodes:
+        types = n.opdef.infer([v.type for v in n.inputs], n.attrs)
+        for v, t in zip(n.outputs, types, strict=True):
+            v.type = t
+    for r in fn.results:
+        if not isinstance(r.type, (TensorType, KVCacheType)):
+            raise PassError(f"shard-tp: result %{r.name} has no type")
