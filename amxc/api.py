@@ -30,15 +30,21 @@ def trace(model, *, progress: bool = False) -> Module:
     return module
 
 
-def compile_pipeline(pipeline: str | None = None, quant: str | None = None, target: str = "auto") -> str:
+def compile_pipeline(pipeline: str | None = None, quant: str | None = None, target: str = "auto",
+                     tp: int = 1) -> str:
     """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
-    passes), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
+    passes), then shard-tp{ways=tp} for tensor parallelism (before quantization: each rank's
+    slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
     'nf4{double=bnb,block=128}'), then lower{target} when the pipeline makes the cache-aware form
     and does not lower itself."""
     from amxc.errors import UsageError
     from amxc.passes import DEFAULT_PIPELINE
 
     out = DEFAULT_PIPELINE if pipeline is None else pipeline
+    if not isinstance(tp, int) or not 1 <= tp <= 8:
+        raise UsageError(f"--tp {tp}: tensor parallelism runs 1 to 8 ranks")
+    if tp > 1:
+        out += f",shard-tp{{ways={tp}}}"
     if quant not in (None, "", "none"):
         if not (quant == "nf4" or quant.startswith("nf4{")):
             from amxc.passes.quantize_nf4 import QuantizeNF4
@@ -82,10 +88,11 @@ def calibration_file(model, text_path: str | os.PathLike, tokens: int = 2048, le
 def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, quant: str | None = None,
             target: str = "auto", dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
-            instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True) -> Path:
+            instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True,
+            tp: int = 1) -> Path:
     """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
     artifact directory at `output`.  `quant="nf4"` adds weight quantization and `target` the lowest
-    ISA tier the artifact must run on (see compile_pipeline).
+    ISA tier the artifact must run on, `tp` the ranks of tensor parallelism (see compile_pipeline).
 
     `plugins` are `--pass-plugin` specs, loaded with the installed `amxc.passes` entry points
     for this call only.  `dump_ir` points (`after:all`, `before:NAME`, ...) write numbered IR
@@ -97,7 +104,7 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
     from amxc.runtime.artifact import check_output, save_artifact
 
     check_output(output)                       # refuse a bad -o before the slow trace
-    pipeline = compile_pipeline(pipeline, quant, target)
+    pipeline = compile_pipeline(pipeline, quant, target, tp)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
         dumps = _dumps(passes, dump_ir, dump_dir or f"{Path(output)}.ir-dumps", dump_diff)

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
                    help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
                         "best tier chosen at load)")
+    c.add_argument("--tp", type=at_least(1), default=1, metavar="N",
+                   help="tensor parallelism: shard the model N ways (one process per rank at run "
+                        "time, one weight file per rank); appends shard-tp{ways=N} before quantization")
     c.add_argument("--strict-fusion", action="store_true",
                    help="fail if an expected fusion (attention, norm, RoPE, MLP) misses a layer")
     _add_pass_options(c, "ART.ir-dumps")
@@ -159,7 +162,7 @@ def cmd_compile(args) -> int:
             dump_ir=args.dump_ir,
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,
-            progress=not args.quiet)
+            progress=not args.quiet, tp=args.tp)
     _print_timing(timing, args)
     return 0
 
@@ -186,7 +189,8 @@ def cmd_opt(args) -> int:
 
 def _print_pipeline(args, quant: str | None = None, target: str = "auto") -> int:
     from amxc.api import canonical_pipeline, compile_pipeline
-    pipeline = compile_pipeline(args.pipeline, quant, target) if args.command == "compile" else args.pipeline
+    pipeline = (compile_pipeline(args.pipeline, quant, target, args.tp) if args.command == "compile"
+                else args.pipeline)
     print(canonical_pipeline(pipeline, plugins=args.pass_plugin))
     return 0
 

@@ -39,6 +39,8 @@ def generate(module: Module, tier: str, limits: Limits = Limits(), gemv: str = "
         bodies.append(e.emit())
         profiled[fp.name] = e.profiled
     head = "".join(f'#include "{h}"\n' for h in TIER_HEADERS[tier])
+    if module.attrs.get("tp", 1) > 1:          # the collectives of a sharded module
+        head += '#include "amxc_tp.h"\n'
     if trace:
         head += 'typedef void (*amxc_trace_fn)(int, const void*, int64_t);\nstatic amxc_trace_fn amxc_trace;\n' \
                 'extern "C" void amxc_set_trace(amxc_trace_fn f) { amxc_trace = f; }\n'
@@ -226,6 +228,25 @@ class Emitter:
         self.lines.append(f"amxc::attention_cached({self.p(q)}, {self.p(k)}, {self.p(v)}, {self.p(pos)}, a, "
                           f"{c_int(n.attrs['layer'])}, {cxx(q.type.shape[1])}, {cxx(k.type.shape[1])}, {d}, "
                           f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)});")
+
+    # collectives (a module sharded by shard-tp) -------------------------------------------------
+    def op_all_reduce(self, np_: NodePlan) -> None:
+        n = np_.node
+        x, out = n.inputs[0], n.output
+        count = numel(x.type.shape)
+        if self.p(x) != self.p(out):
+            self.lines.append(f"memcpy({self.p(out)}, {self.p(x)}, ({count}) * sizeof(float));")
+        self.lines.append(f"if (amxc::all_reduce_sum((AmxcComm*)a->comm, {self.p(out)}, {count}) != 0) "
+                          f"return AMXC_COMM_FAILED;")
+
+    def op_all_gather(self, np_: NodePlan) -> None:
+        n = np_.node
+        x = n.inputs[0]
+        rows = self._rows(x)
+        if self.fp.name == "prefill":            # the head ran on each row's last token only
+            rows = f"(a->last_only ? b : {rows})"
+        self.lines.append(f"if (amxc::gather_cols((AmxcComm*)a->comm, {self.p(x)}, {rows}, "
+                          f"{cxx(x.type.shape[-1])}, {self.p(n.output)}) != 0) return AMXC_COMM_FAILED;")
 
     # linear layers ---------------------------------------------------------------------------
     def _rows(self, x: Value) -> str:

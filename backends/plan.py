@@ -304,6 +304,8 @@ class Planner:
             elif self.is_alias(n):
                 np_.code, np_.alias_of = False, n.inputs[0]
                 root[id(n.output)] = root[id(n.inputs[0])]
+            elif n.op == "all_reduce" and len(self.users.get(n.inputs[0], [])) == 1:
+                root[id(n.output)] = root[id(n.inputs[0])]    # summed in place: the partial is read once
             else:
                 for v in n.outputs:
                     root[id(v)] = v
@@ -407,8 +409,11 @@ class Planner:
     def logits_head(self, np_: NodePlan) -> bool:
         """A linear writing the function's result [b, s, vocab] from [b, s, hidden] rows."""
         n = np_.node
-        x = n.inputs[0]
-        return (self.fn.name == "prefill" and self.slots[n.output].place == "out" and np_.residual is None
+        x, out = n.inputs[0], n.output
+        readers = self.users.get(out, [])
+        if len(readers) == 1 and readers[0] is not None and readers[0].op == "all_gather":
+            out = readers[0].output                   # a vocab-split head: its ranks' logits are gathered
+        return (self.fn.name == "prefill" and self.slots[out].place == "out" and np_.residual is None
                 and x.type.rank == 3 and n.output.type.rank == 3)
 
     plan_linear_nf4 = plan_linear

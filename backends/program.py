@@ -19,6 +19,7 @@ import numpy as np
 
 from amxc.ir import Module
 from amxc.ir.interpreter import run as interpret
+from amxc.ir.interpreter import run_ranks
 from amxc.ir.types import KVCacheType
 
 from . import env, isa, toolchain
@@ -67,7 +68,7 @@ class CStepArgs(ctypes.Structure):
                 ("block_tables", ctypes.c_void_p),
                 ("max_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64), ("num_blocks", ctypes.c_int64),
                 ("out", ctypes.c_void_p), ("ws", ctypes.c_void_p), ("W", ctypes.c_void_p),
-                ("nthreads", ctypes.c_int), ("last_only", ctypes.c_int)]
+                ("nthreads", ctypes.c_int), ("last_only", ctypes.c_int), ("comm", ctypes.c_void_p)]
 
 
 def required_tier(module: Module) -> str:
@@ -121,19 +122,41 @@ class Program:
 
 
 class InterpreterProgram(Program):
-    """The reference interpreter over the same step batches (the oracle; slow)."""
+    """The reference interpreter over the same step batches (the oracle; slow).  A module
+    sharded N ways runs all its ranks in lockstep (run_ranks); rank 0's keys and values are the
+    arrays the runtime passes, the other ranks' are kept here, the same shape."""
     name = "interpreter"
 
+    def __init__(self, module: Module):
+        super().__init__(module)
+        self.ways = module.attrs.get("tp", 1)
+        self.rank_kv: list[tuple[np.ndarray, np.ndarray]] = []
+
     def _run(self, batch, k, v):
-        return interpret(self.module, [batch.ids, batch.positions, PagedView(batch, k, v)],
-                         function=batch.function)[0]
+        if self.ways == 1:
+            return interpret(self.module, [batch.ids, batch.positions, PagedView(batch, k, v)],
+                             function=batch.function)[0]
+        if not self.rank_kv or self.rank_kv[0][0].shape != k.shape:
+            self.rank_kv = [(np.zeros_like(k), np.zeros_like(v)) for _ in range(self.ways - 1)]
+        views = [PagedView(batch, k, v)] + [PagedView(batch, kr, vr) for kr, vr in self.rank_kv]
+        outs = run_ranks(self.module, [[batch.ids, batch.positions, view] for view in views],
+                         function=batch.function)
+        return outs[0][0]
 
 
 class NativeProgram(Program):
     """The module's functions as native code for one ISA tier."""
 
-    def __init__(self, module: Module, options: NativeOptions | None = None, *, limits: Limits | None = None):
+    def __init__(self, module: Module, options: NativeOptions | None = None, *, limits: Limits | None = None,
+                 rank: int = 0, comm=None):
+        """`rank` and `comm` (a runtime.comm group: its CComm is handed to the native step) for one
+        rank of a module sharded for tensor parallelism."""
         super().__init__(module)
+        ways = module.attrs.get("tp", 1)
+        if ways > 1 and comm is None:
+            raise ProgramError(f"@{module.name} is sharded {ways} ways: each rank's program needs a "
+                               f"communicator (amxc run starts the ranks)")
+        self.rank, self.comm = rank, comm
         options = options or NativeOptions()
         if "target" not in module.attrs:
             raise ProgramError(f"@{module.name} was not lowered: compile it with the lower pass "
@@ -161,7 +184,7 @@ class NativeProgram(Program):
         self.entry = {name: getattr(lib, f"amxc_{name}") for name in gen.functions}
         for fn in self.entry.values():
             fn.argtypes, fn.restype = [ctypes.POINTER(CStepArgs)], ctypes.c_int
-        self.arrays = [np.ascontiguousarray(module.params[n].load()) for n in gen.params]
+        self.arrays = [np.ascontiguousarray(_rank_data(module.params[n], rank)) for n in gen.params]
         self.table = (ctypes.c_void_p * max(len(self.arrays), 1))(*[a.ctypes.data for a in self.arrays])
         self.workspace_bytes = gen.workspace
         self.workspace = np.zeros(gen.workspace + 64, np.uint8)
@@ -199,12 +222,25 @@ class NativeProgram(Program):
         args = CStepArgs(step.ids.shape[0], step.ids.shape[1], step.ids.ctypes.data, step.positions.ctypes.data,
                          k.ctypes.data, v.ctypes.data, bt.ctypes.data, bt.shape[1], k.shape[3], k.shape[1],
                          result.ctypes.data, self.ws_ptr, ctypes.addressof(self.table), self.threads,
-                         int(last_only))
+                         int(last_only), self.comm.address if self.comm is not None else None)
         rc = self.entry[step.function](ctypes.byref(args))
+        if rc == COMM_FAILED and self.comm is not None:
+            raise CommFailure(f"rank {self.rank}: {self.comm.error or 'a collective failed'}")
         if rc != 0:
             raise NativeError(f"native @{step.function} failed with status {rc}")
         if result is not out:
             out[...] = result
+
+
+COMM_FAILED = 90       # AMXC_COMM_FAILED of include/amxc_tp.h
+
+
+class CommFailure(NativeError):
+    """A collective of a tensor-parallel step failed: a rank died, hung or left."""
+
+
+def _rank_data(p, rank: int) -> np.ndarray:
+    return p.load(rank) if p.sharded else p.load()
 
 
 def _base(tier: str) -> str:

@@ -4,6 +4,9 @@ runs by itself.
     ART/manifest.json   format version, source digest, pipeline, config, parameter index, hashes
     ART/graph.ir        the final IR in its text form (parsed by amxc's own parser)
     ART/weights.bin     raw little-endian tensors, each 64-byte aligned, memory-mapped at load
+    ART/weights.rankR.bin  instead, for a module sharded N ways (shard-tp): one file per rank
+                        with that rank's slices and its own copy of the replicated tensors, at
+                        the same offsets in every file, so each rank maps only its own file
     ART/tokenizer/      tokenizer files (JSON / sentencepiece), if the model has them
 
 Loading reads JSON, IR text and raw bytes only — never pickle, never code — and opens only the
@@ -117,7 +120,8 @@ def save_artifact(module: Module, out: str | os.PathLike, *, config: dict | None
     # ours alone (unique name, created here): the only directory removed if anything fails
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        index = _write_weights(module, tmp / "weights.bin", progress)
+        tp = module.attrs.get("tp", 1)
+        index, sharding = _write_weights(module, tmp, tp, progress)
         (tmp / "graph.ir").write_text(print_module(module))
         has_tokenizer = bool(write_tokenizer and write_tokenizer(tmp / "tokenizer"))
         files = {str(p.relative_to(tmp)): _sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -135,6 +139,7 @@ def save_artifact(module: Module, out: str | os.PathLike, *, config: dict | None
             "tokenizer": has_tokenizer,
             "params": index,
             "files": files,
+            **({"tp": tp, "sharding": sharding} if tp > 1 else {}),
             **(extra or {}),
         }
         manifest["manifest_digest"] = manifest_digest(manifest)
@@ -221,27 +226,50 @@ def _umask() -> int:
     return mask
 
 
-def _write_weights(module: Module, path: Path, progress: bool) -> dict:
+def weight_files(tp: int) -> list[str]:
+    """The weight files of an artifact sharded `tp` ways (1: not sharded), in rank order."""
+    return ["weights.bin"] if tp == 1 else [f"weights.rank{r}.bin" for r in range(tp)]
+
+
+def _write_weights(module: Module, art: Path, tp: int, progress: bool) -> tuple[dict, dict]:
+    """Every rank's file, one tensor in memory at a time; returns the parameter index (the same
+    offsets in every file) and, sharded, the plan: which parameters are split and how."""
     from tqdm import tqdm
 
-    index, offset = {}, 0
-    total = module.param_bytes()
+    index, sharding = {}, {}
+    total = sum(p.type.nbytes() for p in module.params.values()) * tp
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress,
                file=sys.stderr, leave=False)
-    with open(path, "wb") as f:
+    files = [open(art / name, "wb") for name in weight_files(tp)]
+    try:
+        offset = 0
         for p in module.params.values():
-            arr = np.ascontiguousarray(p.load())
             pad = (-offset) % ALIGN
-            f.write(b"\0" * pad)
             offset += pad
-            f.write(arr.data)
-            p.digest = digest_of(arr)
+            digests = []
+            for r, f in enumerate(files):
+                arr = np.ascontiguousarray(p.load(r) if p.sharded else p.load())
+                f.write(b"\0" * pad)
+                f.write(arr.data)
+                digests.append(digest_of(arr))
+                bar.update(arr.nbytes)
+                if not p.sharded:
+                    for g in files[1:]:              # the replicated tensor in every rank's file
+                        g.write(b"\0" * pad)
+                        g.write(arr.data)
+                        bar.update(arr.nbytes)
+                    break
+            p.digest = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
             index[p.name] = {"offset": offset, "nbytes": arr.nbytes, "dtype": str(p.type.dtype),
                              "shape": list(arr.shape)}
+            if p.sharded:
+                sharding[p.name] = {"split": p.attrs.get("tp", "split"), "bytes_per_rank": arr.nbytes}
             offset += arr.nbytes
-            bar.update(arr.nbytes)
-    bar.close()
-    return index
+    finally:
+        for f in files:
+            f.close()
+        bar.close()
+    return index, sharding
 
 
 def source_digest(module: Module, config: dict | None) -> str:
@@ -284,14 +312,22 @@ def read_manifest(art: str | os.PathLike) -> dict:
 
 
 def load_artifact(art: str | os.PathLike, *, check_hashes: bool = True,
-                  progress: bool = False) -> tuple[Module, dict]:
+                  progress: bool = False, rank: int | None = None) -> tuple[Module, dict]:
     """Parse and verify an artifact; parameters are memory-mapped views of weights.bin.
-    `progress` shows a bar (stderr) while hashing, which takes seconds for large weights."""
+    `progress` shows a bar (stderr) while hashing, which takes seconds for large weights.
+    A sharded artifact's split parameters get one loader per rank; `rank` (a rank process)
+    verifies and maps that rank's weight file only, and replicated parameters read from it."""
     art = Path(art)
     manifest = read_manifest(art)
-    files = _listed_files(art, manifest)
+    tp = manifest.get("tp", 1)
+    if not _is_int(tp) or not 1 <= tp <= 8:
+        raise ArtifactError(f"{art / 'manifest.json'}: 'tp' must be an integer from 1 to 8, found {tp!r}")
+    if rank is not None and not 0 <= rank < tp:
+        raise ArtifactError(f"{art}: rank {rank} of an artifact with {tp} rank(s)")
+    files = _listed_files(art, manifest, tp)
     if check_hashes:
-        _check_hashes(files, progress)
+        skip = {art / f for r, f in enumerate(weight_files(tp)) if rank is not None and r != rank}
+        _check_hashes({p: d for p, d in files.items() if p not in skip}, progress)
     graph = art / "graph.ir"
     try:
         module = parse_module(graph.read_text(encoding="utf-8"), filename=str(graph))
@@ -300,17 +336,20 @@ def load_artifact(art: str | os.PathLike, *, check_hashes: bool = True,
         raise ArtifactError(str(e)) from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise ArtifactError(f"{graph}: not readable IR text ({e})") from None
-    _attach_weights(module, manifest.get("params"), art)
+    if module.attrs.get("tp", 1) != tp:
+        raise ArtifactError(f"{graph}: the module is sharded {module.attrs.get('tp', 1)} way(s) and the "
+                            f"manifest says {tp}")
+    _attach_weights(module, manifest.get("params"), art, tp, manifest.get("sharding", {}), rank)
     return module, manifest
 
 
-def _listed_files(art: Path, manifest: dict) -> dict[Path, str]:
+def _listed_files(art: Path, manifest: dict, tp: int = 1) -> dict[Path, str]:
     """The manifest's file list as {path: sha256}; every path a file inside the artifact."""
     where = art / "manifest.json"
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise ArtifactError(f"{where}: 'files' must be an object of path -> sha256")
-    for required in ("graph.ir", "weights.bin"):
+    for required in ("graph.ir", *weight_files(tp)):
         if required not in files:
             raise ArtifactError(f"{where}: does not list {required}")
     root, listed = art.resolve(), {}
@@ -338,24 +377,45 @@ def _check_hashes(files: dict[Path, str], progress: bool) -> None:
                                     f"(corrupted or modified)")
 
 
-def _attach_weights(module: Module, index, art: Path) -> None:
-    """Point every parameter at its bytes in weights.bin, after checking its index entry."""
+def _attach_weights(module: Module, index, art: Path, tp: int = 1, sharding=None, rank: int | None = None) -> None:
+    """Point every parameter at its bytes in the weight file(s), after checking its index entry."""
     where = art / "manifest.json"
     if not isinstance(index, dict):
         raise ArtifactError(f"{where}: 'params' must be an object of parameter -> entry")
     if unknown := sorted(set(index) - set(module.params)):
         raise ArtifactError(f"{where}: parameter index names @{unknown[0]}, which graph.ir does not "
                             f"declare")
-    path = art / "weights.bin"
+    if not isinstance(sharding, dict) or (unknown := sorted(set(sharding) - set(module.params))):
+        raise ArtifactError(f"{where}: 'sharding' must name parameters of graph.ir")
     # np.memmap refuses empty files; a module without parameters has one
-    weights = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    files = [art / name for name in weight_files(tp)]
+    weights: list[np.ndarray | None] = [None] * tp
+
+    def mapped(r: int) -> np.ndarray:         # a rank's file when first read (the oracle maps all)
+        if weights[r] is None:
+            weights[r] = (np.memmap(files[r], dtype=np.uint8, mode="r") if files[r].stat().st_size
+                          else np.zeros(0, np.uint8))
+        return weights[r]
+
     for name, p in module.params.items():
         if name not in index:
             raise ArtifactError(f"{where}: no weights for parameter @{name}")
-        p.loader = _view(weights, index[name], p, f"{where}: parameter @{name}")
+        label = f"{where}: parameter @{name}"
+        if name in sharding:
+            views = [_view(mapped(r), index[name], p, label, files[r].name) if rank is None or r == rank else _elsewhere(name, r)
+                     for r in range(tp)]
+            p.loader, p.shards = None, views
+        else:
+            p.loader = _view(mapped(rank or 0), index[name], p, label, files[rank or 0].name)
 
 
-def _view(weights: np.ndarray, entry, param, where: str):
+def _elsewhere(name: str, r: int):
+    def load():
+        raise ArtifactError(f"@{name}: rank {r}'s slice is in its own weight file, which this rank did not map")
+    return load
+
+
+def _view(weights: np.ndarray, entry, param, where: str, fname: str = "weights.bin"):
     """A loader for one parameter; `where` prefixes every error."""
     if not isinstance(entry, dict):
         raise ArtifactError(f"{where}: index entry must be an object")
@@ -378,7 +438,7 @@ def _view(weights: np.ndarray, entry, param, where: str):
     if not _is_int(entry.get("nbytes")) or entry["nbytes"] != nbytes:
         raise ArtifactError(f"{where}: nbytes {entry.get('nbytes')!r} should be {nbytes}")
     if offset + nbytes > weights.size:
-        raise ArtifactError(f"{where}: bytes [{offset}, {offset + nbytes}) lie outside weights.bin "
+        raise ArtifactError(f"{where}: bytes [{offset}, {offset + nbytes}) lie outside {fname} "
                             f"({weights.size} bytes)")
 
     def load():

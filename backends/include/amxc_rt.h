@@ -25,6 +25,7 @@ struct StepArgs {
   const void* const* W;          // parameters, in the order of the generated table
   int nthreads;
   int last_only;                 // prefill: out holds only each row's last token's logits, [b, vocab]
+  void* comm;                    // tensor parallelism: the rank's AmxcComm (amxc_comm.h), else null
 };
 
 #define AMXC_RESTRICT __restrict__
