@@ -299,9 +299,10 @@ def format_stats(module: Module) -> str:
     return "\n".join(lines)
 
 
-def ensure_artifact(model, *, quant: str | None = None, progress: bool = True) -> Path:
+def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, tp: int = 1) -> Path:
     """`model` if it is an artifact directory; otherwise its compiled artifact in the cache
-    (`~/.cache/amxc/artifacts`), compiled with the default pipeline (plus `quant`) on first use."""
+    (`~/.cache/amxc/artifacts`), compiled with the default pipeline (plus `quant`, sharded `tp`
+    ways) on first use."""
     import hashlib
 
     from amxc import __version__
@@ -314,9 +315,13 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True) -
             from amxc.errors import UsageError
             raise UsageError(f"{path} is already compiled; quantization is chosen at compile time "
                              f"(amxc compile MODEL --quant {quant})")
+        if tp > 1:
+            from amxc.errors import UsageError
+            raise UsageError(f"{path} is already compiled; tensor parallelism is chosen at compile time "
+                             f"(amxc compile MODEL --tp {tp}), and a sharded artifact starts its own ranks")
         return path
     source = str(path.resolve()) if path.exists() else str(model)
-    pipeline = compile_pipeline(None, quant)
+    pipeline = compile_pipeline(None, quant, tp=tp)
     key = hashlib.sha256(f"{source}|{__version__}|{pipeline}".encode()).hexdigest()[:12]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.name or str(model)))
     art = cache_dir() / "artifacts" / f"{name}-{key}.amxc"
@@ -326,9 +331,10 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True) -
     return art
 
 
-def load(model, *, quant: str | None = None, progress: bool = False, **engine_options):
+def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, **engine_options):
     """An inference Engine for an artifact directory, or for a model (compiled on first use,
-    quantized if `quant` says so: 'nf4')."""
+    quantized if `quant` says so: 'nf4'; sharded `tp` ways).  A sharded artifact starts its rank
+    processes; `Engine.close()` stops them."""
     from amxc.runtime.engine import Engine
 
-    return Engine.load(ensure_artifact(model, quant=quant, progress=progress), **engine_options)
+    return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp), **engine_options)

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a compiled artifact: the native code plan of @prefill and @decode, per "
                         "node the kernel chosen by row count, fused epilogue, alias, workspace "
                         "offset and bytes (AMXC_GEMV and AMXC_TILES apply, as in run; no C++ is built)")
+    i.add_argument("--sharding", action="store_true",
+                   help="for a tensor-parallel artifact (compile --tp N): every parameter's split or "
+                        "replication and its bytes per rank")
     i.add_argument("--target", dest="tier", metavar="TIER", default=None,
                    help="with --kernels: the ISA tier to plan for (ref, avx2, avx512, amx, "
                         "amx-emulated; default: this machine's best)")
@@ -221,7 +224,10 @@ def cmd_inspect(args) -> int:
         raise UsageError(f"--function {args.function}: {args.target} has no such function (it has: "
                          f"{', '.join(module.functions)})")
     fn = module.functions[args.function] if args.function else module.main
-    if args.kernels:
+    if args.sharding:
+        from amxc.passes.shard_tp import format_sharding
+        text = format_sharding(module)
+    elif args.kernels:
         text = _kernel_plan(module, args)
     elif args.stats:
         text = format_stats(module) + "\n"

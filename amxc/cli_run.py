@@ -63,6 +63,12 @@ def _model_arg(p) -> None:
                     help="KV cache size as tokens (4096) or memory (512MiB, 2GiB, 1.5GB)")
     p.add_argument("--quant", metavar="SPEC", default=None,
                    help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
+    tp = p.add_argument_group("tensor parallelism (an artifact compiled with --tp N runs N rank processes)")
+    tp.add_argument("--tp", type=at_least(1), default=None, metavar="N",
+                    help="when compiling on first use: shard the model N ways")
+    tp.add_argument("--bind", default=None, metavar="CPUS|CPUS|...",
+                    help="each rank's CPUs, e.g. '0-27|28-55' (default: one NUMA node per rank when the "
+                         "host has as many, else the CPUs split evenly)")
 
 
 def _sampling_args(p) -> None:
@@ -89,7 +95,11 @@ def _engine(args):
     if args.kv_capacity is not None:
         kind, value = args.kv_capacity
         tokens, nbytes = (value, None) if kind == "tokens" else (None, value)
-    return load(args.model, quant=args.quant, progress=True, kv_tokens=tokens, kv_bytes=nbytes)
+    import atexit
+    engine = load(args.model, quant=args.quant, progress=True, tp=args.tp or 1, kv_tokens=tokens,
+                  kv_bytes=nbytes, bind=args.bind)
+    atexit.register(engine.close)          # a sharded artifact's rank processes stop with us
+    return engine
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -24,11 +24,15 @@ rows the same way (silu(0) * 0 = 0), to a multiple of 64 * N when it is a multip
 every rank's down_proj input stays whole NF4 blocks.  Biases split with their rows; a
 row-parallel bias stays on rank 0 only (the all-reduce adds it once).
 
-Run it before quantize-nf4: each rank's slice is then quantized by itself.  Column-split rows
-quantize to exactly the unsharded codes and block scales (blocks run along a row); a row split
-cuts each row at a multiple of 64 when it can, so the codes and first-level scales are the
-unsharded ones, and only the second-level scales (one per 256 blocks, grouped in storage order)
-can differ.  Slices that are not whole blocks stay float, as quantize-nf4 reports.
+Run it before quantize-nf4: each rank's slice is then quantized by itself (research/yuan_tp.md
+§4.4).  Blocks run along rows, so column-split rows keep the unsharded absmax of every block,
+and a row split cuts rows at multiples of 64 where the sizes allow (heads of 64+, intermediate
+sizes that are multiples of 64), keeping whole blocks too.  With fp32 block scales
+(`double=none`) the codes are then exactly the unsharded ones; double quantization groups 256
+block scales in storage order under one second-level scale, which a rank's slice regroups, so a
+block's E4M3 scale (and with it a few codes) can move by one E4M3 step unless the rank's rows
+cover whole groups (8 rows of a 2048-wide matrix).  Slices that are not whole blocks stay
+float, as quantize-nf4 reports.
 """
 from __future__ import annotations
 
@@ -387,3 +391,37 @@ def _reinfer(fn: Function) -> None:
     for r in fn.results:
         if not isinstance(r.type, (TensorType, KVCacheType)):
             raise PassError(f"shard-tp: result %{r.name} has no type")
+
+
+def format_sharding(module: Module) -> str:
+    """The sharding plan as `amxc inspect ART --sharding` prints it: every parameter, its split
+    (or "replicated") and its bytes on each rank, then the totals per rank."""
+    ways = module.attrs.get("tp", 1)
+    if ways == 1:
+        return f"@{module.name} is not sharded (compile with --tp N)\n"
+    rows, split_bytes, rep_bytes = [], 0, 0
+    for p in module.params.values():
+        nbytes = p.type.nbytes()
+        how = p.attrs.get("tp")
+        if how is None:
+            rep_bytes += nbytes
+            how = "replicated"
+        else:
+            split_bytes += nbytes
+        rows.append((p.name, how, str(p.type).split("{")[0], nbytes))
+    w = max(len(r[0]) for r in rows)
+    h = max(len(r[1]) for r in rows)
+    t = max(len(r[2]) for r in rows)
+    out = [f"@{module.name}: tensor parallel, {ways} ranks (one weight file each)",
+           f"{'parameter':<{w}}  {'split':<{h}}  {'per-rank type':<{t}}  {'bytes/rank':>12}"]
+    out += [f"{n:<{w}}  {s:<{h}}  {ty:<{t}}  {b:>12,}" for n, s, ty, b in rows]
+    total = split_bytes + rep_bytes
+    out += ["",
+            f"per rank: {total:,} bytes = {split_bytes:,} split + {rep_bytes:,} replicated "
+            f"({100 * rep_bytes / max(total, 1):.1f} % replicated)",
+            f"all ranks: {total * ways:,} bytes"]
+    kv = next((a.type for fn in module.functions.values() for a in fn.args if isinstance(a.type, KVCacheType)), None)
+    if kv is not None:
+        out.append(f"KV cache per rank: {kv} ({2 * kv.layers * kv.kv_heads * kv.head_dim * kv.dtype.storage.itemsize:,} "
+                   f"bytes per token)")
+    return "\n".join(out) + "\n"

@@ -74,10 +74,19 @@ class StreamEvent:
     finish_reason: str | None = None
 
 
-def default_program(module: Module, settings: Settings) -> Program:
+def default_program(module: Module, settings: Settings, artifact: str | Path | None = None) -> Program:
     """The program the settings ask for.  Native kernels that cannot be built (no g++, a
-    compiler error) are a BuildError saying so, never a silent switch to the interpreter."""
+    compiler error) are a BuildError saying so, never a silent switch to the interpreter.  A
+    module sharded for tensor parallelism runs natively as one process per rank, started from
+    its artifact (runtime/ranks.py); the interpreter runs its ranks in lockstep in-process."""
+    ways = module.attrs.get("tp", 1)
     try:
+        if ways > 1 and settings.native.executor == "native" and settings.native.tier != "interpreter":
+            if artifact is None:
+                raise ArtifactError(f"@{module.name} is sharded {ways} ways: its ranks start from its "
+                                    f"artifact (Engine.load(ART), amxc run ART)")
+            from .ranks import RankedProgram
+            return RankedProgram(module, artifact, settings)
         return build_program(module, settings.native)
     except BuildError as e:
         raise BuildError(f"native kernels could not be built: {e}\nset AMXC_EXECUTOR=interpreter to run "
@@ -92,7 +101,8 @@ class Engine:
     `program` replaces the program (tests: the interpreter, a native one with chosen options)."""
 
     def __init__(self, module: Module, manifest: dict | None = None, tokenizer=None, *,
-                 settings: Settings | None = None, program: Program | None = None, **overrides):
+                 settings: Settings | None = None, program: Program | None = None,
+                 artifact: str | Path | None = None, **overrides):
         for fn in ("prefill", "decode"):
             if fn not in module.functions:
                 raise ArtifactError(f"module @{module.name} has no @{fn}: compile it with the kv-cache pass")
@@ -101,7 +111,7 @@ class Engine:
         if self.settings.kv_bytes is not None:
             self.settings = _kv_tokens_for(self.settings, cache_type)
         self.module, self.manifest, self.tokenizer = module, manifest or {}, tokenizer
-        self.program = program if program is not None else default_program(module, self.settings)
+        self.program = program if program is not None else default_program(module, self.settings, artifact)
         self.config = self.manifest.get("config", dict(module.attrs))
         self.context = _context_length(self.config)
         self.scheduler = Scheduler(self.program, cache_type, self.settings,
@@ -115,7 +125,13 @@ class Engine:
         module, manifest = load_artifact(path)
         tok_dir = Path(path) / "tokenizer"
         tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
-        return cls(module, manifest, tokenizer, **kwargs)
+        return cls(module, manifest, tokenizer, artifact=path, **kwargs)
+
+    def close(self) -> None:
+        """Stop what the program started (a sharded artifact's rank processes); idempotent."""
+        close = getattr(self.program, "close", None)
+        if close is not None:
+            close()
 
     @property
     def blocks(self):

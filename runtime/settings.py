@@ -19,8 +19,16 @@ class Settings:
     max_batch_tokens: int = 512      # tokens one step computes (decode rows + prefill chunks)
     max_seqs: int = 64               # sequences running at once
     prefix_caching: bool = True
+    # tensor parallelism (a sharded artifact): where each rank runs and how the ranks talk
+    bind: str | None = None          # CPUs per rank, "0-27|28-55|..." (default: NUMA nodes, else an even split)
+    transport: str = "shm"           # "shm": ranks on this host; "mpi": ranks started by mpiexec
+    comm_timeout: float = 30.0       # seconds a rank may wait on a silent peer before giving up
 
     def __post_init__(self):
+        if self.transport not in ("shm", "mpi"):
+            raise ValueError(f"settings: transport must be 'shm' or 'mpi', got {self.transport!r}")
+        if not (isinstance(self.comm_timeout, (int, float)) and 0 < self.comm_timeout <= 3600):
+            raise ValueError(f"settings: comm_timeout must be 0 < seconds <= 3600, got {self.comm_timeout!r}")
         for name in ("kv_tokens", "block_size", "max_batch_tokens", "max_seqs", "kv_bytes"):
             value = getattr(self, name)
             if name == "kv_bytes" and value is None:

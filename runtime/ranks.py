@@ -1,0 +1,286 @@
+"""Tensor-parallel ranks on one host: a sharded artifact (shard-tp) runs as one process per rank.
+
+Rank 0 is the process that holds the engine (scheduler, tokenizer, sampling).  `RankedProgram`
+starts ranks 1..N-1 as worker processes (`python -m amxc.runtime.ranks`), each bound to its own
+CPUs, mapping only its own weight file and holding its own slice of the KV cache.  Every step,
+rank 0 sends the step batch (token ids, positions, block tables: a few hundred bytes) down a
+socket to each worker, then all ranks run the same native step; the layers' collectives happen
+inside it, over shared memory (runtime/comm.py, include/amxc_comm.h), with no Python between
+layers.  Only rank 0's logits are used (the head's all_gather gives every rank all of them).
+
+Faults: a worker that dies or hangs makes rank 0's next collective fail with the rank, its pid
+and the step (the communicator watches its peers); a worker whose rank 0 is gone sees its socket
+close, or its collective fail, and exits.  The shared segments are unlinked as soon as every rank
+has mapped them, so a crash leaves nothing behind in /dev/shm.
+
+Where ranks run (`Settings.bind`): "0-27|28-55|..." names each rank's CPUs; by default one NUMA
+node per rank when the host has exactly N nodes, else the usable CPUs split evenly (on fewer CPUs
+than ranks, ranks share them: a test setting, where the communicator's waits yield).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from amxc.backends.program import CommFailure, NativeError, NativeOptions, NativeProgram, Program
+from amxc.backends.step import StepBatch
+
+_ARRAYS = (("ids", np.int64), ("positions", np.int64), ("block_tables", np.int32), ("seq_ids", np.int64))
+_MAX_HEADER = 1 << 16
+
+
+class RankError(RuntimeError):
+    """Starting or running the ranks of a sharded artifact failed."""
+
+
+# -- where ranks run ---------------------------------------------------------------------------
+def parse_cpus(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]."""
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise RankError(f"--bind: {part!r} is not a CPU number or range like 0-27")
+        lo_i, hi_i = int(lo), int(hi or lo)
+        if hi_i < lo_i or hi_i > 4095:
+            raise RankError(f"--bind: {part!r} is not a CPU range")
+        out += range(lo_i, hi_i + 1)
+    return out
+
+
+def numa_nodes() -> list[list[int]]:
+    nodes = []
+    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*"), key=lambda p: int(p.name[4:])):
+        try:
+            nodes.append(parse_cpus((d / "cpulist").read_text().strip()))
+        except (OSError, RankError):
+            continue
+    return [n for n in nodes if n]
+
+
+def cpu_sets(ways: int, bind: str | None = None) -> list[list[int]]:
+    """The CPUs of each rank (see the module docstring)."""
+    usable = sorted(os.sched_getaffinity(0))
+    if bind:
+        groups = [parse_cpus(g) for g in bind.split("|")]
+        if len(groups) != ways:
+            raise RankError(f"--bind names {len(groups)} CPU sets and the artifact has {ways} ranks")
+        for r, g in enumerate(groups):
+            if not set(g) <= set(usable):
+                raise RankError(f"--bind: rank {r}'s CPUs {sorted(set(g) - set(usable))} are not usable here "
+                                f"(this process may use {usable[0]}-{usable[-1]})")
+        return groups
+    nodes = [[c for c in n if c in usable] for n in numa_nodes()]
+    if len(nodes) == ways and all(nodes):
+        return nodes
+    if len(usable) < ways:
+        return [[usable[r % len(usable)]] for r in range(ways)]
+    per = len(usable) // ways
+    return [usable[r * per:(r + 1) * per] for r in range(ways)]
+
+
+# -- the control channel: one framed message per step ------------------------------------------
+def send_frame(sock: socket.socket, header: dict, arrays: list[np.ndarray] = ()) -> None:
+    head = json.dumps(header).encode()
+    body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    sock.sendall(struct.pack("<II", len(head), len(body)) + head + body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict, bytes] | None:
+    sizes = _recv_exact(sock, 8)
+    if sizes is None:
+        return None
+    nhead, nbody = struct.unpack("<II", sizes)
+    if nhead > _MAX_HEADER:
+        raise RankError(f"control message header of {nhead} bytes")
+    head, body = _recv_exact(sock, nhead), _recv_exact(sock, nbody)
+    if head is None or body is None:
+        return None
+    return json.loads(head), body
+
+
+def step_frame(n: int, batch: StepBatch, kv_shape) -> tuple[dict, list[np.ndarray]]:
+    arrays = [getattr(batch, name) for name, _ in _ARRAYS]
+    header = {"op": "step", "n": n, "function": batch.function, "logits": batch.logits,
+              "shapes": [list(a.shape) for a in arrays], "kv": list(kv_shape)}
+    return header, arrays
+
+
+def batch_from(header: dict, body: bytes) -> StepBatch:
+    arrays, offset = [], 0
+    for (name, dtype), shape in zip(_ARRAYS, header["shapes"]):
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays.append(np.frombuffer(body, dtype, count, offset).reshape(shape))
+        offset += count * np.dtype(dtype).itemsize
+    return StepBatch(header["function"], *arrays, logits=header["logits"])
+
+
+# -- rank 0 ------------------------------------------------------------------------------------
+class RankedProgram(Program):
+    """Rank 0's program for a sharded artifact: starts the other ranks and runs its own slice."""
+
+    def __init__(self, module, artifact: str | os.PathLike, settings, *, spawn_timeout: float = 120.0):
+        super().__init__(module)
+        from .comm import ShmGroup
+        self.ways = module.attrs["tp"]
+        self.artifact = str(Path(artifact).resolve())
+        self.cpus = cpu_sets(self.ways, settings.bind)
+        opts = settings.native
+        self.threads = [opts.threads or len(c) for c in self.cpus]
+        self.workers: list[subprocess.Popen] = []
+        self.socks: list[socket.socket] = []
+        self.steps = 0
+        self.group = ShmGroup.create(self.ways, timeout_s=settings.comm_timeout)
+        try:
+            for r in range(1, self.ways):
+                mine, theirs = socket.socketpair()
+                cmd = [sys.executable, "-m", "amxc.runtime.ranks", "--artifact", self.artifact,
+                       "--rank", str(r), "--ranks", str(self.ways), "--group", self.group.name,
+                       "--fd", str(theirs.fileno()), "--threads", str(self.threads[r]),
+                       "--cpus", ",".join(map(str, self.cpus[r])), "--tier", opts.tier, "--gemv", opts.gemv,
+                       "--tiles", opts.tiles, "--timeout", str(settings.comm_timeout)]
+                self.workers.append(subprocess.Popen(cmd, pass_fds=(theirs.fileno(),)))
+                theirs.close()
+                self.socks.append(mine)
+            _bind(self.cpus[0])
+            self.group.join(timeout_s=spawn_timeout, alive=self._check_workers)
+            self.local = NativeProgram(module, NativeOptions(**{**opts.__dict__, "threads": self.threads[0]}),
+                                       rank=0, comm=self.group)
+        except BaseException:
+            self.close()
+            raise
+        self.name = f"{self.local.name} x{self.ways} ranks"
+        self.tier = self.local.tier
+
+    def _check_workers(self) -> None:
+        for r, w in enumerate(self.workers, start=1):
+            if w.poll() is not None:
+                raise RankError(f"rank {r} (pid {w.pid}) exited with status {w.returncode} while starting")
+
+    def _run(self, batch: StepBatch, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        self.steps += 1
+        self.group.comm.step = self.steps
+        header, arrays = step_frame(self.steps, batch, k.shape)
+        for r, sock in enumerate(self.socks, start=1):
+            try:
+                send_frame(sock, header, arrays)
+            except OSError:
+                raise RankError(self._dead(r, f"before step {self.steps}")) from None
+        try:
+            return self.local._run(batch, k, v)
+        except CommFailure as e:
+            raise RankError(f"{e}{self._statuses()}") from None
+
+    def _dead(self, r: int, when: str) -> str:
+        w = self.workers[r - 1]
+        code = w.poll()
+        state = f"exited with status {code}" if code is not None else "stopped answering"
+        return f"rank {r} (pid {w.pid}) {state} {when}"
+
+    def _statuses(self) -> str:
+        gone = [f"rank {r} (pid {w.pid}) exited with status {w.poll()}"
+                for r, w in enumerate(self.workers, start=1) if w.poll() is not None]
+        return f" [{'; '.join(gone)}]" if gone else ""
+
+    def close(self) -> None:
+        for sock in self.socks:
+            try:
+                send_frame(sock, {"op": "stop"})
+            except OSError:
+                pass
+            sock.close()
+        self.socks = []
+        deadline = time.monotonic() + 5.0
+        for w in self.workers:
+            try:
+                w.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+        self.workers = []
+        if getattr(self, "group", None) is not None:
+            self.group.close()
+            self.group = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _bind(cpus: list[int]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as e:
+        raise RankError(f"cannot bind to CPUs {cpus}: {e}") from None
+
+
+# -- ranks 1..N-1 ------------------------------------------------------------------------------
+def worker_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="amxc-rank", description="one rank of a sharded artifact (started by rank 0)")
+    ap.add_argument("--artifact", required=True)
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--ranks", type=int, required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--cpus", required=True)
+    ap.add_argument("--tier", default="auto")
+    ap.add_argument("--gemv", default="int8")
+    ap.add_argument("--tiles", default="int8")
+    ap.add_argument("--timeout", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    tag = f"amxc rank {args.rank}"
+    from .artifact import load_artifact
+    from .comm import ShmGroup
+
+    sock = socket.socket(fileno=args.fd)
+    _bind(parse_cpus(args.cpus))
+    module, _ = load_artifact(args.artifact, rank=args.rank)
+    group = ShmGroup.attach(args.group, args.rank, args.ranks, timeout_s=args.timeout)
+    try:
+        program = NativeProgram(module, NativeOptions(tier=args.tier, threads=args.threads, gemv=args.gemv,
+                                                      tiles=args.tiles), rank=args.rank, comm=group)
+        group.join(timeout_s=120.0)
+        k = v = None
+        while True:
+            frame = recv_frame(sock)
+            if frame is None or frame[0].get("op") == "stop":
+                return 0
+            header, body = frame
+            shape = tuple(header["kv"])
+            if k is None or k.shape != shape:
+                k = np.zeros(shape, np.float32)
+                v = np.zeros(shape, np.float32)
+            group.comm.step = header["n"]
+            program.run(batch_from(header, body), k, v)
+    except (CommFailure, NativeError) as e:
+        print(f"{tag}: {e}", file=sys.stderr)
+        return 3
+    finally:
+        group.close()
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
