@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from amxc.cli_plan import add_parser as add_plan_parser
+from amxc.cli_plan import run_plan
 from amxc.cli_run import add_parsers, at_least
 
 EPILOG = """examples:
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
 
     add_parsers(sub)
+    add_plan_parser(sub)
 
     pl = sub.add_parser("pull", help="download a known model into the local cache")
     pl.add_argument("name", metavar="NAME")
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     from amxc.errors import USER_ERRORS, describe_os_error
     try:
         from amxc.cli_run import COMMANDS
-        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull,
+        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull, "plan": run_plan,
                 **COMMANDS}[args.command](args)
     except USER_ERRORS as e:
         return _error(str(e))
