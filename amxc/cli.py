@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     from amxc.errors import USER_ERRORS, describe_os_error
     try:
         from amxc.cli_run import COMMANDS
-        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull, "plan": run_plan,
-                **COMMANDS}[args.command](args)
+        return {"compile": cmd_compile, "opt": cmd_opt, "inspect": cmd_inspect, "pull": cmd_pull,
+                "plan": run_plan, **COMMANDS}[args.command](args)
     except USER_ERRORS as e:
         return _error(str(e))
     except OSError as e:                # a path the user named: missing, a directory, no permission
