@@ -225,7 +225,8 @@ class NativeProgram(Program):
                          int(last_only), self.comm.address if self.comm is not None else None)
         rc = self.entry[step.function](ctypes.byref(args))
         if rc == COMM_FAILED and self.comm is not None:
-            raise CommFailure(f"rank {self.rank}: {self.comm.error or 'a collective failed'}")
+            error = self.comm.comm.error.decode(errors="replace")
+            raise CommFailure(f"rank {self.rank}: {error or 'a collective failed'}")
         if rc != 0:
             raise NativeError(f"native @{step.function} failed with status {rc}")
         if result is not out:

@@ -146,11 +146,11 @@ class RankedProgram(Program):
         self.artifact = str(Path(artifact).resolve())
         self.cpus = cpu_sets(self.ways, settings.bind)
         opts = settings.native
-        self.threads = [opts.threads or len(c) for c in self.cpus]
+        self.threads = [min(opts.threads, len(c)) if opts.threads else len(c) for c in self.cpus]
         self.workers: list[subprocess.Popen] = []
         self.socks: list[socket.socket] = []
         self.steps = 0
-        self.group = ShmGroup.create(self.ways, timeout_s=settings.comm_timeout)
+        self.group = ShmGroup.create(self.ways, timeout_s=settings.comm_timeout, threads=self.threads[0])
         try:
             for r in range(1, self.ways):
                 mine, theirs = socket.socketpair()
@@ -163,7 +163,7 @@ class RankedProgram(Program):
                 theirs.close()
                 self.socks.append(mine)
             _bind(self.cpus[0])
-            self.group.join(timeout_s=spawn_timeout, alive=self._check_workers)
+            self._join(spawn_timeout)
             self.local = NativeProgram(module, NativeOptions(**{**opts.__dict__, "threads": self.threads[0]}),
                                        rank=0, comm=self.group)
         except BaseException:
@@ -172,10 +172,29 @@ class RankedProgram(Program):
         self.name = f"{self.local.name} x{self.ways} ranks"
         self.tier = self.local.tier
 
-    def _check_workers(self) -> None:
-        for r, w in enumerate(self.workers, start=1):
-            if w.poll() is not None:
-                raise RankError(f"rank {r} (pid {w.pid}) exited with status {w.returncode} while starting")
+    def _join(self, timeout: float) -> None:
+        """The rendezvous, watching the workers: one that dies while starting (a bad artifact,
+        no memory) fails it at once with its status, not after the timeout."""
+        import threading
+        failure: list[BaseException] = []
+
+        def join():
+            try:
+                self.group.join(timeout_s=timeout)
+            except BaseException as e:         # noqa: BLE001 - handed to the caller below
+                failure.append(e)
+        t = threading.Thread(target=join, daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            for r, w in enumerate(self.workers, start=1):
+                if w.poll() is not None:
+                    self.group.close()          # the join fails: the group can never complete
+                    t.join()
+                    raise RankError(f"rank {r} (pid {w.pid}) exited with status {w.returncode} while starting")
+        if failure:
+            time.sleep(0.2)                     # a worker that failed is exiting: name its status
+            raise RankError(f"the ranks did not start: {failure[0]}{self._statuses()}")
 
     def _run(self, batch: StepBatch, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         self.steps += 1
@@ -258,7 +277,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     _bind(parse_cpus(args.cpus))
     module, _ = load_artifact(args.artifact, rank=args.rank)
-    group = ShmGroup.attach(args.group, args.rank, args.ranks, timeout_s=args.timeout)
+    group = ShmGroup.attach(args.group, args.rank, args.ranks, timeout_s=args.timeout, threads=args.threads)
     try:
         program = NativeProgram(module, NativeOptions(tier=args.tier, threads=args.threads, gemv=args.gemv,
                                                       tiles=args.tiles), rank=args.rank, comm=group)
