@@ -66,6 +66,9 @@ def _model_arg(p) -> None:
     tp = p.add_argument_group("tensor parallelism (an artifact compiled with --tp N runs N rank processes)")
     tp.add_argument("--tp", type=at_least(1), default=None, metavar="N",
                     help="when compiling on first use: shard the model N ways")
+    tp.add_argument("--transport", choices=["shm", "mpi"], default=None,
+                    help="how ranks talk: shm (default: this host, ranks started here) or mpi (every "
+                         "rank started by mpiexec -n N, e.g. across hosts with a hostfile)")
     tp.add_argument("--bind", default=None, metavar="CPUS|CPUS|...",
                     help="each rank's CPUs, e.g. '0-27|28-55' (default: one NUMA node per rank when the "
                          "host has as many, else the CPUs split evenly)")
@@ -97,7 +100,7 @@ def _engine(args):
         tokens, nbytes = (value, None) if kind == "tokens" else (None, value)
     import atexit
     engine = load(args.model, quant=args.quant, progress=True, tp=args.tp or 1, kv_tokens=tokens,
-                  kv_bytes=nbytes, bind=args.bind)
+                  kv_bytes=nbytes, bind=args.bind, transport=args.transport)
     atexit.register(engine.close)          # a sharded artifact's rank processes stop with us
     return engine
 

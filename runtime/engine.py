@@ -85,7 +85,9 @@ def default_program(module: Module, settings: Settings, artifact: str | Path | N
             if artifact is None:
                 raise ArtifactError(f"@{module.name} is sharded {ways} ways: its ranks start from its "
                                     f"artifact (Engine.load(ART), amxc run ART)")
-            from .ranks import RankedProgram
+            from .ranks import RankedProgram, mpi_program
+            if settings.transport == "mpi":
+                return mpi_program(module, settings)
             return RankedProgram(module, artifact, settings)
         return build_program(module, settings.native)
     except BuildError as e:

@@ -255,6 +255,94 @@ def _bind(cpus: list[int]) -> None:
         raise RankError(f"cannot bind to CPUs {cpus}: {e}") from None
 
 
+# -- across hosts: the same ranks under mpiexec -------------------------------------------------
+def mpi_program(module, settings) -> Program:
+    """Under `mpiexec -n N amxc run ART --transport mpi`: every process runs the same command;
+    MPI rank 0 gets the program (and runs the engine), the others serve steps right here and
+    exit when rank 0 closes.  The collectives use the MPI library (runtime/comm.py MpiGroup);
+    the step batch is broadcast with MPI_Bcast.  Binding is mpiexec's (its -bind-to options)."""
+    from .comm import CommError, MpiGroup
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise RankError(f"--transport mpi needs mpi4py and an MPI library (pip install mpi4py mpich): {e}") from None
+    world, ways = MPI.COMM_WORLD, module.attrs["tp"]
+    if world.Get_size() != ways:
+        raise RankError(f"mpiexec started {world.Get_size()} process(es) and the artifact has {ways} ranks "
+                        f"(mpiexec -n {ways} ...)")
+    opts = settings.native
+    try:
+        group = MpiGroup(threads=opts.threads or len(os.sched_getaffinity(0)))
+    except CommError as e:
+        raise RankError(str(e)) from None
+    program = NativeProgram(module, opts, rank=world.Get_rank(), comm=group)
+    if world.Get_rank() == 0:
+        return MpiRankedProgram(module, program, group, world)
+    k = v = None
+    while True:
+        frame = _bcast_frame(world)
+        if frame is None:
+            group.close()
+            sys.exit(0)
+        header, body = frame
+        shape = tuple(header["kv"])
+        if k is None or k.shape != shape:
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        group.step = header["n"]
+        try:
+            program.run(batch_from(header, body), k, v)
+        except NativeError as e:
+            print(f"amxc rank {world.Get_rank()}: {e}", file=sys.stderr)
+            world.Abort(3)
+
+
+def _bcast_frame(world, header: dict | None = None, arrays=()) -> tuple[dict, bytes] | None:
+    """Rank 0 sends (header, arrays); the others receive.  A "stop" header ends the loop."""
+    sizes = np.zeros(2, np.int64)
+    if header is not None:
+        head = json.dumps(header).encode()
+        body = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+        sizes[:] = len(head), len(body)
+    world.Bcast(sizes, root=0)
+    buf = np.frombuffer(head + body, np.uint8).copy() if header is not None else np.empty(int(sizes.sum()), np.uint8)
+    world.Bcast(buf, root=0)
+    if header is not None:
+        return None
+    nhead = int(sizes[0])
+    if nhead > _MAX_HEADER:
+        raise RankError(f"control message header of {nhead} bytes")
+    got = json.loads(buf[:nhead].tobytes())
+    return None if got.get("op") == "stop" else (got, buf[nhead:].tobytes())
+
+
+class MpiRankedProgram(Program):
+    """Rank 0's program under mpiexec: broadcasts each step batch, then runs its slice."""
+
+    def __init__(self, module, local: NativeProgram, group, world):
+        super().__init__(module)
+        self.local, self.group, self.world, self.steps = local, group, world, 0
+        self.ways = module.attrs["tp"]
+        self.name = f"{local.name} x{self.ways} ranks (MPI)"
+        self.tier = local.tier
+        import atexit
+        atexit.register(self.close)             # the other ranks wait in MPI_Bcast until told to stop
+
+    def _run(self, batch: StepBatch, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        self.steps += 1
+        self.group.step = self.steps
+        _bcast_frame(self.world, *step_frame(self.steps, batch, k.shape))
+        try:
+            return self.local._run(batch, k, v)
+        except CommFailure as e:
+            raise RankError(str(e)) from None
+
+    def close(self) -> None:
+        if self.group is not None:
+            _bcast_frame(self.world, {"op": "stop"})
+            self.group.close()
+            self.group = None
+
+
 # -- ranks 1..N-1 ------------------------------------------------------------------------------
 def worker_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="amxc-rank", description="one rank of a sharded artifact (started by rank 0)")

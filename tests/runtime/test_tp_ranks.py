@@ -121,3 +121,33 @@ def test_bind_names_each_ranks_cpus():
         parse_cpus("a-b")
     sets = cpu_sets(4)                                # more ranks than CPUs: they share
     assert len(sets) == 4 and all(s and set(s) <= set(usable) for s in sets)
+
+
+MPIEXEC = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "mpiexec"
+
+
+def test_mpi_transport_gives_the_shared_memory_tokens(arts):
+    """Two ranks under mpiexec (MPI_Bcast for the steps, MPI_Allreduce/Allgather inside the native
+    step) give the same tokens as the shared-memory ranks."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    mpiexec = str(MPIEXEC) if MPIEXEC.exists() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        mpiexec = None
+    if mpiexec is None:
+        pytest.skip("mpi4py / mpiexec (pip install mpi4py mpich) are not installed")
+    want, _, _ = _run(arts[None, 2], n=16)
+    code = ("import json, sys; from amxc.runtime.engine import Engine; "
+            f"e = Engine.load({str(arts[None, 2])!r}, transport='mpi'); "
+            f"print('IDS', json.dumps([g.ids for g in e.generate({PROMPTS!r}, max_new_tokens=16)])); "
+            "print('NAME', e.program.name); e.close()")
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line[:3] in ("IDS", "NAM"))
+    assert "(MPI)" in lines["NAME"]
+    assert json.loads(lines["IDS"]) == want
