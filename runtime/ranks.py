@@ -222,10 +222,17 @@ class RankedProgram(Program):
         return f" [{'; '.join(gone)}]" if gone else ""
 
     def close(self) -> None:
-        for sock in self.socks:
+        """Stop the workers; each answers with its peak RSS (`peak_rss_mb`, rank -> MiB)."""
+        import resource
+        self.peak_rss_mb = {0: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        for r, sock in enumerate(self.socks, start=1):
             try:
                 send_frame(sock, {"op": "stop"})
-            except OSError:
+                sock.settimeout(5.0)
+                reply = recv_frame(sock)
+                if reply is not None and reply[0].get("op") == "bye":
+                    self.peak_rss_mb[r] = float(reply[0]["peak_rss_mb"])
+            except (OSError, ValueError, KeyError):
                 pass
             sock.close()
         self.socks = []
@@ -373,7 +380,11 @@ def worker_main(argv: list[str] | None = None) -> int:
         k = v = None
         while True:
             frame = recv_frame(sock)
-            if frame is None or frame[0].get("op") == "stop":
+            if frame is None:
+                return 0
+            if frame[0].get("op") == "stop":
+                import resource
+                send_frame(sock, {"op": "bye", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
                 return 0
             header, body = frame
             shape = tuple(header["kv"])
