@@ -7,8 +7,11 @@ not a test.
 1. equality: for each model, fp32 and NF4, TP=2 and TP=4 native ranks against TP=1: greedy
    tokens of 3 prompts (32 new tokens each) and the max |logit difference| over one prompt.  NF4
    is `nf4{double=none}` (fp32 block scales) so both sides hold the same dequantized weights
-   wherever a rank's slice is whole 64-wide blocks; `nf4` (double quantization, the default) is
-   reported too: each rank's slice regroups its second-level scales (passes/shard_tp.py).
+   wherever a rank's slice is whole 64-wide blocks, on fp32 arithmetic (gemv=exact: only the
+   summation order differs) and on the default int8 activations (whose rounding turns the
+   summation-order differences into whole int8 steps, so tokens drift apart after a while, as
+   they would between any two summation orders); `nf4` (double quantization, the default)
+   too: each rank's slice regroups its second-level scales (passes/shard_tp.py).
 2. per-rank bytes and peak RSS of TinyLlama NF4 at TP=4 (`amxc inspect --sharding` totals).
 3. speed, same run: TinyLlama-config NF4, TP=1 with 2 threads against TP=2 with one thread per
    rank (one CPU each), prefill of 128 tokens and decode of 64, best of --reps; the
@@ -80,8 +83,12 @@ def generate(art: Path, n: int = 32, **settings):
     from amxc.runtime.engine import Engine
     engine = Engine.load(art, **settings)
     try:
-        gens = engine.generate(PROMPTS, max_new_tokens=n, ignore_eos=True)
-        logits = engine.logits(engine.tokenizer.encode(PROMPTS[0]))
+        if engine.tokenizer is not None:
+            prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+        else:                                   # a random-weight model: fixed token ids
+            prompts = [list(range(1 + 7 * i, 12 + 7 * i)) for i in range(len(PROMPTS))]
+        gens = engine.generate(prompts, max_new_tokens=n, ignore_eos=True)
+        logits = engine.logits(prompts[0])
         return [g.ids for g in gens], logits
     finally:
         engine.close()
@@ -91,18 +98,20 @@ def equality(models: list[str], work: Path) -> list[dict]:
     rows = []
     for name in models:
         src = model_dir(name, work)
-        for quant in (None, "nf4{double=none}", "nf4"):
-            want, want_logits = generate(artifact(name, src, work, 1, quant))
+        for quant, gemv in ((None, None), ("nf4{double=none}", "exact"), ("nf4{double=none}", None), ("nf4", None)):
+            want, want_logits = generate(artifact(name, src, work, 1, quant), gemv=gemv)
             for tp in (2, 4):
                 try:
-                    got, logits = generate(artifact(name, src, work, tp, quant))
+                    got, logits = generate(artifact(name, src, work, tp, quant), gemv=gemv)
                 except Exception as e:                  # a split the rules refuse: report it
-                    rows.append({"model": name, "quant": quant or "fp32", "tp": tp, "error": str(e)[:160]})
+                    rows.append({"model": name, "quant": quant or "fp32", "gemv": gemv or "int8", "tp": tp,
+                                 "error": str(e)[:160]})
                     print(rows[-1], flush=True)
                     continue
                 same = sum(a == b for a, b in zip(got, want))
                 first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(got, want)]
-                rows.append({"model": name, "quant": quant or "fp32", "tp": tp, "prompts_equal": f"{same}/{len(want)}",
+                rows.append({"model": name, "quant": quant or "fp32", "gemv": gemv or "int8", "tp": tp,
+                             "prompts_equal": f"{same}/{len(want)}",
                              "first_difference": first,
                              "max_abs_logit_diff": float(np.abs(logits - want_logits).max()),
                              "logit_scale": float(np.abs(want_logits).max())})

@@ -204,8 +204,8 @@ class QuantizeNF4(Pass):
             weights = [old.load(r) for r in range(len(old.shards))]
             blobs = [fmt.quantize(w, layout) for w in weights]
             stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
-            return Param(old.name, t, attrs={k: round(v, 6) for k, v in stats.items()},
-                         shards=[lambda b=b: b for b in blobs])
+            attrs = {k: round(v, 6) for k, v in stats.items()} | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {})
+            return Param(old.name, t, attrs=attrs, shards=[lambda b=b: b for b in blobs])
         weight = old.load()
         if blob is None:
             blob = fmt.quantize(weight, layout)

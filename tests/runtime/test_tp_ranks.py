@@ -151,3 +151,46 @@ def test_mpi_transport_gives_the_shared_memory_tokens(arts):
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line[:3] in ("IDS", "NAM"))
     assert "(MPI)" in lines["NAME"]
     assert json.loads(lines["IDS"]) == want
+
+
+def test_workers_exit_when_rank_0_is_killed(arts, tmp_path):
+    """Rank 0 (a server) dies without closing anything: its workers see their socket close (or
+    their collective fail) and exit within seconds; the segments were unlinked at start-up."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "amxc", "serve", str(arts[None, 2]), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 120
+        while True:                                    # ready: the ranks have joined
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        children = [int(p) for p in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+        assert children, "the server started no rank process"
+        server.kill()
+        server.wait()
+        t0 = time.monotonic()
+        while any(Path(f"/proc/{c}").exists() and "zombie" not in _state(c) for c in children):
+            assert time.monotonic() - t0 < 5, "a worker outlived its rank 0 by 5 s"
+            time.sleep(0.05)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert not list(Path("/dev/shm").glob(f"amxc-{server.pid}-*"))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone zombie"
