@@ -6,8 +6,8 @@ One process per rank.  `ShmGroup` (one host, transport 0): every rank owns a seg
 read-only.  Header words, each on its own 64-byte line: pid, state (running / closing / failed
 with a message), arrive (the last round whose input is in the rank's slot) and done (the last
 reduce-scatter round whose reduced slice is).  A message piece is one round r in slot r%2; a
-rank refills slot r%2 only after every peer's arrive reached r-1, i.e. it finished round r-2,
-so back-to-back collectives need no barrier.  Words are published with release stores and read
+rank refills slot r%2 only after every peer's arrive reached r-1, i.e. it finished round r-2
+(which finishing round r-1 already implies), so back-to-back collectives need no barrier.  Words are published with release stores and read
 with acquire loads.  Small pieces are one-shot (copy in, publish, wait, sum every slot in rank
 order); pieces of rs_min_bytes and more are reduce-scatter + all-gather (each rank sums its
 slice of every slot in rank order, publishes it, copies the others'); the bits are the same.
@@ -51,8 +51,8 @@ IDENT = struct.Struct("<8sIiiiqqq")   # magic version ranks rank pad slot_bytes 
 
 MIN_SLOT_BYTES, MAX_SLOT_BYTES = 4096, 1 << 30
 DEFAULT_SLOT_BYTES = 4 << 20          # a 4 MiB message in one piece; larger ones go in pieces
-DEFAULT_RS_MIN_BYTES = 512 << 10      # below: one-shot; from here: reduce-scatter + all-gather
-DEFAULT_SPIN = 1000                   # pauses between sched_yield()s while waiting
+DEFAULT_RS_MIN_BYTES = 256 << 10      # below: one-shot; from here: reduce-scatter + all-gather
+DEFAULT_SPIN = 64                     # pauses between sched_yield()s while waiting
 DEFAULT_TIMEOUT_S = 60.0
 NAME_RE = re.compile(r"amxc-[1-9][0-9]{0,9}-[0-9a-f]{16}\Z")
 
@@ -318,7 +318,7 @@ class ShmGroup(_Group):
                 os.pwrite(fd, IDENT.pack(MAGIC, VERSION, ranks, k, 0, slot_bytes, rs_min_bytes, os.getpid()), 0)
             g._map_all(fds, size, slot_bytes, rs_min_bytes)
         except BaseException:
-            g._unlink()
+            g._unlink(len(fds))                      # only what this call created
             g._unmap()
             g._closed = True
             raise
@@ -381,6 +381,11 @@ class ShmGroup(_Group):
         return SHM_DIR / f"{self.name}-r{k}"
 
     def _map_all(self, fds: list[int], size: int, slot_bytes: int, rs_min_bytes: int) -> None:
+        try:                                         # a full /dev/shm: an error now, not SIGBUS later
+            os.posix_fallocate(fds[self.rank], 0, size)
+        except OSError as e:
+            raise CommError(f"cannot allocate {size} bytes in {SHM_DIR} for rank {self.rank}'s segment "
+                            f"({e.strerror}); free space there or use a smaller slot_bytes") from None
         own = _mmap(fds[self.rank], size, True, self._path(self.rank))
         self._maps.append((own, size))
         self._c.seg[self.rank] = own
@@ -456,8 +461,8 @@ class ShmGroup(_Group):
             self._unlink()
         self._unmap()
 
-    def _unlink(self) -> None:
-        for k in range(self.ranks):
+    def _unlink(self, count: int | None = None) -> None:
+        for k in range(self.ranks if count is None else count):
             try:
                 os.unlink(self._path(k))
             except FileNotFoundError:
@@ -490,7 +495,8 @@ class MpiGroup(_Group):
         try:
             from mpi4py import MPI
         except ImportError as e:
-            raise CommError(f"the MPI transport needs mpi4py and an MPI library (pip install mpi4py mpich): {e}") from None
+            raise CommError(f"the MPI transport needs mpi4py and an MPI library "
+                            f"(pip install mpi4py mpich): {e}") from None
         comm = MPI.COMM_WORLD if comm is None else comm
         super().__init__(comm.Get_rank(), comm.Get_size(), 1, spin=0, timeout_s=DEFAULT_TIMEOUT_S, threads=threads)
         if MPI._sizeof(MPI.Comm) != 4 or int(MPI.IN_PLACE) != -1:

@@ -9,12 +9,15 @@
 // reduce-scatter round whose reduced slice it published).  A message larger than a slot goes
 // in pieces; every piece is one round r, using slot r%2.
 //   one-shot (piece < rs_min_bytes): wait until every peer's arrive >= r-1 (they finished round
-//     r-2, so slot r%2 is free), copy in, publish arrive=r (release), wait for every peer's
-//     arrive >= r (acquire), sum all slots in rank order.
-//   reduce-scatter + all-gather: same start; then each rank sums its 1/N slice of every slot in
-//     rank order, in place in its own slot (nobody else reads that slice of it in this phase),
-//     publishes done=r, waits for every peer's done >= r and copies their slices.  Each element
-//     is ((x0 + x1) + x2) + .. from the same inputs either way, so both give identical bits.
+//     r-2, so slot r%2 is free -- having finished round r-1 ourselves implies it, so this is
+//     one load per peer, kept as the stated invariant), copy in, publish arrive=r (release),
+//     wait for every peer's arrive >= r (acquire), sum all slots in rank order.  One slot
+//     would need a second wait per round: peers may still be summing round r-1's.
+//   reduce-scatter + all-gather: same start, but a rank copies in only the slices its peers
+//     sum; then each rank sums its 1/N slice of every rank's input in rank order into that
+//     slice of its own slot, publishes done=r, waits for every peer's done >= r and copies
+//     the reduced slices out.  Each element is ((x0 + x1) + x2) + .. of the same inputs
+//     either way, so both give identical bits.
 // Waits spin `spin` pauses, then sched_yield (oversubscribed ranks still progress).  A waiter
 // reads the watched peer's state word each round and, every 50 ms, checks every lagging peer's
 // liveness (kill(pid, 0), a zombie in /proc/<pid>/stat): a dead, closing or failed peer is an
@@ -79,7 +82,7 @@ static const int64_t PARALLEL_MIN = 1 << 16;      // floats: below this, summing
 static inline double clock_s() {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec + 1e-9 * t.tv_nsec;
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
 static inline void relax() {
@@ -162,16 +165,12 @@ static bool peer_lost(const AmxcComm* c, int k, const char* op, bool check_proce
     snprintf(why, size, "%s (reported by rank %d)", msg, k);
     return true;
   }
+  const char* what = state == CLOSING ? "closed its communicator"
+                   : check_process && process_gone(c->pid[k]) ? "exited" : nullptr;
+  if (!what) return false;
   where(c, op, at, sizeof at);
-  if (state == CLOSING) {
-    snprintf(why, size, "rank %d (pid %lld) closed its communicator during %s", k, (long long)c->pid[k], at);
-    return true;
-  }
-  if (check_process && process_gone(c->pid[k])) {
-    snprintf(why, size, "rank %d (pid %lld) exited during %s", k, (long long)c->pid[k], at);
-    return true;
-  }
-  return false;
+  snprintf(why, size, "rank %d (pid %lld) %s during %s", k, (long long)c->pid[k], what, at);
+  return true;
 }
 
 // Waits until every peer's word at `off` is >= target.  A peer's word is published before its
@@ -180,7 +179,7 @@ static bool peer_lost(const AmxcComm* c, int k, const char* op, bool check_proce
 static int wait_peers(AmxcComm* c, int64_t off, uint64_t target, const char* op) {
   const int me = c->rank, n = c->ranks;
   const int spin = c->spin > 0 ? c->spin : 0;
-  double checked = 0;
+  double checked = -1;                            // set on the first slow round: checks start 50 ms in
   char why[2 * MESSAGE_BYTES];
   for (int k = 0; k < n; ++k) {
     if (k == me) continue;
@@ -200,6 +199,7 @@ static int wait_peers(AmxcComm* c, int64_t off, uint64_t target, const char* op)
       if (word >= target) break;
       const double t = clock_s();
       if (word != seen) { since = t; seen = word; }
+      if (checked < 0) checked = t;
       const bool periodic = t - checked >= CHECK_INTERVAL_S;
       if (periodic) checked = t;
       // the watched peer's state every round, lagging peers' processes every CHECK_INTERVAL_S
@@ -222,12 +222,15 @@ static int wait_peers(AmxcComm* c, int64_t off, uint64_t target, const char* op)
   return 0;
 }
 
-// dst[i] = ((src0[i] + src1[i]) + src2[i]) + .. for i in [lo, hi).  dst may be one of the
-// sources (reduce-scatter sums in place): each block is read whole before it is written.
-static void sum_ranks(const float* const* src, int n, float* dst, int64_t lo, int64_t hi, int threads) {
+// dst[i] (and dst2[i]) = ((src0[i] + src1[i]) + src2[i]) + .. for i in [lo, hi).  dst may be one of the
+// sources (the one-shot sums into x, which is this rank's source): each block is read whole
+// before it is written.
+static void sum_ranks(const float* const* src, int n, float* dst, int64_t lo, int64_t hi, int threads,
+                      float* dst2 = nullptr) {
   const int64_t blocks = (hi - lo + BLOCK - 1) / BLOCK;
 #ifdef _OPENMP
-  #pragma omp parallel for schedule(static) num_threads(threads > 1 ? threads : 1) if (threads > 1 && hi - lo >= PARALLEL_MIN)
+  #pragma omp parallel for schedule(static) num_threads(threads > 1 ? threads : 1) \
+      if (threads > 1 && hi - lo >= PARALLEL_MIN)
 #endif
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t i0 = lo + b * BLOCK, len = hi - i0 < BLOCK ? hi - i0 : BLOCK;
@@ -240,6 +243,7 @@ static void sum_ranks(const float* const* src, int n, float* dst, int64_t lo, in
       for (int64_t j = 0; j < len; ++j) t[j] += ak[j];
     }
     memcpy(dst + i0, t, len * sizeof(float));
+    if (dst2) memcpy(dst2 + i0, t, len * sizeof(float));
   }
   (void)threads;
 }
@@ -276,25 +280,31 @@ static int shm_all_reduce(AmxcComm* c, float* x, int64_t n) {
   for (int64_t o = 0; o < n; o += cap) {
     const int64_t m = n - o < cap ? n - o : cap;
     const uint64_t r = c->round + 1;
-    if (wait_peers(c, HDR_ARRIVE, r - 1, op)) return 1;   // slot r%2 is free
     float* mine = slot(c, me, r);
-    memcpy(mine, x + o, m * sizeof(float));
-    publish(c->seg[me], HDR_ARRIVE, r);
     const float* src[8];
-    for (int k = 0; k < N; ++k) src[k] = slot(c, k, r);
-    if (wait_peers(c, HDR_ARRIVE, r, op)) return 1;
+    for (int k = 0; k < N; ++k) src[k] = k == me ? x + o : slot(c, k, r);   // own input: the same values
+    if (wait_peers(c, HDR_ARRIVE, r - 1, op)) return 1;   // slot r%2 is free
     if (m * (int64_t)sizeof(float) < c->rs_min_bytes) {
+      memcpy(mine, x + o, m * sizeof(float));
+      publish(c->seg[me], HDR_ARRIVE, r);
+      if (wait_peers(c, HDR_ARRIVE, r, op)) return 1;
       sum_ranks(src, N, x + o, 0, m, c->threads);
     } else {
-      // slices of 16 floats (a cache line) granularity, so no two ranks write one line
+      // slices of whole cache lines (16 floats), so no two ranks write one line; peers read
+      // every slice of this slot but ours, so only theirs are copied in
       const int64_t chunk = ((m + N - 1) / N + 15) / 16 * 16;
       const int64_t lo = me * chunk < m ? me * chunk : m, hi = lo + chunk < m ? lo + chunk : m;
-      sum_ranks(src, N, mine, lo, hi, c->threads);
+      memcpy(mine, x + o, lo * sizeof(float));
+      memcpy(mine + hi, x + o + hi, (m - hi) * sizeof(float));
+      publish(c->seg[me], HDR_ARRIVE, r);
+      if (wait_peers(c, HDR_ARRIVE, r, op)) return 1;
+      sum_ranks(src, N, mine, lo, hi, c->threads, x + o);   // for the peers, and our own result
       publish(c->seg[me], HDR_DONE, r);
       if (wait_peers(c, HDR_DONE, r, op)) return 1;
       for (int k = 0; k < N; ++k) {
+        if (k == me) continue;
         const int64_t a = k * chunk < m ? k * chunk : m, b = a + chunk < m ? a + chunk : m;
-        if (b > a) memcpy(x + o + a, src[k] + a, (b - a) * sizeof(float));
+        if (b > a) memcpy(x + o + a, slot(c, k, r) + a, (b - a) * sizeof(float));
       }
     }
     c->round = r;
@@ -374,8 +384,9 @@ static inline int all_gather(AmxcComm* c, const float* x, int64_t n, float* out)
                   (long long)n, (long long)MPI_COUNT_MAX, at);
     }
     const bool in_place = x == out + c->rank * n;
-    const int rc = ((MpiAllgather)c->mpi_allgather)(in_place ? (const void*)(intptr_t)-1 : (const void*)x, (int)n,
-                                                    (int)c->mpi_float, out, (int)n, (int)c->mpi_float, (int)c->mpi_comm);
+    const void* send = in_place ? (const void*)(intptr_t)-1 : (const void*)x;
+    const int rc = ((MpiAllgather)c->mpi_allgather)(send, (int)n, (int)c->mpi_float, out, (int)n,
+                                                    (int)c->mpi_float, (int)c->mpi_comm);
     if (rc != 0) return mpi_failed(c, "MPI_Allgather", rc, "all-gather");
   }
   c->seq += 1;
