@@ -162,6 +162,7 @@ class RankedProgram(Program):
                 self.workers.append(subprocess.Popen(cmd, pass_fds=(theirs.fileno(),)))
                 theirs.close()
                 self.socks.append(mine)
+            self.affinity = os.sched_getaffinity(0)    # put back by close(): the process outlives us
             _bind(self.cpus[0])
             self._join(spawn_timeout)
             self.local = NativeProgram(module, NativeOptions(**{**opts.__dict__, "threads": self.threads[0]}),
@@ -247,6 +248,12 @@ class RankedProgram(Program):
         if getattr(self, "group", None) is not None:
             self.group.close()
             self.group = None
+        if getattr(self, "affinity", None):
+            try:
+                os.sched_setaffinity(0, self.affinity)
+            except OSError:
+                pass
+            self.affinity = None
 
     def __del__(self):
         try:

@@ -21,6 +21,7 @@ from amxc.runtime.engine import Engine
 from amxc.runtime.ranks import RankError, cpu_sets, parse_cpus
 
 PROMPTS = ["Once upon a time", "The little dog"]
+AFFINITY = os.sched_getaffinity(0)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_ranks_give_the_unsharded_tokens(arts, tp):
     assert got == want
     assert np.abs(logits - want_logits).max() < 1e-4
     assert _shm() <= before                         # nothing left in /dev/shm
+    assert os.sched_getaffinity(0) == AFFINITY      # rank 0's binding ends with its engine
 
 
 def test_nf4_ranks_match_their_lockstep_oracle(arts):
