@@ -190,7 +190,10 @@ def sizes(work: Path) -> dict:
     text = format_sharding(module)
     out = {"sharding_totals": [line for line in text.splitlines() if line.startswith(("per rank", "all ranks", "KV"))],
            "weight_files_bytes": {p.name: p.stat().st_size for p in sorted(art.glob("weights.rank*.bin"))}}
-    out["run"] = bench(art, None, 1, prompt_tokens=32, new_tokens=8)
+    # a fresh process: the peak RSS of rank 0 must not include this benchmark's other engines
+    run = subprocess.run([sys.executable, "-m", "amxc", "bench", str(art), "--prompt-tokens", "128",
+                          "--new-tokens", "32", "--json"], capture_output=True, text=True, check=True)
+    out["run"] = json.loads(run.stdout.strip().splitlines()[-1])
     return out
 
 

@@ -224,8 +224,7 @@ class RankedProgram(Program):
 
     def close(self) -> None:
         """Stop the workers; each answers with its peak RSS (`peak_rss_mb`, rank -> MiB)."""
-        import resource
-        self.peak_rss_mb = {0: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        self.peak_rss_mb = {0: peak_rss_mb()}
         for r, sock in enumerate(self.socks, start=1):
             try:
                 send_frame(sock, {"op": "stop"})
@@ -260,6 +259,19 @@ class RankedProgram(Program):
             self.close()
         except Exception:
             pass
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, which Linux
+    carries across execve, it starts afresh in a worker exec'd from a large rank 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _bind(cpus: list[int]) -> None:
@@ -390,8 +402,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             if frame is None:
                 return 0
             if frame[0].get("op") == "stop":
-                import resource
-                send_frame(sock, {"op": "bye", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                send_frame(sock, {"op": "bye", "peak_rss_mb": peak_rss_mb()})
                 return 0
             header, body = frame
             shape = tuple(header["kv"])
