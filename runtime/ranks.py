@@ -304,22 +304,26 @@ def mpi_program(module, settings) -> Program:
     program = NativeProgram(module, opts, rank=world.Get_rank(), comm=group)
     if world.Get_rank() == 0:
         return MpiRankedProgram(module, program, group, world)
+    try:
+        serve_steps(lambda: _bcast_frame(world), program, group)
+    except NativeError as e:
+        print(f"amxc rank {world.Get_rank()}: {e}", file=sys.stderr)
+        world.Abort(3)
+    group.close()
+    sys.exit(0)
+
+
+def serve_steps(next_frame, program: NativeProgram, group) -> None:
+    """A worker rank's loop: run every step rank 0 sends (on this rank's own KV arrays, shaped
+    like rank 0's), until next_frame() gives None."""
     k = v = None
-    while True:
-        frame = _bcast_frame(world)
-        if frame is None:
-            group.close()
-            sys.exit(0)
+    while (frame := next_frame()) is not None:
         header, body = frame
         shape = tuple(header["kv"])
         if k is None or k.shape != shape:
             k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         group.step = header["n"]
-        try:
-            program.run(batch_from(header, body), k, v)
-        except NativeError as e:
-            print(f"amxc rank {world.Get_rank()}: {e}", file=sys.stderr)
-            world.Abort(3)
+        program.run(batch_from(header, body), k, v)
 
 
 def _bcast_frame(world, header: dict | None = None, arrays=()) -> tuple[dict, bytes] | None:
@@ -396,21 +400,15 @@ def worker_main(argv: list[str] | None = None) -> int:
         program = NativeProgram(module, NativeOptions(tier=args.tier, threads=args.threads, gemv=args.gemv,
                                                       tiles=args.tiles), rank=args.rank, comm=group)
         group.join(timeout_s=120.0)
-        k = v = None
-        while True:
+
+        def next_frame():
             frame = recv_frame(sock)
-            if frame is None:
-                return 0
-            if frame[0].get("op") == "stop":
+            if frame is not None and frame[0].get("op") == "stop":
                 send_frame(sock, {"op": "bye", "peak_rss_mb": peak_rss_mb()})
-                return 0
-            header, body = frame
-            shape = tuple(header["kv"])
-            if k is None or k.shape != shape:
-                k = np.zeros(shape, np.float32)
-                v = np.zeros(shape, np.float32)
-            group.comm.step = header["n"]
-            program.run(batch_from(header, body), k, v)
+                return None
+            return frame
+        serve_steps(next_frame, program, group)
+        return 0
     except (CommFailure, NativeError) as e:
         print(f"{tag}: {e}", file=sys.stderr)
         return 3
