@@ -392,6 +392,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     from .artifact import load_artifact
     from .comm import ShmGroup
 
+    # Ctrl-C at a terminal reaches the whole process group: rank 0 decides, and stops us
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=args.fd)
     _bind(parse_cpus(args.cpus))
     module, _ = load_artifact(args.artifact, rank=args.rank)

@@ -196,3 +196,18 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "gone zombie"
+
+
+def test_a_model_name_with_tp_compiles_sharded_on_first_use(stories_dir, tmp_path, monkeypatch):
+    from amxc.api import load
+    from amxc.errors import UsageError
+    monkeypatch.setattr("amxc.frontend.pull.cache_dir", lambda: tmp_path / "cache")
+    engine = load(stories_dir, tp=2)
+    try:
+        assert engine.module.attrs["tp"] == 2 and "x2 ranks" in engine.program.name
+        assert list((tmp_path / "cache" / "artifacts").glob("*/weights.rank1.bin"))
+    finally:
+        engine.close()
+    plain = compile(stories_dir, tmp_path / "plain.amxc", progress=False)
+    with pytest.raises(UsageError, match="tensor parallelism is chosen at compile time"):
+        load(plain, tp=2)
