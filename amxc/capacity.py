@@ -23,8 +23,8 @@ Sharding rules (the shard-tp pass's): q/k/v column-split by kv-head groups, a ra
 going with its kv heads; kv heads replicated when kv_heads < N (vLLM); kv groups padded with zero
 heads up to a multiple of N when N < kv_heads does not divide them; gate/up column-split by the
 intermediate dim, o/down row-split; lm_head vocab-split (rows padded to a multiple of N x 16);
-the token embedding replicated (a tied embedding is stored twice: replicated for the lookup,
-vocab-split for the head); norms replicated; Yuan's LF convolutions replicated (every Yuan
+the token embedding vocab-split too (a rank looks up the ids it holds, one all-reduce per step
+completes the rows; a tied table is one split tensor for the lookup and the head); norms replicated; Yuan's LF convolutions replicated (every Yuan
 implementation does, research/yuan_tp.md §2.4) or, with lf="shard", conv1 column- and conv2
 row-split with one more all-reduce per layer.
 """
@@ -320,15 +320,17 @@ def tensors(m: ModelShape, tp: int = 1, lf: str = "replicate", untie_head: bool 
     add("layer norms", "norm", (norms * m.norm_size,), (norms * m.norm_size,), "replicate")
     add("final norm", "norm", (m.norm_size,), (m.norm_size,), "replicate", count=1)
 
-    # embeddings replicated (B rows read per step); the head vocab-split with padded rows
+    # the token embedding and the head vocab-split (rows padded); a tied table is one tensor that
+    # both read (the lookup: B rows a step, completed by one all-reduce; the head: all its rows)
     embed = "wte" if m.family == "gpt2" else "embed_tokens"
     if m.family == "gpt2" and m.max_positions:
         add("wpe", "embed", (m.max_positions, h), (m.max_positions, h), "replicate", count=1, read="rows")
-    if tp == 1 and m.tied and not untie_head:
-        add(f"{embed} (= lm_head, tied)", "embed", (m.vocab, h), (m.vocab, h), "replicate", count=1)
-        return out
-    add(embed, "embed", (m.vocab, h), (m.vocab, h), "replicate", count=1, read="rows")
     rows = m.vocab if tp == 1 else -(-m.vocab // (tp * VOCAB_GRAIN)) * tp * VOCAB_GRAIN // tp
+    placement = "replicate" if tp == 1 else "vocab"
+    if m.tied and not untie_head:
+        add(f"{embed} (= lm_head, tied)", "embed", (m.vocab, h), (rows, h), placement, count=1)
+        return out
+    add(embed, "embed", (m.vocab, h), (rows, h), placement, count=1, read="rows")
     head = "lm_head (copy of the tied embedding)" if m.tied else "lm_head"
     add(head, "lm_head", (m.vocab, h), (rows, h), "vocab", True, count=1)
     return out
@@ -790,8 +792,8 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
         else:
             kb.replicated += nbytes
         kb.read += nbytes if t.read == "all" else nbytes * min(d.batch, t.rank_shape[0]) // t.rank_shape[0]
-        if t.kind == "lm_head":
-            rows_per_rank = t.rank_shape[0]
+        if t.kind == "lm_head" or (t.kind == "embed" and t.read == "all" and t.placement == "vocab"):
+            rows_per_rank = t.rank_shape[0]       # the head (a tied table at TP > 1 is the head too)
         if d.quant == "nf4" and t.linear and dtype == "f32" and t.kind != "lm_head":
             float_linear.append(t.name)
         tensor_rows.append({"name": t.name, "kind": t.kind, "shape": list(t.shape), "count": t.count,
@@ -815,14 +817,15 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
     bw = d.bandwidth_GBps * GB / tp
     t_weights, t_kv = weight_read / bw, kv_bytes / bw
 
-    # collectives: 2 all-reduces per layer (+1 for sharded LF) of B x hidden f32, and the gather of
-    # the vocab-split logits (modelled as one collective of the full B x padded-vocab f32 row)
+    # collectives: 2 all-reduces per layer (+1 for sharded LF) of B x hidden f32, one more for the
+    # vocab-split embedding, and the gather of the vocab-split logits (modelled as one collective
+    # of the full B x padded-vocab f32 row)
     ar_per_layer = (3 if m.family == "yuan" and d.lf == "shard" else 2) if tp > 1 else 0
     ar_bytes = d.batch * m.hidden * ACT_BYTES
     gather_bytes = d.batch * rows_per_rank * tp * ACT_BYTES
     ar_us = d.comm.time_us(ar_bytes) if tp > 1 else 0.0
     gather_us = d.comm.time_us(gather_bytes) if tp > 1 else 0.0
-    t_comm = (ar_per_layer * m.layers * ar_us + gather_us) * 1e-6
+    t_comm = ((ar_per_layer * m.layers + (1 if tp > 1 else 0)) * ar_us + gather_us) * 1e-6
 
     if d.memory_per_rank is not None:
         mem, mem_source = d.memory_per_rank, d.memory_source
@@ -845,8 +848,10 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
                          f"--quant-lm-head streams an NF4 head)")
         if float_linear:
             notes.append(f"stay f32, input size not a multiple of {NF4_BLOCK}: {', '.join(float_linear)}")
-    if m.tied and tp > 1:
-        notes.append("tied embedding stored twice: replicated for the lookup, vocab-split for the head")
+    if tp > 1:
+        notes.append("the token embedding is vocab-split (one all-reduce of B x hidden per step completes "
+                     "its rows)" + ("; the tied table is one split tensor, read by the lookup and the head"
+                                    if m.tied and not d.quant_head else ""))
     if tp > 1 and rows_per_rank * tp != m.vocab:
         notes.append(f"lm_head vocab padded {m.vocab} -> {rows_per_rank * tp} rows "
                      f"(a multiple of tp x {VOCAB_GRAIN}): {rows_per_rank} per rank")

@@ -211,8 +211,8 @@ def format_plan(p: cap.Plan) -> str:
                             f"at {p.context} tokens"),
     ]
     if d.tp > 1:
-        n_ar = p.allreduces_per_layer * m.layers
-        lines.append(("communication", f"{n_ar} all-reduces ({p.allreduces_per_layer}/layer) x "
+        n_ar = p.allreduces_per_layer * m.layers + 1
+        lines.append(("communication", f"{n_ar} all-reduces ({p.allreduces_per_layer}/layer + the embedding) x "
                                        f"{cap._kib(p.allreduce_bytes)} x {p.allreduce_us:.1f} us + logits gather "
                                        f"{cap._kib(p.gather_bytes)} {p.gather_us:.1f} us = {1e3 * p.t_comm:.2f} ms/step"))
     else:

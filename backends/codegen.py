@@ -193,6 +193,12 @@ class Emitter:
         self.lines.append(f"amxc::embedding({self.p(w)}, {self.p(ids)}, {numel(ids.type.shape)}, "
                           f"{cxx(w.type.shape[1])}, {self.p(n.output)});")
 
+    def op_embedding_part(self, np_: NodePlan) -> None:
+        n = np_.node
+        w, ids, first = n.inputs
+        self.lines.append(f"amxc::embedding_part({self.p(w)}, {self.p(ids)}, {numel(ids.type.shape)}, "
+                          f"{cxx(w.type.shape[1])}, {cxx(w.type.shape[0])}, {self.p(first)}[0], {self.p(n.output)});")
+
     def op_rms_norm(self, np_: NodePlan) -> None:
         n = np_.node
         x, w = n.inputs

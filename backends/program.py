@@ -257,4 +257,6 @@ def _embedding_rows(module: Module) -> int:
         for n in fn.nodes:
             if n.op == "embedding" and n.inputs[1].name == "input_ids":
                 return int(n.inputs[0].type.shape[0])
+            if n.op == "embedding_part" and n.inputs[1].name == "input_ids":      # a vocab-split table
+                return int(n.inputs[0].type.shape[0]) * module.attrs.get("tp", 1)
     return 0

@@ -13,7 +13,10 @@ the ranks meet only at explicit collectives (ir/ops/collective.py):
     mlp_swiglu / mlp_gelu                              gate/up (fc) rows, down      all_reduce
                                                        (proj) columns
     the logits linear (a function's result)            rows (vocab)                 all_gather
-    everything else (embedding, norms, rope tables)    replicated                   -
+    embedding                                          rows (vocab): a rank looks   all_reduce
+                                                       up the ids it holds, zeros
+                                                       for the rest (embedding_part)
+    everything else (norms, rope tables)               replicated                   -
 
 Head counts that do not divide: kv groups G with G % N == 0 split evenly; with N % G == 0 each
 kv head is replicated on N/G ranks that share its q heads (vLLM), when those divide; otherwise
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from amxc.ir import Function, Module, Node, Param, Value
-from amxc.ir.dtypes import nf4
+from amxc.ir.dtypes import i64, nf4
 from amxc.ir.types import KVCacheType, TensorType
 
 from .base import Option, Pass, PassError, register_pass
@@ -172,7 +175,7 @@ class ShardTP(Pass):
     # -- finding the patterns -----------------------------------------------------------------
     def _plan_function(self, module: Module, fn: Function, plan: ShardPlan) -> dict:
         users = fn.users()
-        todo = {"reshapes": {}, "reduce_after": [], "gather_after": [], "heads": {}}
+        todo = {"reshapes": {}, "reduce_after": [], "gather_after": [], "heads": {}, "embeddings": []}
         attn_ops = [n for n in fn.nodes if n.op in ("attention_cached", "attention")]
         for a in attn_ops:
             where = _where(a)
@@ -200,6 +203,10 @@ class ShardTP(Pass):
             if n.op in MLP:
                 self._split_mlp(plan, n)
                 todo["reduce_after"].append(n)
+            elif n.op == "embedding" and isinstance(n.inputs[0], Param) and int(n.inputs[0].type.shape[0]) % plan.ways == 0:
+                table = n.inputs[0]           # vocab-split, looked up per rank, completed by an all_reduce
+                plan.add(table, Split(0, even_split(int(table.type.shape[0]), plan.ways, 1), "vocab rows"), _where(n))
+                todo["embeddings"].append(n)
         head = _logits_linear(fn)
         if head is not None:
             w = head.inputs[1]
@@ -254,19 +261,6 @@ class ShardTP(Pass):
 
     # -- rewriting ------------------------------------------------------------------------------
     def _shard_params(self, module: Module, plan: ShardPlan) -> None:
-        # a tied table read by the embedding (replicated) and split as the head gets a split copy
-        for fn in module.functions.values():
-            for n in fn.nodes:
-                if n.op == "embedding" and n.inputs[0].name in plan.splits:
-                    table = n.inputs[0]
-                    copy_name = f"{table.name}.tp"
-                    if copy_name not in module.params:
-                        module.add_param(Param(copy_name, table.type, table.loader, table.digest, table.attrs))
-                        plan.splits[copy_name] = plan.splits.pop(table.name)
-                    for f2 in module.functions.values():
-                        for m in f2.nodes:
-                            if m.op != "embedding":
-                                m.inputs = [module.params[copy_name] if v is table else v for v in m.inputs]
         for name, split in plan.splits.items():
             old = module.params[name]
             shape = list(old.type.shape)
@@ -295,6 +289,19 @@ class ShardTP(Pass):
                 heads = next(iter(todo["heads"].values()), None)
                 if heads is not None:
                     a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype)
+        for node in todo["embeddings"]:
+            table = node.inputs[0]
+            first = module.params.get(f"{table.name}.first")
+            if first is None:                     # the first table row each rank holds
+                rows = int(table.type.shape[0])
+                first = module.add_param(Param(f"{table.name}.first", TensorType(i64, (1,)),
+                                               attrs={"tp": "first vocab row of the rank"},
+                                               shards=[lambda r=r: np.array([r * rows], np.int64)
+                                                       for r in range(plan.ways)]))
+            new = Node("embedding_part", [table, node.inputs[1], first], {}, [node.output.type],
+                       [node.output.name], node.loc)
+            _replace_node(fn, node, new)
+            todo["reduce_after"].append(new)
         for node in todo["reduce_after"]:
             _insert_after(fn, node, "all_reduce", plan.ways)
         for node in todo["gather_after"]:
@@ -370,6 +377,14 @@ def _slicer(old: Param, split: Split, rank: int):
                 taken[:, mask] = 0
         return np.ascontiguousarray(taken)
     return load
+
+
+def _replace_node(fn: Function, old: Node, new: Node) -> None:
+    fn.nodes[fn.nodes.index(old)] = new
+    out, rep = old.outputs[0], new.outputs[0]
+    for n in fn.nodes:
+        n.inputs = [rep if v is out else v for v in n.inputs]
+    fn.results = [rep if v is out else v for v in fn.results]
 
 
 def _insert_after(fn: Function, node: Node, op: str, ways: int) -> None:

@@ -120,16 +120,19 @@ def test_ranks_hold_at_least_the_model_and_the_sharded_part_divides(model, tp, q
     split = [t for t in cap.tensors(m, tp) if t.placement in ("column", "row", "vocab")]
     for t in split:     # every split tensor: N equal slices covering it (zero padding aside)
         assert tp * t.rank_numel >= t.numel and tp * t.rank_numel - t.numel < t.numel
-    # the split part of a rank, padding taken out, is 1/N of the same tensors whole (a tied
-    # model's head is a copy made for sharding, with no TP=1 counterpart)
-    same = [k for k in many.kinds if not (k.kind == "lm_head" and m.tied)]
+    # the split part of a rank, padding taken out, is 1/N of the same tensors whole (the
+    # embedding is replicated at TP=1 and vocab-split beyond, so it is compared on its own)
+    same = [k for k in many.kinds if k.kind != "embed"]
     unpadded = sum(k.sharded - k.padding for k in same) * tp
-    whole = sum(k.sharded for k in one.kinds)
+    whole = sum(k.sharded for k in one.kinds if k.kind != "embed")
+    embed = {k.kind: k for k in many.kinds}["embed"]
+    assert embed.sharded * tp >= sum(k.total for k in one.kinds if k.kind == "embed") - embed.replicated * tp
     if quant == "nf4":      # each shard has its own second-level scales and 4-byte alignment
         assert unpadded == pytest.approx(whole, rel=1e-4)
     else:
         assert unpadded == whole
-    assert sum(k.replicated for k in many.kinds) >= sum(k.replicated for k in one.kinds)
+    # beyond TP=1 the embedding leaves the replicated part
+    assert sum(k.replicated for k in many.kinds) <= sum(k.replicated for k in one.kinds)
 
 
 def test_nf4_bytes_per_param_is_computed_not_assumed():
@@ -158,7 +161,7 @@ def test_bandwidth_bound_and_prediction_by_hand():
     assert p.weight_read == read and p.kv_read == kv
     assert p.bound_weights_tok_s == pytest.approx(rank_bw / read, rel=1e-12)
     assert p.bound_tok_s == pytest.approx(rank_bw / (read + kv), rel=1e-12)
-    t_comm = (2 * L * (10 + h * 4 / 5e3) + (10 + V * 4 / 5e3)) * 1e-6
+    t_comm = ((2 * L + 1) * (10 + h * 4 / 5e3) + (10 + V * 4 / 5e3)) * 1e-6      # + the embedding's
     assert p.t_comm == pytest.approx(t_comm, rel=1e-12)
     assert p.predicted_tok_s == pytest.approx(1 / ((read + kv) / rank_bw + t_comm), rel=1e-12)
     assert p.comm_share == pytest.approx(t_comm * p.predicted_tok_s, rel=1e-12)
@@ -212,14 +215,14 @@ def test_yuan_lf_replicated_or_sharded():
     assert rep.kv_bytes_per_token == 2 * 84 * 16 * 128 * 4 and rep.state_bytes_per_seq == 84 * 1.5 * 8192 * 4
 
 
-def test_tied_embedding_is_stored_twice_when_sharded():
+def test_tied_embedding_is_one_vocab_split_tensor_when_sharded():
     m = cap.load_model("smollm2-135m")
-    one = {t.kind for t in cap.tensors(m, 1)}
-    assert "lm_head" not in one                                    # one tensor at TP=1
+    one = [t for t in cap.tensors(m, 1) if t.kind in ("embed", "lm_head")]
+    assert [(t.placement, t.rank_shape) for t in one] == [("replicate", (49152, 576))]
     two = [t for t in cap.tensors(m, 2) if t.kind in ("embed", "lm_head")]
-    assert [(t.placement, t.rank_shape) for t in two] == [("replicate", (49152, 576)), ("vocab", (24576, 576))]
+    assert [(t.placement, t.rank_shape) for t in two] == [("vocab", (24576, 576))]
     gpt2 = cap.shape_from_config(TINY["gpt2"], "gpt2")
-    head = [t for t in cap.tensors(gpt2, 4) if t.kind == "lm_head"][0]
+    head = [t for t in cap.tensors(gpt2, 4) if t.placement == "vocab"][0]     # tied: the table itself
     assert head.rank_shape[0] * 4 % (4 * 16) == 0 and head.rank_shape[0] * 4 >= 256
 
 
@@ -322,7 +325,7 @@ def test_link_latency_model():
     p = build_plan(parse("yuan2-102b", "--tp", 4, "--bandwidth", 995, "--quant", "nf4", "--memory", 256,
                          "--link-latency", 10, "--link-bandwidth", 20))
     assert p.allreduce_us == pytest.approx(10 + 8192 * 4 / 20e3)
-    assert p.t_comm == pytest.approx((168 * p.allreduce_us + 10 + 135040 * 4 / 20e3) * 1e-6)
+    assert p.t_comm == pytest.approx((169 * p.allreduce_us + 10 + 135040 * 4 / 20e3) * 1e-6)
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -346,8 +349,8 @@ def test_text_output_is_a_table_and_a_verdict(capsys):
     table = lines[lines.index(next(l for l in lines if l.startswith("weights per rank"))):]
     table = table[:next(i for i, l in enumerate(table) if l.startswith("  total")) + 1]
     assert len({len(l) for l in table}) == 1                          # right-aligned columns
-    for word in ("attention q+k", "LF convolutions", "lm_head (tied copy)", "embedding", "norms",
-                 "stay f32", "bandwidth / 4", "168 all-reduces"):
+    for word in ("attention q+k", "LF convolutions", "embedding", "norms",
+                 "stay f32", "bandwidth / 4", "169 all-reduces"):
         assert word in text, word
     assert lines[-1].startswith("verdict: fits")
 

@@ -122,6 +122,15 @@ static void last_rows(const float* x, int64_t b, int64_t s, int64_t k, float* ou
 static void embedding(const float* table, const int64_t* ids, int64_t n, int64_t dim, float* out) {
   for (int64_t i = 0; i < n; ++i) memcpy(out + i * dim, table + ids[i] * dim, dim * sizeof(float));
 }
+// a vocab-split table's rows first .. first + rows - 1 (tensor parallelism): zeros for other ids
+static void embedding_part(const float* table, const int64_t* ids, int64_t n, int64_t dim, int64_t rows,
+                           int64_t first, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = ids[i] - first;
+    if (r >= 0 && r < rows) memcpy(out + i * dim, table + r * dim, dim * sizeof(float));
+    else memset(out + i * dim, 0, dim * sizeof(float));
+  }
+}
 
 // ---- normalization ----------------------------------------------------------------------
 static void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* out) {

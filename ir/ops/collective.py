@@ -11,12 +11,16 @@ ranks (rank order) and return every rank's result, so only the lockstep interpre
               down_proj partial sums)
   all_gather  every rank gets the ranks' x concatenated along the last axis (the vocab-split
               lm_head's logits)
+
+and the one per-rank op tensor parallelism adds, `embedding_part`: a vocab-split embedding's
+lookup (zeros for the ids another rank holds), followed by an all_reduce.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..attrs import Attr
+from ..dtypes import i32, i64
 from ..registry import register_op
 from ._shapes import fail
 
@@ -59,3 +63,23 @@ def all_gather(*xs, ways):
         raise ValueError(f"all_gather of {ways} ways got {len(xs)} ranks' inputs")
     out = np.concatenate(xs, axis=-1)
     return [np.array(out) for _ in xs]
+
+
+def _embedding_part_infer(ts, at):
+    w, ids, first = ts
+    if w.rank != 2 or ids.dtype not in (i64, i32) or first.dtype != i64 or first.shape != (1,):
+        fail(f"embedding_part needs a [rows, dim] table slice, integer ids and an i64[1] first row, got "
+             f"{w}, {ids} and {first}")
+    return [w.with_shape(ids.shape + (w.shape[1],))]
+
+
+@register_op("embedding_part", "weight ids first", infer=_embedding_part_infer, native="kernel")
+def embedding_part(weight, ids, first):
+    """A vocab-split embedding's lookup on one rank: the rows of the ids this rank's slice holds
+    (rows first .. first + len(weight) - 1 of the whole table), zeros for the others; the
+    all_reduce after it completes every row exactly (one rank adds x, the rest 0)."""
+    local = ids - first[0]
+    held = (local >= 0) & (local < weight.shape[0])
+    out = weight[np.where(held, local, 0)]
+    out[~held] = 0
+    return out

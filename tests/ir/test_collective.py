@@ -53,3 +53,14 @@ def test_a_sharded_module_runs_only_in_lockstep():
         ir.run(m, [x0])
     (r0,), (r1,) = run_ranks(m, [[x0], [x1]])
     assert np.array_equal(r0, np.full((1, 8), 3, np.float32)) and np.array_equal(r0, r1)
+
+
+def test_embedding_parts_add_up_to_the_whole_lookup_exactly():
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((12, 5)).astype(np.float32)
+    ids = np.array([[0, 5, 6, 11, 3]], np.int64)
+    part = get_op("embedding_part").reference
+    halves = [part(table[r * 6:(r + 1) * 6], ids, np.array([r * 6], np.int64)) for r in range(2)]
+    assert np.array_equal(halves[0][0, 2], np.zeros(5, np.float32))       # id 6 is the other rank's
+    total = get_op("all_reduce").reference(*halves, ways=2)[0]
+    assert np.array_equal(total, table[ids])                             # x + 0: no rounding
