@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import sys
 import time
@@ -216,6 +215,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from amxc.runtime.ranks import peak_rss_mb
     engine = _engine(args)
     vocab = int(engine.config.get("vocab_size", 256))
     prompt = np.random.default_rng(0).integers(3, vocab, args.prompt_tokens).tolist()
@@ -229,7 +229,7 @@ def cmd_bench(args) -> int:
         "prefill_tok_s": round(t.prefill_tokens_per_s, 2), "decode_tok_s": round(t.decode_tokens_per_s, 2),
         "decode_ms_per_token": round(1000 * sum(t.decode) / max(len(t.decode), 1), 2),
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "kv_cache_mb": round(engine.scheduler.storage.nbytes / 2**20, 1),
         "executor": engine.program.name,
     }
