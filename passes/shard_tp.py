@@ -67,7 +67,6 @@ class Heads:
     """Which heads each rank runs: q heads and kv groups per rank (-1 = a zero padding head)."""
     q: list[np.ndarray]
     kv: list[np.ndarray]
-    head_dim: int
     note: str = ""
 
     @property
@@ -79,35 +78,35 @@ class Heads:
         return len(self.kv[0])
 
 
-def plan_heads(heads: int, kv_heads: int, head_dim: int, ways: int, where: str) -> Heads:
+def plan_heads(heads: int, kv_heads: int, ways: int, where: str) -> Heads:
     """The head assignment of shard-tp's rules (module docstring)."""
     if heads % kv_heads:
         raise PassError(f"shard-tp: {where}: {heads} query heads are not a multiple of {kv_heads} kv heads")
     group = heads // kv_heads
     if kv_heads % ways == 0:
-        return _by_groups(kv_heads, group, head_dim, ways, kv_heads, "")
+        return _by_groups(kv_heads, group, ways, kv_heads, "")
     share = ways // kv_heads if ways % kv_heads == 0 else 0
     if share and group % share == 0:                # each kv head on `share` ranks, q heads divided
         qper = group // share
         kv = [np.array([r // share]) for r in range(ways)]
         q = [np.arange((r // share) * group + (r % share) * qper, (r // share) * group + (r % share + 1) * qper)
              for r in range(ways)]
-        return Heads(q, kv, head_dim, f"each kv head replicated on {share} ranks")
+        return Heads(q, kv, f"each kv head replicated on {share} ranks")
     padded = -(-kv_heads // ways) * ways
     if padded <= 2 * kv_heads:
-        return _by_groups(kv_heads, group, head_dim, ways, padded, f"kv groups padded {kv_heads} -> {padded}")
+        return _by_groups(kv_heads, group, ways, padded, f"kv groups padded {kv_heads} -> {padded}")
     raise PassError(f"shard-tp{{ways={ways}}}: {where}: kv_heads={kv_heads} (with {group} query heads each) cannot "
                     f"be split {ways} ways: not by kv group ({kv_heads} % {ways} != 0), not by replicating kv "
                     f"heads ({group} query heads per kv head do not divide among the ranks sharing one), and "
                     f"padding to {padded} groups would more than double them")
 
 
-def _by_groups(kv_heads: int, group: int, head_dim: int, ways: int, padded: int, note: str) -> Heads:
+def _by_groups(kv_heads: int, group: int, ways: int, padded: int, note: str) -> Heads:
     per = padded // ways
     kv = [np.array([g if g < kv_heads else -1 for g in range(r * per, (r + 1) * per)]) for r in range(ways)]
     q = [np.concatenate([np.arange(g * group, (g + 1) * group) if g >= 0 else np.full(group, -1) for g in kvr])
          for kvr in kv]
-    return Heads(q, kv, head_dim, note)
+    return Heads(q, kv, note)
 
 
 def rows_of(units: np.ndarray, size: int) -> np.ndarray:
@@ -126,7 +125,6 @@ def even_split(n: int, ways: int, unit: int) -> list[np.ndarray]:
 class ShardPlan:
     ways: int
     splits: dict[str, Split] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     def add(self, p: Param, split: Split, where: str) -> None:
         old = self.splits.get(p.name)
@@ -159,7 +157,7 @@ class ShardTP(Pass):
         plan = ShardPlan(ways)
         rewrites = []
         for fn in module.functions.values():
-            rewrites.append(self._plan_function(module, fn, plan))
+            rewrites.append(self._plan_function(fn, plan))
         self._shard_params(module, plan)
         for fn, todo in zip(module.functions.values(), rewrites):
             self._rewrite(module, fn, plan, todo)
@@ -169,11 +167,10 @@ class ShardTP(Pass):
                         if isinstance(a.type, KVCacheType)), None)
             if kvt is not None:
                 module.attrs["kv_cache"] = str(kvt)
-        self.plan = plan
         return True
 
     # -- finding the patterns -----------------------------------------------------------------
-    def _plan_function(self, module: Module, fn: Function, plan: ShardPlan) -> dict:
+    def _plan_function(self, fn: Function, plan: ShardPlan) -> dict:
         users = fn.users()
         todo = {"reshapes": {}, "reduce_after": [], "gather_after": [], "heads": {}, "embeddings": []}
         attn_ops = [n for n in fn.nodes if n.op in ("attention_cached", "attention")]
@@ -185,9 +182,7 @@ class ShardTP(Pass):
             heads_n = int(a.inputs[0].type.shape[1])
             kv_n = int(a.inputs[1].type.shape[1])
             d = int(a.inputs[0].type.shape[3])
-            h = plan_heads(heads_n, kv_n, d, plan.ways, where)
-            if h.note and h.note not in plan.notes:
-                plan.notes.append(h.note)
+            h = plan_heads(heads_n, kv_n, plan.ways, where)
             todo["heads"][id(a)] = h
             self._split_linear(plan, q_lin, 0, [rows_of(x, d) for x in h.q], "q rows (heads)", where)
             self._split_linear(plan, k_lin, 0, [rows_of(x, d) for x in h.kv], "k rows (kv heads)", where)
@@ -241,10 +236,6 @@ class ShardTP(Pass):
         where = _where(n)
         inner = int(n.inputs[1].type.shape[0])
         parts = even_split(inner, plan.ways, 64 if inner % 64 == 0 else 1)
-        if len(parts[0]) * plan.ways != inner:
-            note = f"MLP intermediate padded {inner} -> {len(parts[0]) * plan.ways}"
-            if note not in plan.notes:
-                plan.notes.append(note)
         if n.op == "mlp_swiglu":
             plan.add(n.inputs[1], Split(0, parts, "gate rows"), where)
             plan.add(n.inputs[2], Split(0, parts, "up rows"), where)
@@ -403,9 +394,6 @@ def _reinfer(fn: Function) -> None:
         types = n.opdef.infer([v.type for v in n.inputs], n.attrs)
         for v, t in zip(n.outputs, types, strict=True):
             v.type = t
-    for r in fn.results:
-        if not isinstance(r.type, (TensorType, KVCacheType)):
-            raise PassError(f"shard-tp: result %{r.name} has no type")
 
 
 def format_sharding(module: Module) -> str:

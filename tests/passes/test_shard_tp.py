@@ -22,23 +22,23 @@ def _heads(h):
 
 def test_heads_split_by_kv_group_padded_or_replicated():
     # TinyLlama: 32 q heads, 4 kv heads
-    q, kv = _heads(plan_heads(32, 4, 64, 2, "t"))
+    q, kv = _heads(plan_heads(32, 4, 2, "t"))
     assert kv == [[0, 1], [2, 3]] and q[1] == list(range(16, 32))
     # SmolLM2: 9 q heads in 3 groups -> 4 groups at 2 ranks, the last a zero group
-    h = plan_heads(9, 3, 64, 2, "t")
+    h = plan_heads(9, 3, 2, "t")
     q, kv = _heads(h)
     assert kv == [[0, 1], [2, -1]] and q[1] == [6, 7, 8, -1, -1, -1] and "3 -> 4" in h.note
-    q, kv = _heads(plan_heads(9, 3, 64, 4, "t"))
+    q, kv = _heads(plan_heads(9, 3, 4, "t"))
     assert kv == [[0], [1], [2], [-1]]
     # 8 ranks over 4 kv heads: each kv head on two ranks, its 8 q heads split 4 + 4
-    h = plan_heads(32, 4, 64, 8, "t")
+    h = plan_heads(32, 4, 8, "t")
     q, kv = _heads(h)
     assert kv == [[0], [0], [1], [1], [2], [2], [3], [3]] and q[1] == [4, 5, 6, 7] and "replicated" in h.note
 
 
 def test_heads_that_cannot_be_split_name_the_dimension_and_ways():
     with pytest.raises(PassError, match=r"ways=4.*kv_heads=1 \(with 3 query heads each\)"):
-        plan_heads(3, 1, 64, 4, "attention of layer 0")
+        plan_heads(3, 1, 4, "attention of layer 0")
 
 
 BLOCK = """module @m {
