@@ -233,9 +233,11 @@ def cmd_bench(args) -> int:
         "kv_cache_mb": round(engine.scheduler.storage.nbytes / 2**20, 1),
         "executor": engine.program.name,
     }
-    if hasattr(engine.program, "peak_rss_mb") or getattr(engine.program, "workers", None) is not None:
+    if getattr(engine.program, "ways", 1) > 1:
         engine.close()                                 # the ranks report their peak RSS as they stop
-        figures["peak_rss_mb_per_rank"] = {r: round(mb, 1) for r, mb in engine.program.peak_rss_mb.items()}
+        per_rank = getattr(engine.program, "peak_rss_mb", None)
+        if per_rank:
+            figures["peak_rss_mb_per_rank"] = {r: round(mb, 1) for r, mb in per_rank.items()}
     if args.json:
         print(json.dumps(figures))
     else:

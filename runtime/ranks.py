@@ -199,7 +199,7 @@ class RankedProgram(Program):
 
     def _run(self, batch: StepBatch, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         self.steps += 1
-        self.group.comm.step = self.steps
+        self.group.step = self.steps
         header, arrays = step_frame(self.steps, batch, k.shape)
         for r, sock in enumerate(self.socks, start=1):
             try:
