@@ -370,19 +370,25 @@ def nf4_bytes(shape: tuple[int, ...], block: int = NF4_BLOCK, scale_block: int =
 
 def tensor_dtype(t: Tensor, quant: str, quant_head: bool = False, block: int = NF4_BLOCK) -> str:
     """The storage dtype of a tensor: quantize-nf4 turns linear weights whose input size is a
-    multiple of the block into NF4; embeddings and the head (its skip regex) and vectors stay f32."""
+    multiple of the block into NF4, and keeps the head in q8 (its `keep` default; NF4 with
+    --quant-lm-head); embeddings and vectors stay f32."""
     if quant == "bf16":
         return "bf16"
     if quant == "fp32" or not t.linear:
         return "f32"
-    if t.kind == "lm_head" and not quant_head:
+    if t.rank_shape[-1] % block:
         return "f32"
-    return "nf4" if t.rank_shape[-1] % block == 0 else "f32"
+    if t.kind == "lm_head" and not quant_head:
+        return "q8"
+    return "nf4"
 
 
 def rank_bytes(t: Tensor, dtype: str) -> int:
     if dtype == "nf4":
         return nf4_bytes(t.rank_shape) * t.count
+    if dtype == "q8":
+        from amxc.ir.formats.q8 import Layout
+        return Layout(tuple(t.rank_shape)).nbytes * t.count
     return t.rank_numel * {"f32": 4, "bf16": 2}[dtype]
 
 
@@ -597,7 +603,7 @@ class Deployment:
     memory_source: str = "--memory"
     kv_dtype: str = "f32"
     lf: str = "replicate"
-    quant_head: bool = False        # quantize-nf4{untie}: the head (and a tied copy) in NF4
+    quant_head: bool = False        # the head (a tied table's copy) in NF4, not q8 (quantize-nf4{keep="",untie})
     comm: LinearComm | TableComm = DEFAULT_COMM
 
 
@@ -771,7 +777,7 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
     if d.batch < 1:
         raise PlanError(f"batch must be at least 1, got {d.batch}")
     tp = d.tp
-    ts = tensors(m, tp, d.lf, untie_head=d.quant == "nf4" and d.quant_head)
+    ts = tensors(m, tp, d.lf, untie_head=d.quant == "nf4")
     _check_blocks(m, ts, d)
     hs = split_heads(m, tp)
     notes: list[str] = []
@@ -842,16 +848,16 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
                      f"quantized on its own; biases and norms stay f32")
         if d.quant_head:
             notes.append("the lm_head (a tied embedding's head copy) is NF4 too (--quant-lm-head, "
-                         "quantize-nf4{untie}); the embedding stays f32")
+                         "quantize-nf4{keep=\"\",untie}); the embedding stays f32")
         else:
-            notes.append(f"embeddings and lm_head stay f32 (quantize-nf4 skips {NF4_SKIP!r}; "
-                         f"--quant-lm-head streams an NF4 head)")
+            notes.append("the lm_head (a tied embedding's head copy) is q8: int8 + an f32 scale per 64 "
+                         "(quantize-nf4's keep default), 1.0625 B/param; the embedding stays f32")
         if float_linear:
             notes.append(f"stay f32, input size not a multiple of {NF4_BLOCK}: {', '.join(float_linear)}")
     if tp > 1:
         notes.append("the token embedding is vocab-split (one all-reduce of B x hidden per step completes "
                      "its rows)" + ("; the tied table is one split tensor, read by the lookup and the head"
-                                    if m.tied and not d.quant_head else ""))
+                                    if m.tied and d.quant != "nf4" else ""))
     if tp > 1 and rows_per_rank * tp != m.vocab:
         notes.append(f"lm_head vocab padded {m.vocab} -> {rows_per_rank * tp} rows "
                      f"(a multiple of tp x {VOCAB_GRAIN}): {rows_per_rank} per rank")

@@ -69,8 +69,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="weight storage (default fp32, as amxc compile): nf4 is quantize-nf4's default "
                         "(block 64, E4M3 scales + f32 per 256 blocks)")
     p.add_argument("--quant-lm-head", action="store_true",
-                   help="with nf4: quantize the lm_head too (quantize-nf4{untie=true}); by default "
-                        "embeddings and lm_head stay f32")
+                   help="with nf4: the lm_head in NF4 too (quantize-nf4{keep=\"\",untie=true}); by "
+                        "default it is q8 (int8, 1.06 B/param) and embeddings stay f32")
     p.add_argument("--context", type=_at_least(1), default=None, metavar="T",
                    help="tokens per sequence (default: the model's max_position_embeddings)")
     p.add_argument("--batch", type=_at_least(1), default=1, metavar="B", help="sequences decoded together")

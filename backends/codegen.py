@@ -111,7 +111,7 @@ class Emitter:
 
     @staticmethod
     def _param_ctype(v: Param) -> str:
-        return "uint8_t" if v.type.dtype.name == "nf4" else {"f32": "float", "i64": "int64_t"}[str(v.type.dtype)]
+        return "uint8_t" if v.type.is_quantized else {"f32": "float", "i64": "int64_t"}[str(v.type.dtype)]
 
     def arr(self, name: str, values, ctype: str = "int64_t") -> str:
         self.lines.append(f"const {ctype} {name}[] = {{{', '.join(values) or '0'}}};")
@@ -278,7 +278,17 @@ class Emitter:
         x, bias, resid, out = self.p(prod.x), self.p(prod.bias), self.p(prod.resid), self.p(prod.out)
         gemv, tiles = prod.kernel("gemv"), prod.kernel("gemm_nf4_tiles")
         gemm = prod.kernels[-1]
-        if prod.weight.type.dtype.name == "nf4":
+        if prod.weight.type.dtype.name == "q8":
+            sec = prod.weight.type.quant_layout().sections()
+            base = self.p(prod.weight)
+            codes, scales = f"{base} + {sec['codes'][0]}", f"{base} + {sec['scales'][0]}"
+            if gemv is not None:
+                quantize, qargs = self._q8(prod)
+                self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, nullptr, "
+                                  f"{bias}, {resid}, {out}, nt); }}")
+            else:
+                self.lines.append(f"{gemm.name}({x}, {m}, {codes}, {scales}, {bias}, {resid}, {out}, nt);")
+        elif prod.weight.type.dtype.name == "nf4":
             codes, scales, s2 = self._nf4_sections(prod.weight)
             gemm_call = f"{gemm.name}({x}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, {out}, nt);"
             if tiles is not None:
@@ -312,7 +322,7 @@ class Emitter:
         self.product(np_.products[0], self._rows(x))
         self.lines.append("}")
 
-    op_linear_nf4 = op_linear
+    op_linear_nf4 = op_linear_q8 = op_linear
 
     def op_mlp_swiglu(self, np_: NodePlan) -> None:
         x = np_.node.inputs[0]

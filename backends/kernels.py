@@ -35,7 +35,10 @@ class Template:
 
 def _family_templates(isa: str, simd_gemv: bool) -> dict[str, Template]:
     return {"q8": Template("ref", "q8_ref"),
-            "gemv_nf4": Template(isa, f"gemv_nf4_{isa}"),
+            "gemv_nf4": Template(isa, f"gemv_nf4_{isa}", {"codes": "nf4"}),
+            "gemv_q8": Template(isa, f"gemv_nf4_{isa}", {"codes": "q8", "scale": "f32", "scale_block": 0,
+                                                         "pair": False}),
+            "gemm_q8": Template(isa, "gemm_q8"),
             "gemm_nf4": Template(isa, f"gemm_{isa}", {"weight": "nf4"}),
             "gemv_f32": Template(isa, "gemv_f32_simd" if simd_gemv else f"gemv_f32_{isa}"),
             "gemm_f32": Template(isa, f"gemm_{isa}", {"weight": "f32", "scale": ""})}

@@ -1,6 +1,6 @@
 """lower: make a cache-aware module ready for the native kernels.
 
-  * NF4 weights are repacked into the kernels' r16k4 order (ir/formats/nf4.py; same values, so
+  * NF4 and q8 weights are repacked into the kernels' r16k4 order (ir/formats/; same values, so
     the IR still runs on the reference interpreter); an NF4 weight no kernel streams (block
     other than 64, rows not a multiple of 64 wide — bitsandbytes imports can have both) is
     stored decoded as f32 instead, and the report says so;
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from amxc.ir import Module, Param, TensorType
 from amxc.ir.dtypes import f32
-from amxc.ir.formats import nf4
+from amxc.ir.formats import nf4, q8
 from amxc.ir.transform import swap_to_float
 from amxc.passes import Option, Pass, PassError, register_pass
 
@@ -45,6 +45,14 @@ class Lower(Pass):
         self.repacked, self.decoded = [], []
         changed = False
         for p in list(module.params.values()):
+            if p.type.dtype.name == "q8" and p.type.quant_layout().pack != "r16k4":
+                layout = p.type.quant_layout()
+                t = TensorType(p.type.dtype, p.type.shape, layout.packed().encoding())
+                module.params[p.name] = p.derive(p.name, t, lambda blob, lay=layout: q8.repack(blob, lay)[0],
+                                                 attrs=p.attrs)
+                self._retarget_uses(module, p, module.params[p.name])
+                self.repacked.append(p.name)
+                changed = True
             if p.type.dtype.name != "nf4":
                 continue
             layout = p.type.nf4_layout()

@@ -358,7 +358,16 @@ class Planner:
         n_out, k_in = w.type.shape
         node = np_.node
         prod = Product(role, w, x, out, bias, resid, [])
-        if w.type.dtype.name == "nf4":
+        if w.type.dtype.name == "q8":
+            if w.type.quant_layout().pack != "r16k4":
+                raise CodegenError(f"@{w.name} is not packed for the kernels: run the lower pass")
+            if self.gemv == "int8":
+                rows = max(self.gemv_rows, D.evaluate(env_rows(x), self.env))
+                prod.q8, prod.quantizes = self.quantized(x, node, rows)
+                prod.kernels.append(Kernel("gemv_q8", self.k.get("gemv_q8", N=n_out, K=k_in), "int8"))
+            else:
+                prod.kernels.append(Kernel("gemm_q8", self.k.get("gemm_q8", N=n_out, K=k_in), "fp32"))
+        elif w.type.dtype.name == "nf4":
             lay = w.type.nf4_layout()
             if lay.pack != "r16k4":
                 raise CodegenError(f"@{w.name} is not packed for the kernels: run the lower pass")
@@ -382,16 +391,20 @@ class Planner:
         np_.products.append(prod)
         return prod
 
-    def quantized(self, x: Value, node: Node) -> tuple[Q8, bool]:
-        """The int8 form of x for GEMVs, and whether this reader is the one computing it."""
-        first = x not in self.q8
+    def quantized(self, x: Value, node: Node, rows: int | None = None) -> tuple[Q8, bool]:
+        """The int8 form of x for GEMVs (at least `rows` rows, default the GEMV rows), and
+        whether this reader is the one computing it.  A reader wanting more rows than the
+        shared buffer holds (a q8 weight's GEMV runs at every m) quantizes into its own."""
+        rows = rows or self.gemv_rows
+        q = self.q8.get(x)
+        first = q is None or q.rows < rows
         if first:
             k_in = x.type.shape[-1]
             readers = [u for u in self.users.get(x, []) if u is not None and is_linear_like(u)] or [node]
             until = max(self.order[id(u)] for u in readers)
-            buf = self.temp(f"q8_{x.name}", (self.gemv_rows, k_in + 16 * (k_in // 64)), 1, node, until)
-            self.q8[x] = Q8(x, buf, "", k_in, self.gemv_rows)
-        q = self.q8[x]
+            buf = self.temp(f"q8_{x.name}", (rows, k_in + 16 * (k_in // 64)), 1, node, until)
+            q = Q8(x, buf, "", k_in, rows)
+            self.q8.setdefault(x, q)
         q.kernel = self.k.get("q8", K=q.k)
         return q, first
 
@@ -416,7 +429,7 @@ class Planner:
         return (self.fn.name == "prefill" and self.slots[out].place == "out" and np_.residual is None
                 and x.type.rank == 3 and n.output.type.rank == 3)
 
-    plan_linear_nf4 = plan_linear
+    plan_linear_nf4 = plan_linear_q8 = plan_linear
 
     def plan_mlp_swiglu(self, np_: NodePlan) -> None:
         n = np_.node

@@ -66,6 +66,25 @@ def gemv_nf4_q8(q, qs, qsum, layout: nf4.Layout, blob, bias=None, resid=None) ->
     return acc
 
 
+def gemv_q8_q8(q, qs, qsum, layout, blob, bias=None, resid=None) -> np.ndarray:
+    """The int8 GEMV over q8 weights: gemv_nf4_q8's arithmetic with the stored int8 codes in
+    place of the NF4 table and f32 block scales (absmax)."""
+    n, k = layout.shape
+    nb = k // 64
+    w8 = layout.codes(blob).reshape(n, nb, 64).astype(np.int64)
+    m = q.shape[0]
+    dots = np.einsum("nbk,mbk->mnb", w8, q.reshape(m, nb, 64).astype(np.int64))
+    scale = (layout.block_scales(blob)[None] * qs[:, None, :]).astype(F32)
+    acc = np.zeros((m, n), F32)
+    for b in range(nb):
+        acc = (acc.astype(np.float64) + dots[:, :, b].astype(np.float64) * scale[:, :, b]).astype(F32)
+    if bias is not None:
+        acc = (acc + bias).astype(F32)
+    if resid is not None:
+        acc = (acc + resid).astype(F32)
+    return acc
+
+
 def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     g = g.astype(F32)
     return (g / (F32(1) + np.exp(-g)) * u).astype(F32)

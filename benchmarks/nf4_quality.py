@@ -24,11 +24,12 @@ SHARED = REPO.parent / "shared"
 MODELS = {"stories260K": SHARED / "models" / "stories260K",
           "SmolLM2-135M": SHARED / "models" / "smollm2-135m-instruct-q4_1"}
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
-VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256)": "nf4", "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
+VARIANTS = {"fp32": None, "nf4 fp8 (E4M3 + fp32/256), q8 head": "nf4",
+            "nf4 fp8, f32 head": 'nf4{keep=""}', "nf4 bnb (dynamic8 + offset)": "nf4{double=bnb}",
             "nf4 none (fp32 absmax)": "nf4{double=none}",
             "nf4 fp8 GPTQ": "nf4{method=gptq,toward_float=0}",
             "nf4 fp8 GPTQ toward float": "nf4{method=gptq,toward_float=0.5}",
-            "nf4 fp8 + tied lm_head": "nf4{skip=embed|wte|wpe, untie=true}"}
+            "nf4 fp8 + tied lm_head": 'nf4{keep="", skip=embed|wte|wpe, untie=true}'}
 CALIB_TOKENS = 16384      # GPTQ calibration, half from each text, disjoint from the scored tokens:
                           # the second half of tinystories_dev.txt and the last 45 % of botchan.txt
 PROMPTS = {"stories260K": "Once upon a time", "SmolLM2-135M": "The capital of France is"}

@@ -28,7 +28,7 @@ class DType:
 
     @property
     def itemsize(self) -> float:
-        """Bytes per element (0.5 for nf4)."""
+        """Bytes per element of the codes (0.5 for nf4; block scales not counted)."""
         return self.bits / 8
 
 
@@ -43,8 +43,9 @@ u8 = DType("u8", 8, "int", np.dtype(np.uint8))
 bool_ = DType("bool", 8, "bool", np.dtype(np.bool_))
 nf4 = DType("nf4", 4, "code", np.dtype(np.uint8))
 fp8_e4m3 = DType("fp8_e4m3", 8, "code", np.dtype(np.uint8))
+q8 = DType("q8", 8, "code", np.dtype(np.uint8))          # int8 codes + block scales (formats/q8.py)
 
-ALL: dict[str, DType] = {d.name: d for d in (f32, f16, bf16, f64, i64, i32, i8, u8, bool_, nf4, fp8_e4m3)}
+ALL: dict[str, DType] = {d.name: d for d in (f32, f16, bf16, f64, i64, i32, i8, u8, bool_, nf4, fp8_e4m3, q8)}
 
 _FROM_NUMPY = {np.dtype(np.float32): f32, np.dtype(np.float16): f16, np.dtype(np.float64): f64,
                np.dtype(np.int64): i64, np.dtype(np.int32): i32, np.dtype(np.int8): i8,

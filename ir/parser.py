@@ -322,9 +322,9 @@ class _Parser:
         self.expect(":")
         type_tok = self.tok
         t = self.type()
-        if t.dtype.name == "nf4":
+        if t.dtype.name in ("nf4", "q8"):
             try:
-                t.nf4_layout()
+                t.quant_layout()
             except ValueError as e:
                 raise self.error(str(e), type_tok) from None
         digest = None

@@ -15,6 +15,7 @@ keyed by op name in each layer (ir may not import them; they read these fields):
                 the first input)
   nf4_variant   the op a node becomes when its weights turn nf4 (linear -> linear_nf4); ops
                 without one take float or nf4 weights alike
+  q8_variant    likewise for q8 weights (linear -> linear_q8)
   kind          the fusion the op stands for, counted per layer by the fusion report
                 ("attention", "norm", "rope", "mlp")
   native        how native code covers the op (:class:`Native`), None where it does not
@@ -84,6 +85,11 @@ class OpDef:
     nf4_variant: str | None = None
     kind: str | None = None
     native: Native | None = None
+    q8_variant: str | None = None
+
+    def variant_for(self, dtype_name: str) -> str | None:
+        """The op a node becomes when its weights turn `dtype_name` (nf4, q8), if another."""
+        return {"nf4": self.nf4_variant, "q8": self.q8_variant}.get(dtype_name)
 
     def activation_of(self, position: int, inputs: list, attrs: dict, types: list) -> Any:
         """The array the weight at input `position` multiplies, given the op's input arrays."""
@@ -130,15 +136,16 @@ _OPS: dict[str, OpDef] = {}
 def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] | None = None, *,
                 infer: Infer, side_effects: bool = False, commutative: bool = False,
                 weights: Sequence[int] = (), weight_input: Callable[..., Any] | None = None,
-                nf4_variant: str | None = None, kind: str | None = None, native: str | None = None):
+                nf4_variant: str | None = None, kind: str | None = None, native: str | None = None,
+                q8_variant: str | None = None):
     """Decorator on the numpy reference implementation of op `name`; the keyword facts are
     described in the module docstring."""
     if isinstance(inputs, str):
         inputs = tuple(inputs.split())
     if any(not 0 <= i < len(inputs) or inputs[i].endswith("*") for i in weights):
         raise ValueError(f"op '{name}': weights={tuple(weights)} are not positions of its inputs {inputs}")
-    if (weight_input or nf4_variant) and not weights:
-        raise ValueError(f"op '{name}': weight_input and nf4_variant need weights=")
+    if (weight_input or nf4_variant or q8_variant) and not weights:
+        raise ValueError(f"op '{name}': weight_input, nf4_variant and q8_variant need weights=")
 
     def wrap(reference: Reference) -> Reference:
         if name in _OPS:
@@ -146,7 +153,7 @@ def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] |
         _OPS[name] = OpDef(name, tuple(inputs), dict(attrs or {}), infer, reference,
                            side_effects, commutative, (reference.__doc__ or "").strip(),
                            tuple(weights), weight_input, nf4_variant, kind,
-                           Native.parse(native) if native is not None else None)
+                           Native.parse(native) if native is not None else None, q8_variant)
         return reference
     return wrap
 
@@ -167,5 +174,5 @@ def all_ops() -> dict[str, OpDef]:
 
 
 def float_variant(name: str) -> str | None:
-    """The op whose `nf4_variant` is `name` (linear_nf4 -> linear), if any."""
-    return next((op.name for op in _OPS.values() if op.nf4_variant == name), None)
+    """The op whose `nf4_variant` or `q8_variant` is `name` (linear_nf4 -> linear), if any."""
+    return next((op.name for op in _OPS.values() if name in (op.nf4_variant, op.q8_variant)), None)

@@ -59,23 +59,27 @@ def is_weight_use(node: Node, position: int) -> bool:
     return position in node.opdef.weights
 
 
-def swap_to_nf4(module, old: Param, new: Param) -> None:
-    """Replace weight `old` by the nf4 parameter `new` (same name and logical shape) in every
-    node that reads it, turning each op into its `nf4_variant` (linear -> linear_nf4).  Every
-    use must be a weight operand (the op's `weights`); output types do not change."""
+def swap_to_quantized(module, old: Param, new: Param) -> None:
+    """Replace weight `old` by the nf4 or q8 parameter `new` (same name and logical shape) in
+    every node that reads it, turning each op into its variant for that dtype (linear ->
+    linear_nf4, linear_q8).  Every use must be a weight operand (the op's `weights`); output
+    types do not change."""
     from .registry import get_op
 
     for n, i in weight_uses(module).get(old.name, []):
         if not is_weight_use(n, i):
             raise ValueError(f"@{old.name} is read by {n.op} as operand {i}, not as a weight")
         n.inputs[i] = new
-        if n.opdef.nf4_variant:
-            n.opdef = get_op(n.opdef.nf4_variant)
+        if variant := n.opdef.variant_for(new.type.dtype.name):
+            n.opdef = get_op(variant)
     module.params[old.name] = new
 
 
+swap_to_nf4 = swap_to_quantized
+
+
 def swap_to_float(module, old: Param, new: Param) -> None:
-    """The inverse of swap_to_nf4: weight `old` (nf4) becomes the float parameter `new`."""
+    """The inverse of swap_to_quantized: weight `old` (nf4, q8) becomes the float parameter `new`."""
     from .registry import float_variant, get_op
 
     for n, i in weight_uses(module).get(old.name, []):

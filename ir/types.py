@@ -53,9 +53,14 @@ class TensorType:
             n *= d
         return n
 
+    @property
+    def is_quantized(self) -> bool:
+        """nf4 or q8: codes and block scales in one flat byte array (ir/formats/)."""
+        return self.dtype.name in ("nf4", "q8")
+
     def nbytes(self) -> int:
-        if self.dtype.name == "nf4":
-            return self.nf4_layout().nbytes
+        if self.is_quantized:
+            return self.quant_layout().nbytes
         return (self.numel() * self.dtype.bits + 7) // 8
 
     def nf4_layout(self):
@@ -63,10 +68,17 @@ class TensorType:
         from .formats.nf4 import Layout
         return Layout.of(self)
 
+    def quant_layout(self):
+        """The byte layout of a quantized (nf4 or q8) tensor; ValueError if the encoding is bad."""
+        if self.dtype.name == "q8":
+            from .formats.q8 import Layout
+            return Layout.of(self)
+        return self.nf4_layout()
+
     def storage_shape(self) -> tuple[int, ...]:
-        """Shape of the array holding a static tensor of this type: its shape, except for nf4,
-        whose codes and scales are one flat byte array."""
-        if self.dtype.name == "nf4":
+        """Shape of the array holding a static tensor of this type: its shape, except for nf4
+        and q8, whose codes and scales are one flat byte array."""
+        if self.is_quantized:
             return (self.nbytes(),)
         return self.concrete_shape({})
 

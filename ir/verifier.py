@@ -13,9 +13,9 @@ def verify(m: Module) -> None:
     if not m.functions:
         raise VerifyError(f"module @{m.name} has no function")
     for p in m.params.values():
-        if p.type.dtype.name == "nf4":
+        if p.type.is_quantized:
             try:
-                p.type.nf4_layout()
+                p.type.quant_layout()
             except ValueError as e:
                 raise VerifyError(f"parameter @{p.name}: {e}") from None
     for fn in m.functions.values():

@@ -27,7 +27,7 @@ def _linear_infer(ts, at):
 
 
 @register_op("linear", "x weight bias?", infer=_linear_infer, weights=(1,), nf4_variant="linear_nf4",
-             native="linear")
+             q8_variant="linear_q8", native="linear")
 def linear(x, weight, bias=None):
     """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
     y = np.matmul(x.astype(np.float64), weight.T.astype(np.float64))

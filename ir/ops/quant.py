@@ -16,11 +16,15 @@ def is_nf4(t) -> bool:
     return isinstance(t, TensorType) and t.dtype.name == "nf4"
 
 
+def is_quantized(t) -> bool:
+    return isinstance(t, TensorType) and t.is_quantized
+
+
 def check_weight(w: TensorType, x: TensorType, what: str) -> None:
-    """A weight operand of a float op: the activation's dtype, or a valid nf4 encoding."""
-    if is_nf4(w):
+    """A weight operand of a float op: the activation's dtype, or a valid nf4/q8 encoding."""
+    if is_quantized(w):
         try:
-            w.nf4_layout()
+            w.quant_layout()
         except ValueError as e:
             fail(f"{what}: {e}")
     elif w.dtype != x.dtype:
@@ -28,8 +32,8 @@ def check_weight(w: TensorType, x: TensorType, what: str) -> None:
 
 
 def weight_value(arr: np.ndarray, t: TensorType) -> np.ndarray:
-    """The float weight an operand stands for (decoded if nf4)."""
-    return t.nf4_layout().dequantize(arr) if is_nf4(t) else arr
+    """The float weight an operand stands for (decoded if nf4 or q8)."""
+    return t.quant_layout().dequantize(arr) if is_quantized(t) else arr
 
 
 def _linear_nf4_infer(ts, at):
@@ -47,4 +51,22 @@ def _linear_nf4_infer(ts, at):
 @register_op("linear_nf4", "x weight bias?", infer=_linear_nf4_infer, weights=(1,), native="linear")
 def linear_nf4(x, weight, bias=None, *, types):
     """x @ dequantize(weight).T (+ bias)"""
+    return linear(x, weight_value(weight, types[1]), bias)
+
+
+def _linear_q8_infer(ts, at):
+    x, w = ts[0], ts[1]
+    if not (isinstance(w, TensorType) and w.dtype.name == "q8"):
+        fail(f"linear_q8 needs a q8[out, in] weight, got {w}")
+    check_weight(w, x, "linear_q8")
+    if not x.dtype.is_float or x.rank < 1 or x.shape[-1] != w.shape[1]:
+        fail(f"linear_q8: x {x} does not match weight [out, in] {w}")
+    if len(ts) == 3 and (ts[2].shape != (w.shape[0],) or ts[2].dtype != x.dtype):
+        fail(f"linear_q8: bias {ts[2]} does not match {w.shape[0]} outputs of {x.dtype}")
+    return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+
+
+@register_op("linear_q8", "x weight bias?", infer=_linear_q8_infer, weights=(1,), native="linear")
+def linear_q8(x, weight, bias=None, *, types):
+    """x @ dequantize(weight).T (+ bias), weight int8 codes with block-64 scales"""
     return linear(x, weight_value(weight, types[1]), bias)

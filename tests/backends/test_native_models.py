@@ -21,7 +21,7 @@ from support.steps import Stepper
 
 PROMPTS = {"stories": "Once upon a time, there was a", "smollm2": "The capital of France is"}
 N_TOKENS = 32
-UNTIED = "nf4{skip=embed|wte|wpe, untie=true}"   # both models tie lm_head to the embedding
+UNTIED = 'nf4{keep="", skip=embed|wte|wpe, untie=true}'   # both models tie lm_head to the embedding
 
 #: teacher-forced decode steps (the interpreter takes ~3 s a step on SmolLM2)
 FORCED_STEPS = {"stories": 32, "smollm2": 12}
@@ -162,9 +162,9 @@ def test_nf4_exact_path_equals_the_interpreter(artifacts, reference, model, quan
     every step's logits within EXACT_TOL and the same greedy token at every step, so generation
     gives the interpreter's tokens."""
     art = artifacts[model, quant]
-    if quant == UNTIED:
-        module, _ = load_artifact(art)
-        assert module.params["lm_head.weight.nf4"].type.dtype.name == "nf4"
+    module, _ = load_artifact(art)
+    head = "lm_head.weight.nf4" if quant == UNTIED else "lm_head.weight.q8"     # default: a q8 head
+    assert module.params[head].type.dtype.name == head.rsplit(".", 1)[1]
     prompt, want, ref_logits = reference(model, quant)
     e = engine(art, gemv="exact")
     assert e.program.gemv == "exact"

@@ -21,18 +21,19 @@ rng = np.random.default_rng(0)
 def test_declared_facts_are_consistent():
     ops = all_ops()
     assert {n: op.weights for n, op in ops.items() if op.weights} == {
-        "linear": (1,), "linear_nf4": (1,), "mlp_swiglu": (1, 2, 3), "mlp_gelu": (1, 2)}
+        "linear": (1,), "linear_nf4": (1,), "linear_q8": (1,), "mlp_swiglu": (1, 2, 3), "mlp_gelu": (1, 2)}
     for name, op in ops.items():
-        if op.nf4_variant:
-            variant = get_op(op.nf4_variant)
-            assert variant.weights == op.weights and variant.inputs == op.inputs, name
-            assert float_variant(op.nf4_variant) == name
+        for v in (op.nf4_variant, op.q8_variant):
+            if v:
+                variant = get_op(v)
+                assert variant.weights == op.weights and variant.inputs == op.inputs, name
+                assert float_variant(v) == name
     assert float_variant("linear") is None and float_variant("mlp_swiglu") is None
     assert {n: op.kind for n, op in ops.items() if op.kind} == {
         "attention": "attention", "attention_cached": "attention", "rms_norm": "norm", "layer_norm": "norm",
         "rope": "rope", "mlp_swiglu": "mlp", "mlp_gelu": "mlp"}
     assert {n for n, op in ops.items() if op.native and op.native.form == "linear"} == {
-        "linear", "linear_nf4", "mlp_swiglu", "mlp_gelu"}
+        "linear", "linear_nf4", "linear_q8", "mlp_swiglu", "mlp_gelu"}
     assert str(get_op("silu").native) == "unary:Silu" and str(get_op("add").native) == "binary:Add"
     assert get_op("tanh").native is None and get_op("sdpa").native is None
 

@@ -63,21 +63,22 @@ def fill_params(module, seed=0):
 def decoded_like(before, after):
     """Weights the pipeline quantized are given to `before` as their decoded values: a
     quantized graph must compute what the float graph computes on the decoded weights.  An
-    untied copy (@W.nf4) becomes, in `before`, a float parameter with the decoded values read
-    by the nodes that read the copy in `after` (the passes keep node order)."""
+    untied copy (@W.nf4, @W.q8) becomes, in `before`, a float parameter with the decoded values
+    read by the nodes that read the copy in `after` (the passes keep node order)."""
     for name, p in after.params.items():
-        if p.type.dtype.name != "nf4":
+        if not p.type.is_quantized:
             continue
-        arr = p.type.nf4_layout().dequantize(p.load())
+        arr = p.type.quant_layout().dequantize(p.load())
         if name not in before.params:
-            copy = ir.Param(name, before.params[name.removesuffix(".nf4")].type, lambda arr=arr: arr)
+            copy = ir.Param(name, before.params[name.removesuffix(".nf4").removesuffix(".q8")].type,
+                            lambda arr=arr: arr)
             before.params[name] = copy
             for fname, fn in after.functions.items():
                 for n_after, n_before in zip(fn.nodes, before.functions[fname].nodes):
                     for i, v in enumerate(n_after.inputs):
                         if v is p:
                             n_before.inputs[i] = copy
-        elif before.params[name].type.dtype.name != "nf4":
+        elif not before.params[name].type.is_quantized:
             before.params[name].loader = lambda arr=arr: arr
 
 

@@ -100,7 +100,7 @@ static void q8_ref_64(const float* x, int64_t m, int8_t* q, float* qs, int32_t* 
     }
 }
 
-// gemv_nf4_avx2_64_64_fp8_e4m3_256: N=64 K=64 scale=fp8_e4m3
+// gemv_nf4_avx2_64_64_fp8_e4m3_256: N=64 K=64 codes=nf4 scale=fp8_e4m3
 template <int MR>
 static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
@@ -124,8 +124,8 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         const uint8_t* cb = wc + b * 512;
         #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
             wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
@@ -267,7 +267,7 @@ static void gemm_nf4_avx2_32_64_fp8_e4m3_256(const float* x, int64_t m,
   }
 }
 
-// gemv_nf4_avx2_32_64_fp8_e4m3_256: N=32 K=64 scale=fp8_e4m3
+// gemv_nf4_avx2_32_64_fp8_e4m3_256: N=32 K=64 codes=nf4 scale=fp8_e4m3
 template <int MR>
 static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
@@ -291,8 +291,8 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         const uint8_t* cb = wc + b * 512;
         #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
             wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
@@ -357,7 +357,7 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
   }
 }
 
-// gemv_nf4_avx2_172_64_fp8_e4m3_256_pair: N=172 K=64 scale=fp8_e4m3 pair=silu(gate)*up
+// gemv_nf4_avx2_172_64_fp8_e4m3_256_pair: N=172 K=64 codes=nf4 scale=fp8_e4m3 pair=silu(gate)*up
 template <int MR>
 static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
@@ -385,8 +385,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         const uint8_t* cb = wc + b * 512;
         #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
             wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
@@ -421,8 +421,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         const uint8_t* cb = wc_u + b * 512;
         #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
             wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
@@ -566,7 +566,7 @@ static void gemm_nf4_avx2_172_64_fp8_e4m3_256(const float* x, int64_t m,
   }
 }
 
-// gemv_nf4_avx2_172_64_fp8_e4m3_256: N=172 K=64 scale=fp8_e4m3
+// gemv_nf4_avx2_172_64_fp8_e4m3_256: N=172 K=64 codes=nf4 scale=fp8_e4m3
 template <int MR>
 static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
@@ -590,8 +590,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
         const uint8_t* cb = wc + b * 512;
         #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
-          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
             wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
@@ -657,26 +657,46 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, 
 }
 
 // gemv_f32_avx2_64_172: N=64 K=172
+template <int R>
+static inline void gemv_f32_avx2_64_172_tile(const float* x, const float* w, int64_t n, int64_t cols, float* y) {
+  constexpr int64_t K = 172;
+  if (cols == 4) amxc::dot_tile<R, 4>(x, K, w + n * K, K, K, y, 4);
+  else for (int64_t c = 0; c < cols; ++c) {
+    float col[R];
+    amxc::dot_rows<R>(x, K, w + (n + c) * K, K, col);
+    for (int r = 0; r < R; ++r) y[r * 4 + c] = col[r];
+  }
+}
+
 static void gemv_f32_avx2_64_172(const float* x, int64_t m, const float* w, const float* bias, const float* resid,
                        float* out, int nt) {
-  constexpr int64_t N = 64, K = 172;
+  constexpr int64_t N = 64, K = 172, NG = (N + 3) / 4;
   #pragma omp parallel for num_threads(amxc::threads_for(N / 4, nt)) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* wr = w + n * K;
-    // the whole row 4 ahead, not just its first line: rows are K floats apart, so the hardware
-    // prefetcher sees a new stream every row (measured: a 49152 x 576 head at 1 row, 4.9 -> 2.4 ms)
-    for (int64_t c = 0; c < K; c += 16) _mm_prefetch((const char*)(wr + 4 * K + c), _MM_HINT_T0);
-    float y[8];
-    for (int64_t i0 = 0; i0 < m; i0 += 8) {        // 8 rows at a time: independent fma chains
-      const int64_t rows = std::min<int64_t>(8, m - i0);
-      if (rows == 8) amxc::dot_rows<8>(x + i0 * K, K, wr, K, y);
-      else for (int64_t i = 0; i < rows; ++i) y[i] = amxc::dot(x + (i0 + i) * K, wr, K);
-      for (int64_t i = 0; i < rows; ++i) {
-        float v = y[i];
-        if (bias) v = v + bias[n];
-        if (resid) v = v + resid[(i0 + i) * N + n];
-        out[(i0 + i) * N + n] = v;
+  for (int64_t g = 0; g < NG; ++g) {
+    const int64_t n = g * 4, cols = std::min<int64_t>(4, N - n);
+    // the next group's rows whole, not just their first lines: rows are K floats apart, so the
+    // hardware prefetcher sees new streams every row (measured: a 49152 x 576 head at 1 row,
+    // 4.9 -> 2.4 ms with the row 4 ahead prefetched)
+    if (g + 1 < NG)
+      for (int64_t c = 0; c < K * 4 && (n + 4) * K + c < N * K; c += 16)
+        _mm_prefetch((const char*)(w + (n + 4) * K + c), _MM_HINT_T0);
+    float y[16];
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+      const int64_t rows = std::min<int64_t>(4, m - i0);
+      const float* xr = x + i0 * K;
+      switch (rows) {
+        case 1: gemv_f32_avx2_64_172_tile<1>(xr, w, n, cols, y); break;
+        case 2: gemv_f32_avx2_64_172_tile<2>(xr, w, n, cols, y); break;
+        case 3: gemv_f32_avx2_64_172_tile<3>(xr, w, n, cols, y); break;
+        default: gemv_f32_avx2_64_172_tile<4>(xr, w, n, cols, y); break;
       }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t c = 0; c < cols; ++c) {
+          float v = y[i * 4 + c];
+          if (bias) v = v + bias[n + c];
+          if (resid) v = v + resid[(i0 + i) * N + n + c];
+          out[(i0 + i) * N + n + c] = v;
+        }
     }
   }
 }
@@ -738,85 +758,90 @@ static void gemm_f32_avx2_64_172(const float* x, int64_t m,
   }
 }
 
-// gemv_f32_avx2_512_64: N=512 K=64
-static void gemv_f32_avx2_512_64(const float* x, int64_t m, const float* w, const float* bias, const float* resid,
-                       float* out, int nt) {
-  constexpr int64_t N = 512, K = 64;
-  #pragma omp parallel for num_threads(amxc::threads_for(N / 4, nt)) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const float* wr = w + n * K;
-    // the whole row 4 ahead, not just its first line: rows are K floats apart, so the hardware
-    // prefetcher sees a new stream every row (measured: a 49152 x 576 head at 1 row, 4.9 -> 2.4 ms)
-    for (int64_t c = 0; c < K; c += 16) _mm_prefetch((const char*)(wr + 4 * K + c), _MM_HINT_T0);
-    float y[8];
-    for (int64_t i0 = 0; i0 < m; i0 += 8) {        // 8 rows at a time: independent fma chains
-      const int64_t rows = std::min<int64_t>(8, m - i0);
-      if (rows == 8) amxc::dot_rows<8>(x + i0 * K, K, wr, K, y);
-      else for (int64_t i = 0; i < rows; ++i) y[i] = amxc::dot(x + (i0 + i) * K, wr, K);
-      for (int64_t i = 0; i < rows; ++i) {
-        float v = y[i];
-        if (bias) v = v + bias[n];
-        if (resid) v = v + resid[(i0 + i) * N + n];
-        out[(i0 + i) * N + n] = v;
+// gemv_q8_avx2_512_64: N=512 K=64 codes=q8 scale=f32
+template <int MR>
+static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)G; (void)nt;
+  {
+    const uint8_t* wc = codes + g * NB * 512;
+    const uint8_t* wsc = scales + g * NB * 16 * 4;
+    __m256 acc[1][MR][2];
+    for (int w = 0; w < 1; ++w)
+      for (int r = 0; r < MR; ++r) acc[w][r][0] = acc[w][r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < NB; ++b) {
+      __m256i dot[MR][2];
+      for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+      {
+        const uint8_t* cb = codes + (g * NB + b) * 1024;
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 2048 + j * 128), _MM_HINT_T0);
+          _mm_prefetch((const char*)(cb + 2048 + j * 128 + 64), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            wlo[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + h * 32)), flip);
+            whi[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + 64 + h * 32)), flip);
+          }
+          for (int r = 0; r < MR; ++r) {
+            const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+            const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+            for (int h = 0; h < 2; ++h) {
+              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            }
+          }
+        }
       }
+      const __m256 sw[2] = {_mm256_loadu_ps((const float*)wsc + b * 16),
+                                   _mm256_loadu_ps((const float*)wsc + b * 16 + 8)};
+      for (int r = 0; r < MR; ++r)
+        for (int h = 0; h < 2; ++h) {
+          // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+          __m256 sc = _mm256_mul_ps(sw[h], _mm256_set1_ps(qs[r * NB + b]));
+          acc[0][r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), sc, acc[0][r][h]);
+        }
     }
+    const int64_t n0 = g * 16;
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+        if (valid <= 0) continue;
+        const __m256i mask = amxc::mask_first(valid);
+        __m256 y = acc[0][r][h];
+        if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+        if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+        _mm256_maskstore_ps(out + r * N + c0, mask, y);
+      }
   }
 }
 
-// gemm_f32_avx2_512_64: N=512 K=64 weight=f32
-static void gemm_f32_avx2_512_64(const float* x, int64_t m,
-    const float* w,
+static void gemv_q8_avx2_512_64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 512, K = 64, G = (N + 15) / 16, KC = 64, MR = 6;
-  #pragma omp parallel for num_threads(amxc::threads_for(G, nt)) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
-    alignas(64) float panel[KC * 16];
-    const int64_t n0 = g * 16;
-    const __m256i mask0 = amxc::mask_first(std::min<int64_t>(8, N - n0));
-    const __m256i mask1 = amxc::mask_first(std::max<int64_t>(0, std::min<int64_t>(8, N - n0 - 8)));
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min<int64_t>(KC, K - k0);
-      for (int64_t k = 0; k < kc; ++k)
-        for (int r = 0; r < 16; ++r) panel[k * 16 + r] = n0 + r < N ? w[(n0 + r) * K + k0 + k] : 0.0f;
-      for (int64_t i0 = 0; i0 < m; i0 += MR) {
-        const int64_t rows = std::min<int64_t>(MR, m - i0);
-        __m256 c[MR][2];
-        for (int64_t r = 0; r < rows; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();   // per KC block
-        const float* xa = x + i0 * K + k0;
-        if (rows == MR) {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            #pragma GCC unroll 6
-            for (int r = 0; r < MR; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        } else {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            for (int64_t r = 0; r < rows; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (i0 + r) * N + n0;
-          const __m256 p0 = k0 ? _mm256_maskload_ps(o, mask0) : (bias ? _mm256_maskload_ps(bias + n0, mask0) : _mm256_setzero_ps());
-          const __m256 p1 = k0 ? _mm256_maskload_ps(o + 8, mask1) : (bias ? _mm256_maskload_ps(bias + n0 + 8, mask1) : _mm256_setzero_ps());
-          __m256 y0 = _mm256_add_ps(p0, c[r][0]), y1 = _mm256_add_ps(p1, c[r][1]);
-          if (k0 + kc == K && resid) {
-            y0 = _mm256_add_ps(y0, _mm256_maskload_ps(resid + (i0 + r) * N + n0, mask0));
-            y1 = _mm256_add_ps(y1, _mm256_maskload_ps(resid + (i0 + r) * N + n0 + 8, mask1));
-          }
-          _mm256_maskstore_ps(o, mask0, y0);
-          _mm256_maskstore_ps(o + 8, mask1, y1);
-        }
-      }
+  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
+    const int64_t rows = std::min<int64_t>(4, m - r);
+    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+    const float* rr = resid ? resid + r * N : nullptr;
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+    switch (rows) {
+      case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
+      case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
+      case 3: gemv_q8_avx2_512_64_rows<3>(AMXC_ARGS); break;
+      default: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
     }
+#undef AMXC_ARGS
   }
 }
 
@@ -923,6 +948,8 @@ static constexpr int64_t TMP_prefill_22 = 0;
 static constexpr int64_t TMP_prefill_23 = 1097728;
 static constexpr int64_t TMP_prefill_24 = 352256;
 static constexpr int64_t TMP_prefill_25 = 131072;
+static constexpr int64_t TMP_prefill_26 = 212992;
+static constexpr int64_t TMP_prefill_27 = 172032;
 extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t b = a->b, s = a->s; (void)b; (void)s;
   const int nt = a->nthreads; (void)nt;
@@ -966,11 +993,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t pshp16[] = {b, s, 4, 8};
   const int perm16[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_11)), (uint8_t*)((float*)(a->ws + OFF_prefill_12)), 4, 4, pshp16, perm16);
-  // rope -> %rope  [model.layers.0.self_attn (modeling_llama.py:249)]
+  // rope -> %rope  [model.layers.0.self_attn (layer.py:856)]
   const int64_t rl19[] = {b, 8, s};
   const int64_t rs19[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_8)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_13)), 3, rl19, rs19, 8, false);
-  // rope -> %rope_1  [model.layers.0.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_1  [model.layers.0.self_attn (layer.py:856)]
   const int64_t rl20[] = {b, 4, s};
   const int64_t rs20[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_10)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_14)), 3, rl20, rs20, 8, false);
@@ -1017,11 +1044,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t pshp38[] = {b, s, 4, 8};
   const int perm38[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_25)), (uint8_t*)((float*)(a->ws + OFF_prefill_26)), 4, 4, pshp38, perm38);
-  // rope -> %rope_2  [model.layers.1.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_2  [model.layers.1.self_attn (layer.py:856)]
   const int64_t rl39[] = {b, 8, s};
   const int64_t rs39[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_22)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_27)), 3, rl39, rs39, 8, false);
-  // rope -> %rope_3  [model.layers.1.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_3  [model.layers.1.self_attn (layer.py:856)]
   const int64_t rl40[] = {b, 4, s};
   const int64_t rs40[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_24)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_28)), 3, rl40, rs40, 8, false);
@@ -1068,11 +1095,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t pshp58[] = {b, s, 4, 8};
   const int perm58[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_39)), (uint8_t*)((float*)(a->ws + OFF_prefill_40)), 4, 4, pshp58, perm58);
-  // rope -> %rope_4  [model.layers.2.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_4  [model.layers.2.self_attn (layer.py:856)]
   const int64_t rl59[] = {b, 8, s};
   const int64_t rs59[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_36)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_41)), 3, rl59, rs59, 8, false);
-  // rope -> %rope_5  [model.layers.2.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_5  [model.layers.2.self_attn (layer.py:856)]
   const int64_t rl60[] = {b, 4, s};
   const int64_t rs60[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_38)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_42)), 3, rl60, rs60, 8, false);
@@ -1119,11 +1146,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t pshp78[] = {b, s, 4, 8};
   const int perm78[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_53)), (uint8_t*)((float*)(a->ws + OFF_prefill_54)), 4, 4, pshp78, perm78);
-  // rope -> %rope_6  [model.layers.3.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_6  [model.layers.3.self_attn (layer.py:856)]
   const int64_t rl79[] = {b, 8, s};
   const int64_t rs79[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_50)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_55)), 3, rl79, rs79, 8, false);
-  // rope -> %rope_7  [model.layers.3.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_7  [model.layers.3.self_attn (layer.py:856)]
   const int64_t rl80[] = {b, 4, s};
   const int64_t rs80[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_52)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_56)), 3, rl80, rs80, 8, false);
@@ -1170,11 +1197,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t pshp98[] = {b, s, 4, 8};
   const int perm98[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_67)), (uint8_t*)((float*)(a->ws + OFF_prefill_68)), 4, 4, pshp98, perm98);
-  // rope -> %rope_8  [model.layers.4.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_8  [model.layers.4.self_attn (layer.py:856)]
   const int64_t rl99[] = {b, 8, s};
   const int64_t rs99[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_64)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_69)), 3, rl99, rs99, 8, false);
-  // rope -> %rope_9  [model.layers.4.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_9  [model.layers.4.self_attn (layer.py:856)]
   const int64_t rl100[] = {b, 4, s};
   const int64_t rs100[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_66)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_70)), 3, rl100, rs100, 8, false);
@@ -1200,11 +1227,11 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_75)), ((const float*)a->W[46]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_76)));
-  // linear -> %linear_35  [lm_head (modeling_llama.py:471)]
-  if (a->last_only) { amxc::last_rows(((float*)(a->ws + OFF_prefill_76)), b, s, 64, (float*)(a->ws + TMP_prefill_25));
-  if (b <= 16) gemv_f32_avx2_512_64((float*)(a->ws + TMP_prefill_25), b, ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64((float*)(a->ws + TMP_prefill_25), b, ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  // linear_q8 -> %linear_35  [lm_head (modeling_llama.py:471)]
+  if (a->last_only) { amxc::last_rows(((float*)(a->ws + OFF_prefill_76)), b, s, 64, (float*)(a->ws + TMP_prefill_26));
+  { q8_ref_64((float*)(a->ws + TMP_prefill_26), ((1)), (int8_t*)(a->ws + TMP_prefill_27), (float*)((a->ws + TMP_prefill_27) + 32768), (int32_t*)((a->ws + TMP_prefill_27) + 34816)); gemv_q8_avx2_512_64((int8_t*)(a->ws + TMP_prefill_27), (float*)((a->ws + TMP_prefill_27) + 32768), (int32_t*)((a->ws + TMP_prefill_27) + 34816), b, ((const uint8_t*)a->W[48]) + 0, ((const uint8_t*)a->W[48]) + 32768, nullptr, nullptr, nullptr, a->out, nt); }
   } else {
-  if (((b)*(s)) <= 16) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_76)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_25), (float*)((a->ws + TMP_prefill_25) + 32768), (int32_t*)((a->ws + TMP_prefill_25) + 34816)); gemv_q8_avx2_512_64((int8_t*)(a->ws + TMP_prefill_25), (float*)((a->ws + TMP_prefill_25) + 32768), (int32_t*)((a->ws + TMP_prefill_25) + 34816), ((b)*(s)), ((const uint8_t*)a->W[48]) + 0, ((const uint8_t*)a->W[48]) + 32768, nullptr, nullptr, nullptr, a->out, nt); }
   }
   return 0;
 }
@@ -1291,6 +1318,7 @@ static constexpr int64_t TMP_decode_21 = 0;
 static constexpr int64_t TMP_decode_22 = 0;
 static constexpr int64_t TMP_decode_23 = 34304;
 static constexpr int64_t TMP_decode_24 = 11008;
+static constexpr int64_t TMP_decode_25 = 4096;
 extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t b = a->b, s = a->s; (void)b; (void)s;
   const int nt = a->nthreads; (void)nt;
@@ -1322,11 +1350,11 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // linear_nf4 -> %linear_2  [model.layers.0.self_attn.v_proj (modeling_llama.py:246)]
   if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
-  // rope -> %rope  [model.layers.0.self_attn (modeling_llama.py:249)]
+  // rope -> %rope  [model.layers.0.self_attn (layer.py:856)]
   const int64_t rl19[] = {b, 8, 1};
   const int64_t rs19[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_7)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_10)), 3, rl19, rs19, 8, false);
-  // rope -> %rope_1  [model.layers.0.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_1  [model.layers.0.self_attn (layer.py:856)]
   const int64_t rl20[] = {b, 4, 1};
   const int64_t rs20[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_8)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_11)), 3, rl20, rs20, 8, false);
@@ -1357,11 +1385,11 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // linear_nf4 -> %linear_9  [model.layers.1.self_attn.v_proj (modeling_llama.py:246)]
   if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
-  // rope -> %rope_2  [model.layers.1.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_2  [model.layers.1.self_attn (layer.py:856)]
   const int64_t rl39[] = {b, 8, 1};
   const int64_t rs39[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_17)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_20)), 3, rl39, rs39, 8, false);
-  // rope -> %rope_3  [model.layers.1.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_3  [model.layers.1.self_attn (layer.py:856)]
   const int64_t rl40[] = {b, 4, 1};
   const int64_t rs40[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_18)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_21)), 3, rl40, rs40, 8, false);
@@ -1392,11 +1420,11 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // linear_nf4 -> %linear_16  [model.layers.2.self_attn.v_proj (modeling_llama.py:246)]
   if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
-  // rope -> %rope_4  [model.layers.2.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_4  [model.layers.2.self_attn (layer.py:856)]
   const int64_t rl59[] = {b, 8, 1};
   const int64_t rs59[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_27)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_30)), 3, rl59, rs59, 8, false);
-  // rope -> %rope_5  [model.layers.2.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_5  [model.layers.2.self_attn (layer.py:856)]
   const int64_t rl60[] = {b, 4, 1};
   const int64_t rs60[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_28)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_31)), 3, rl60, rs60, 8, false);
@@ -1427,11 +1455,11 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // linear_nf4 -> %linear_23  [model.layers.3.self_attn.v_proj (modeling_llama.py:246)]
   if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
-  // rope -> %rope_6  [model.layers.3.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_6  [model.layers.3.self_attn (layer.py:856)]
   const int64_t rl79[] = {b, 8, 1};
   const int64_t rs79[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_37)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_40)), 3, rl79, rs79, 8, false);
-  // rope -> %rope_7  [model.layers.3.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_7  [model.layers.3.self_attn (layer.py:856)]
   const int64_t rl80[] = {b, 4, 1};
   const int64_t rs80[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_38)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_41)), 3, rl80, rs80, 8, false);
@@ -1462,11 +1490,11 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // linear_nf4 -> %linear_30  [model.layers.4.self_attn.v_proj (modeling_llama.py:246)]
   if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
   else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
-  // rope -> %rope_8  [model.layers.4.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_8  [model.layers.4.self_attn (layer.py:856)]
   const int64_t rl99[] = {b, 8, 1};
   const int64_t rs99[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_47)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_50)), 3, rl99, rs99, 8, false);
-  // rope -> %rope_9  [model.layers.4.self_attn (modeling_llama.py:249)]
+  // rope -> %rope_9  [model.layers.4.self_attn (layer.py:856)]
   const int64_t rl100[] = {b, 4, 1};
   const int64_t rs100[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_48)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_51)), 3, rl100, rs100, 8, false);
@@ -1488,10 +1516,10 @@ extern "C" int amxc_decode(const StepArgs* a) {
   if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_55)), ((const float*)a->W[46]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_56)));
-  // linear -> %linear_35  [lm_head (modeling_llama.py:471)]
-  if (((b)*(1)) <= 16) gemv_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt); else gemm_f32_avx2_512_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), ((const float*)a->W[0]), nullptr, nullptr, a->out, nt);
+  // linear_q8 -> %linear_35  [lm_head (modeling_llama.py:471)]
+  { q8_ref_64(((float*)(a->ws + OFF_decode_56)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_25), (float*)((a->ws + TMP_decode_25) + 1024), (int32_t*)((a->ws + TMP_decode_25) + 1088)); gemv_q8_avx2_512_64((int8_t*)(a->ws + TMP_decode_25), (float*)((a->ws + TMP_decode_25) + 1024), (int32_t*)((a->ws + TMP_decode_25) + 1088), ((b)*(1)), ((const uint8_t*)a->W[48]) + 0, ((const uint8_t*)a->W[48]) + 32768, nullptr, nullptr, nullptr, a->out, nt); }
   return 0;
 }
 
 extern "C" int64_t amxc_workspace_bytes() { return 1171456; }
-extern "C" int64_t amxc_num_params() { return 48; }
+extern "C" int64_t amxc_num_params() { return 49; }
