@@ -240,6 +240,11 @@ class Emitter:
         n = np_.node
         x, out = n.inputs[0], n.output
         count = numel(x.type.shape)
+        partials = self.fp.partials.get(x)
+        if partials is not None:                  # a row-parallel product's float64 sums
+            self.lines.append(f"if (amxc::all_reduce_sum_f64((AmxcComm*)a->comm, (const double*)(a->ws + "
+                              f"{partials.symbol}), {count}, {self.p(out)}) != 0) return AMXC_COMM_FAILED;")
+            return
         if self.p(x) != self.p(out):
             self.lines.append(f"memcpy({self.p(out)}, {self.p(x)}, ({count}) * sizeof(float));")
         self.lines.append(f"if (amxc::all_reduce_sum((AmxcComm*)a->comm, {self.p(out)}, {count}) != 0) "
@@ -278,7 +283,13 @@ class Emitter:
         x, bias, resid, out = self.p(prod.x), self.p(prod.bias), self.p(prod.resid), self.p(prod.out)
         gemv, tiles = prod.kernel("gemv"), prod.kernel("gemm_nf4_tiles")
         gemm = prod.kernels[-1]
-        if prod.weight.type.dtype.name == "q8":
+        if gemv is not None and gemv.arith == "int8 acc64":          # row-parallel: every m
+            codes, scales, s2 = self._nf4_sections(prod.weight)
+            quantize, qargs = self._q8(prod)
+            target = f"(double*)(a->ws + {prod.out64.symbol})" if prod.out64 is not None else out
+            self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, "
+                              f"{target}, nt); }}")
+        elif prod.weight.type.dtype.name == "q8":
             sec = prod.weight.type.quant_layout().sections()
             base = self.p(prod.weight)
             codes, scales = f"{base} + {sec['codes'][0]}", f"{base} + {sec['scales'][0]}"

@@ -31,6 +31,14 @@ The decisions, per node:
     GEMM for every row count m (no f32 GEMV, no int8 GEMV, no AMX tiles, whose bf16 rounds the
     activations), and the GEMM computes each row by itself in a fixed order, so a row gets the
     same bits whether its step has 1 row or 40;
+  * row-parallel products -- an attention output projection and an MLP's down projection, the
+    ones shard-tp splits along K and follows with an all-reduce -- sum their block terms in
+    float64 (`acc64`) and round once, on the int8 GEMV at every row count, so the float they
+    give does not depend on how K is cut: at TP > 1 each rank writes its float64 partials and
+    the all-reduce adds them in rank order before rounding, and the result is TP=1's to the
+    bit (but for a float64 rounding tie, ~1e-9 a value).  Without it the ranks' fp32 partial
+    sums differ from TP=1's in the last bit, and int8 activation rounding downstream turns that
+    into different tokens within a few dozen;
   * mlp_swiglu runs gate and up as one paired GEMV with the silu(gate) * up epilogue;
   * the memory plan: every value a buffer in one workspace, by liveness (memory.py).
 """
@@ -124,6 +132,7 @@ class Product:
     q8: Q8 | None = None        # the int8 activations its GEMV reads
     quantizes: bool = False     # this product computes q8 (its first reader)
     up: Param | None = None     # gate+up: the up weight
+    out64: Buffer | None = None  # row-parallel at TP > 1: the float64 partials it writes instead of out
 
     def kernel(self, family_prefix: str) -> Kernel | None:
         return next((k for k in self.kernels if k.family.startswith(family_prefix)), None)
@@ -165,6 +174,7 @@ class FunctionPlan:
     slots: dict[Value, Slot]            # every value (argument or node output) -> its bytes
     buffers: list[Buffer]               # the memory plan: values' buffers, then scratch
     workspace: int                      # bytes
+    partials: dict = field(default_factory=dict)   # all_reduce input value -> its float64 partials
 
 
 @dataclass
@@ -222,6 +232,7 @@ class Planner:
         self.owned: list[Buffer] = []
         self.temps: list[Buffer] = []
         self.q8: dict[Value, Q8] = {}    # keyed by the value itself: ids of dead scratch values recur
+        self.partials: dict[Value, Buffer] = {}     # row-parallel outputs an all_reduce adds in float64
 
     def plan(self) -> FunctionPlan:
         self.check()
@@ -234,7 +245,7 @@ class Planner:
         offsets, total = plan_offsets(buffers, ALIGN)
         for b, off in zip(buffers, offsets):
             b.offset = off
-        return FunctionPlan(self.fn.name, dict(self.env), self.nodes, self.slots, buffers, total)
+        return FunctionPlan(self.fn.name, dict(self.env), self.nodes, self.slots, buffers, total, self.partials)
 
     # -- which nodes run code ------------------------------------------------------------------
     def check(self) -> None:
@@ -353,11 +364,15 @@ class Planner:
         else:
             np_.kernel = f"rt {n.op}"
 
-    def product(self, np_: NodePlan, role: str, x: Value, w: Param, bias, resid, out: Value) -> Product:
+    def product(self, np_: NodePlan, role: str, x: Value, w: Param, bias, resid, out: Value,
+                row_parallel: bool = False) -> Product:
         """The kernels for out = x W^T (+ bias) (+ resid), by the weight and the row count."""
         n_out, k_in = w.type.shape
         node = np_.node
         prod = Product(role, w, x, out, bias, resid, [])
+        if row_parallel and w.type.dtype.name == "nf4" and self.gemv == "int8":
+            self.row_parallel(np_, prod)
+            return prod
         if w.type.dtype.name == "q8":
             if w.type.quant_layout().pack != "r16k4":
                 raise CodegenError(f"@{w.name} is not packed for the kernels: run the lower pass")
@@ -391,6 +406,34 @@ class Planner:
         np_.products.append(prod)
         return prod
 
+    def row_parallel(self, np_: NodePlan, prod: Product) -> None:
+        """A row-parallel product: the float64-summing int8 GEMV at every row count; when an
+        all_reduce adds its output, it writes float64 partials for it instead."""
+        n_out, k_in = prod.weight.type.shape
+        lay = prod.weight.type.nf4_layout()
+        if lay.pack != "r16k4":
+            raise CodegenError(f"@{prod.weight.name} is not packed for the kernels: run the lower pass")
+        rows = D.evaluate(env_rows(prod.x), self.env)
+        prod.q8, prod.quantizes = self.quantized(prod.x, np_.node, max(rows, self.gemv_rows))
+        readers = self.users.get(prod.out, [])
+        out64 = len(readers) == 1 and readers[0] is not None and readers[0].op == "all_reduce"
+        if out64:
+            prod.out64 = self.temp(f"p64_{prod.out.name}", (rows, n_out), 8, np_.node,
+                                   self.order[id(readers[0])])
+            self.partials[prod.out] = prod.out64
+        params = dict(N=n_out, K=k_in, scale=lay.scale, scale_block=lay.scale_block, pair=False, acc64=True,
+                      out64=out64)
+        prod.kernels.append(Kernel("gemv_nf4", self.k.get("gemv_nf4", **params), "int8 acc64"))
+        np_.products.append(prod)
+
+    def reads_attention(self, x: Value) -> bool:
+        """Whether x is an attention op's output, through aliases (reshape, permute): the input
+        of an attention output projection."""
+        p = x.producer
+        while p is not None and (self.is_alias(p) or p.op in ("reshape", "permute", "transpose")):
+            p = p.inputs[0].producer
+        return p is not None and p.op in ("attention", "attention_cached")
+
     def quantized(self, x: Value, node: Node, rows: int | None = None) -> tuple[Q8, bool]:
         """The int8 form of x for GEMVs (at least `rows` rows, default the GEMV rows), and
         whether this reader is the one computing it.  A reader wanting more rows than the
@@ -412,7 +455,7 @@ class Planner:
         n = np_.node
         x, w = n.inputs[:2]
         bias = n.inputs[2] if len(n.inputs) > 2 else None
-        self.product(np_, "", x, w, bias, np_.residual, n.output)
+        self.product(np_, "", x, w, bias, np_.residual, n.output, row_parallel=self.reads_attention(x))
         if self.logits_head(np_):
             # the logits of a prefill chunk: when the step asks only for each row's last token
             # (a->last_only), the head runs on those rows alone (b of them, not b * s)
@@ -448,7 +491,7 @@ class Planner:
         g = self.scratch(np_, "g", rows, f)
         self.product(np_, "gate", x, wg, None, None, g)
         self.product(np_, "up", x, wu, None, None, h)
-        self.product(np_, "down", h, wd, None, np_.residual, n.output)
+        self.product(np_, "down", h, wd, None, np_.residual, n.output, row_parallel=True)
 
     def plan_mlp_gelu(self, np_: NodePlan) -> None:
         n = np_.node
@@ -457,7 +500,7 @@ class Planner:
         b_proj = n.inputs[4] if len(n.inputs) > 4 else None
         h = self.scratch(np_, "h", env_rows(x), w_fc.type.shape[0])
         self.product(np_, "fc", x, w_fc, b_fc, None, h)
-        self.product(np_, "proj", h, w_proj, b_proj, np_.residual, n.output)
+        self.product(np_, "proj", h, w_proj, b_proj, np_.residual, n.output, row_parallel=True)
 
 
 def env_rows(x: Value):

@@ -44,8 +44,11 @@ def block_scale_factors(layout: nf4.Layout, blob: np.ndarray):
     return dec, parts["scales2"][flat]
 
 
-def gemv_nf4_q8(q, qs, qsum, layout: nf4.Layout, blob, bias=None, resid=None) -> np.ndarray:
-    """The int8 GEMV: y[m, n] = sum over blocks, in order, of fma(dot_int, (w_scale * qs) * s2)."""
+def gemv_nf4_q8(q, qs, qsum, layout: nf4.Layout, blob, bias=None, resid=None, acc64: bool = False,
+                out64: bool = False) -> np.ndarray:
+    """The int8 GEMV: y[m, n] = sum over blocks, in order, of fma(dot_int, (w_scale * qs) * s2).
+    acc64: the sum in float64 (each term dot * scale exact there), + bias, rounded once to
+    float32, then + resid; out64: the float64 sums + bias, unrounded."""
     n, k = layout.shape
     nb = k // 64
     codes = layout.codes(blob).reshape(n, nb, 64)
@@ -56,6 +59,16 @@ def gemv_nf4_q8(q, qs, qsum, layout: nf4.Layout, blob, bias=None, resid=None) ->
     scale = (dec[None] * qs[:, None, :]).astype(F32)                      # [m, n, nb]
     if s2 is not None:
         scale = (scale * s2[None]).astype(F32)
+    if acc64:
+        acc64_ = np.zeros((m, n), np.float64)
+        for b in range(nb):    # fma in float64: the product is exact, one rounding per add
+            acc64_ = acc64_ + dots[:, :, b].astype(np.float64) * scale[:, :, b].astype(np.float64)
+        if bias is not None:
+            acc64_ = acc64_ + bias.astype(np.float64)
+        if out64:
+            return acc64_
+        acc = acc64_.astype(F32)
+        return (acc + resid).astype(F32) if resid is not None else acc
     acc = np.zeros((m, n), F32)
     for b in range(nb):        # fma: dot * scale exact in float64, one rounding to float32
         acc = (acc.astype(np.float64) + dots[:, :, b].astype(np.float64) * scale[:, :, b]).astype(F32)

@@ -228,12 +228,19 @@ class QuantizeNF4(Pass):
     def _quantize(self, old: Param, enc: dict, blob: np.ndarray | None = None) -> Param:
         t = TensorType(nf4, old.type.shape, fmt.Layout(tuple(old.type.shape), **enc).encoding())
         layout = t.nf4_layout()
-        if old.sharded:                  # each rank's slice quantized by itself (shard-tp ran first)
+        if old.sharded:                  # shard-tp ran first: each rank's slice, scaled as in the whole
             if blob is not None:
                 raise PassError(f"quantize-nf4{{method={self.opts['method']}}} cannot calibrate a module "
                                 f"sharded for tensor parallelism (@{old.name}); use method=rtn with --tp")
             weights = [old.load(r) for r in range(len(old.shards))]
-            blobs = [fmt.quantize(w, layout) for w in weights]
+            whole = _as_the_whole(old, layout) if layout.scale == "fp8_e4m3" else None
+            if whole is not None:                # every rank's blocks scaled as in the whole weight
+                sb, scales2 = whole
+                t = TensorType(nf4, old.type.shape, {**layout.encoding(), "scale_block": sb})
+                layout = t.nf4_layout()
+                blobs = [fmt.quantize(w, layout, s2) for w, s2 in zip(weights, scales2)]
+            else:
+                blobs = [fmt.quantize(w, layout) for w in weights]
             stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
             attrs = {k: round(v, 6) for k, v in stats.items()} | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {})
             return Param(old.name, t, attrs=attrs, shards=[lambda b=b: b for b in blobs])
@@ -247,6 +254,64 @@ class QuantizeNF4(Pass):
         new = Param(old.name, t, attrs=attrs)
         new.set_data(blob)
         return new
+
+
+def _as_the_whole(p: Param, layout: fmt.Layout) -> tuple[int, list[np.ndarray]] | None:
+    """For a parameter split by shard-tp: a second-level group size and, per rank, scales2 such
+    that every rank's blocks get the E4M3 scale, and so the NF4 codes, the unsplit weight's
+    quantization gives them -- the same decoded weight at any tensor-parallel degree.  None when
+    the slices are not whole blocks of the whole weight (then each rank is quantized by itself).
+
+    A rank's group must lie inside one group of the whole (blocks from two would need two
+    second-level scales), so the group size is the largest power of two up to the whole's that
+    keeps every rank's runs of blocks inside one: row splits usually keep 256 (or 128), a
+    column split of a row of 9 blocks (SmolLM2's o_proj at TP=2) needs 1 (4 more bytes per
+    block, on that matrix only).  Padding blocks (zero rows or heads) take any scale."""
+    from .shard_tp import SliceOf
+
+    slices = p.shards
+    if not all(isinstance(s, SliceOf) and not s.rank0_only and s.source == slices[0].source for s in slices):
+        return None
+    whole = np.asarray(slices[0].source(), np.float32)
+    if whole.ndim != 2 or whole.shape[1] % layout.block:
+        return None
+    n, k = whole.shape
+    nb, g = k // layout.block, layout.scale_block
+    absmax = np.abs(whole.reshape(n, nb, layout.block)).max(axis=2).reshape(-1)
+    padded = np.concatenate([absmax, np.zeros(-absmax.size % g, np.float32)])
+    whole_s2 = (padded.reshape(-1, g).max(axis=1) / np.float32(fmt.e4m3.MAX)).astype(np.float32)
+    groups = []                                 # per rank: the whole's group of each local block (-1: padding)
+    for s in slices:
+        if s.axis == 0:
+            rows = s.index
+            gid = np.where(rows[:, None] >= 0, rows[:, None] * nb + np.arange(nb)[None, :], -1)
+        else:
+            cols = s.index.reshape(-1, layout.block)
+            starts = cols[:, 0]
+            aligned = ((cols == starts[:, None] + np.arange(layout.block)) & (starts[:, None] % layout.block == 0)) \
+                | (cols < 0)
+            if not aligned.all() or ((cols < 0).any(axis=1) & (cols >= 0).any(axis=1)).any():
+                return None
+            bcol = np.where(starts >= 0, starts // layout.block, -1)
+            gid = np.where(bcol[None, :] >= 0, np.arange(n)[:, None] * nb + bcol[None, :], -1)
+        groups.append(np.where(gid >= 0, gid // g, -1).reshape(-1))
+    sb = g
+    while sb > 1:
+        if all(_one_group_per_run(gr, sb) for gr in groups):
+            break
+        sb //= 2
+    out = []
+    for gr in groups:
+        runs = np.concatenate([gr, np.full(-gr.size % sb, -1)]).reshape(-1, sb).max(axis=1)
+        out.append(np.where(runs >= 0, whole_s2[np.maximum(runs, 0)], 0).astype(np.float32))
+    return sb, out
+
+
+def _one_group_per_run(gid: np.ndarray, sb: int) -> bool:
+    runs = np.concatenate([gid, np.full(-gid.size % sb, -1)]).reshape(-1, sb)
+    lo = np.where(runs < 0, np.iinfo(np.int64).max, runs).min(axis=1)
+    hi = runs.max(axis=1)
+    return bool(((hi < 0) | (lo == hi)).all())
 
 
 def _quantize_q8(old: Param) -> Param:

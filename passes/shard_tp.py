@@ -352,22 +352,31 @@ def _logits_linear(fn: Function) -> Node | None:
     return None
 
 
-def _slicer(old: Param, split: Split, rank: int):
-    index = split.index[rank]
+class SliceOf:
+    """Rank `rank`'s slice of a whole parameter, as the loader of its shard: the whole (`source`)
+    taken at `index` along `axis` (-1: a zero row or column).  Passes after shard-tp can read
+    where a slice came from: quantize-nf4 gives every rank's NF4 blocks the scales the whole
+    weight's quantization gives them, so sharding does not change a weight."""
 
-    def load():
-        data = old.load()
-        if split.rank0_only:
-            return data if rank == 0 else np.zeros_like(data)
-        taken = np.take(data, np.maximum(index, 0), axis=split.axis)
-        if (index < 0).any():
-            mask = (index < 0)
-            if split.axis == 0:
+    def __init__(self, source, axis: int, index: np.ndarray, rank: int, rank0_only: bool = False):
+        self.source, self.axis, self.index, self.rank, self.rank0_only = source, axis, index, rank, rank0_only
+
+    def __call__(self) -> np.ndarray:
+        data = self.source()
+        if self.rank0_only:
+            return data if self.rank == 0 else np.zeros_like(data)
+        taken = np.take(data, np.maximum(self.index, 0), axis=self.axis)
+        if (self.index < 0).any():
+            mask = self.index < 0
+            if self.axis == 0:
                 taken[mask] = 0
             else:
                 taken[:, mask] = 0
         return np.ascontiguousarray(taken)
-    return load
+
+
+def _slicer(old: Param, split: Split, rank: int) -> SliceOf:
+    return SliceOf(old.load, split.axis, split.index[rank], rank, split.rank0_only)
 
 
 def _replace_node(fn: Function, old: Node, new: Node) -> None:

@@ -273,8 +273,10 @@ def _codes_for(flat: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     return nearest_code(scaled.astype(np.float32))
 
 
-def quantize(weight: np.ndarray, layout: Layout) -> np.ndarray:
-    """The nf4 parameter bytes of a float weight."""
+def quantize(weight: np.ndarray, layout: Layout, scales2: np.ndarray | None = None) -> np.ndarray:
+    """The nf4 parameter bytes of a float weight.  fp8_e4m3: `scales2` (one per group of the
+    layout) replaces the groups' own max / 448, so a slice of a weight can be quantized with
+    the whole weight's second-level scales and get the whole's codes (passes/quantize_nf4.py)."""
     flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
     if flat.size != layout.numel:
         raise ValueError(f"weight of {flat.size} elements does not fit nf4{list(layout.shape)}")
@@ -291,8 +293,12 @@ def quantize(weight: np.ndarray, layout: Layout) -> np.ndarray:
         return layout.join(codes, q, absmax2, offset)
     # fp8_e4m3: scales first, then codes against the decoded scales
     g = layout.scale_block
-    padded = np.concatenate([absmax, np.zeros(-absmax.size % g, np.float32)])
-    scales2 = (padded.reshape(-1, g).max(axis=1) / np.float32(e4m3.MAX)).astype(np.float32)
+    if scales2 is None:
+        padded = np.concatenate([absmax, np.zeros(-absmax.size % g, np.float32)])
+        scales2 = (padded.reshape(-1, g).max(axis=1) / np.float32(e4m3.MAX)).astype(np.float32)
+    scales2 = np.asarray(scales2, np.float32)
+    if scales2.shape != (layout.num_groups,):
+        raise ValueError(f"scales2 has {scales2.size} values, the layout has {layout.num_groups} groups")
     per_block = np.repeat(scales2, g)[:absmax.size]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(per_block > 0, absmax / per_block, 0).astype(np.float32)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from amxc.backends import reference as twin
+from amxc.ir.formats import nf4
 from support.native import ALL_TIERS, build, nf4_weight, ptr
 
 SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, const uint8_t* w, "
@@ -72,3 +73,48 @@ def test_gemv_nf4_q8_swiglu_pair(tier, m):
     g = twin.gemv_nf4_q8(q, qs, qsum, *gw.twin_input())
     u = twin.gemv_nf4_q8(q, qs, qsum, *uw.twin_input())
     np.testing.assert_allclose(out, twin.silu_mul(g, u), rtol=2e-6, atol=1e-6)   # expf vs np.exp
+
+
+SIG64 = SIG.replace("float* out", "double* out")
+
+
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("n, k, m", [(37, 576, 1), (48, 768, 5), (20, 1536, 16)])
+def test_gemv_acc64_sums_do_not_depend_on_how_k_is_cut(tier, n, k, m):
+    """acc64 (row-parallel products): float64 sums of the exact block terms, bit-equal to the
+    twin; and the float of the whole sum equals the float of the summed float64 partials of any
+    cut of K into whole blocks (the ranks of a row-parallel split, bias on the first): what
+    makes tensor-parallel results independent of the number of ranks."""
+    wt = nf4_weight(n, k, "f32", seed=k + m)
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    resid = rng.standard_normal((m, n)).astype(np.float32)
+    q, qs, qsum = twin.quantize_q8(x)
+    codes, sc, s2 = sections(wt.blob, wt.layout)
+    whole = build(tier, "gemv_nf4", dict(N=n, K=k, scale="f32", scale_block=0, pair=False, acc64=True),
+                  SIG, CALL.format(pair=""))
+    out = np.full((m, n), np.nan, np.float32)
+    whole(ptr(q), ptr(qs), ptr(qsum), ctypes.c_int64(m), ptr(codes), ptr(sc), ptr(s2), None, None, None,
+          ptr(bias), ptr(resid), ptr(out), 2)
+    want = twin.gemv_nf4_q8(q, qs, qsum, *wt.twin_input(), bias, resid, acc64=True)
+    assert np.array_equal(out, want), f"max diff {np.abs(out - want).max()}"
+    codes_all = wt.flat.codes(wt.orig).reshape(n, k)
+    scales_all = wt.flat.block_scales(wt.orig).reshape(n, k // 64)
+    for ways in (2, 3):
+        cuts = np.array_split(np.arange(k // 64), ways)
+        total = np.zeros((m, n), np.float64)
+        for i, blocks in enumerate(cuts):
+            cols = np.concatenate([np.arange(b * 64, b * 64 + 64) for b in blocks])
+            flat = nf4.Layout((n, len(cols)), 64, "f32", 0)       # the rank's slice: same codes and scales
+            blob, layout = nf4.repack(flat.join(codes_all[:, cols], scales_all[:, blocks]), flat)
+            pc, ps, _ = sections(blob, layout)
+            fn = build(tier, "gemv_nf4", dict(N=n, K=len(cols), scale="f32", scale_block=0, pair=False, acc64=True,
+                                              out64=True), SIG64, CALL.format(pair=""))
+            p64 = np.full((m, n), np.nan, np.float64)
+            qp, qsp, qsump = twin.quantize_q8(np.ascontiguousarray(x[:, cols]))
+            fn(ptr(qp), ptr(qsp), ptr(qsump), ctypes.c_int64(m), ptr(pc), ptr(ps), None, None, None, None,
+               ptr(bias if i == 0 else None), None, ptr(p64), 2)
+            total += p64
+        np.testing.assert_array_equal((total.astype(np.float32) + resid).astype(np.float32), out,
+                                      err_msg=f"{ways} ranks")

@@ -60,8 +60,13 @@ def test_kernel_choice(tier, gemv, tiles):
     nf4 = [gemv_nf4, *([tile] if tier == "amx" and tiles != "off" else []), ("gemm_nf4", "fp32", None)]
     assert kernels_of(prefill, "y") == {"": [gemv_f32, ("gemm_f32", "fp32", None)]}
     assert kernels_of(prefill, "z") == {"": nf4}
+    # the MLP's down projection is row-parallel (shard-tp splits it along K): the float64-summing
+    # GEMV at every row count, so its result does not depend on how K is cut
+    acc64 = [("gemv_nf4", "int8 acc64", None)]
     assert kernels_of(prefill, "h") == {"gate+up": [("gemv_nf4", "int8", ("<=", rows))], "gate": nf4, "up": nf4,
-                                        "down": nf4}
+                                        "down": acc64}
+    down = next(np_ for np_ in prefill.nodes if np_.node.op == "mlp_swiglu").product("down")
+    assert down.kernels[0].name.endswith("_acc64") and down.q8.rows == 512 and down.out64 is None
     pair = next(np_ for np_ in prefill.nodes if np_.node.op == "mlp_swiglu").product("gate+up")
     assert pair.up.name == "up" and pair.kernels[0].pair and pair.kernels[0].name.endswith("_pair")
     decode = p.functions[1]                  # every decode row (up to Limits.max_batch) on the GEMVs

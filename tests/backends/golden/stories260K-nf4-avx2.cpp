@@ -357,6 +357,105 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
   }
 }
 
+// gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64: N=64 K=64 codes=nf4 scale=fp8_e4m3 acc64
+template <int MR>
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)G; (void)nt;
+  {
+    const uint8_t* wc = codes + g * NB * 512;
+    const uint8_t* wsc = scales + g * NB * 16;
+    amxc::GroupScales s2v(s2, g, N, NB, 256);
+    __m256 acc[1][MR][2];
+    for (int w = 0; w < 1; ++w)
+      for (int r = 0; r < MR; ++r) acc[w][r][0] = acc[w][r][1] = _mm256_setzero_ps();
+    __m256d acc64[MR][2][2];                     // [row][h][lanes 0-3, 4-7]
+    for (int r = 0; r < MR; ++r) for (int h = 0; h < 2; ++h) acc64[r][h][0] = acc64[r][h][1] = _mm256_setzero_pd();
+    for (int64_t b = 0; b < NB; ++b) {
+      __m256i dot[MR][2];
+      for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+      {
+        const uint8_t* cb = wc + b * 512;
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          __m256i wlo[2], whi[2];
+          _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
+            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+          }
+          for (int r = 0; r < MR; ++r) {
+            const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+            const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+            for (int h = 0; h < 2; ++h) {
+              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            }
+          }
+        }
+      }
+      s2v.at(b);
+      const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                   amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+      const __m256 gs[2] = {s2v.v0, s2v.v1};
+      for (int r = 0; r < MR; ++r)
+        for (int h = 0; h < 2; ++h) {
+          // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+          __m256 sc = _mm256_mul_ps(sw[h], _mm256_set1_ps(qs[r * NB + b]));
+          sc = _mm256_mul_ps(sc, gs[h]);
+          acc64[r][h][0] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(dot[r][h])),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(sc)), acc64[r][h][0]);
+          acc64[r][h][1] = _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(dot[r][h], 1)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1)), acc64[r][h][1]);
+        }
+    }
+    const int64_t n0 = g * 16;
+    for (int r = 0; r < MR; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+        if (valid <= 0) continue;
+        const __m256i mask = amxc::mask_first(valid);
+        double t[8];
+        _mm256_storeu_pd(t, acc64[r][h][0]);
+        _mm256_storeu_pd(t + 4, acc64[r][h][1]);
+        for (int64_t i = 0; i < valid; ++i) {
+          const double v = t[i] + (bias ? (double)bias[c0 + i] : 0.0);
+          out[r * N + c0 + i] = resid ? (float)v + resid[r * N + c0 + i] : (float)v;
+        }
+        (void)mask;
+      }
+  }
+}
+
+static void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t g = 0; g < G; ++g)
+  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
+    const int64_t rows = std::min<int64_t>(4, m - r);
+    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+    const float* rr = resid ? resid + r * N : nullptr;
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+    switch (rows) {
+      case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
+      case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
+      case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<3>(AMXC_ARGS); break;
+      default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
+    }
+#undef AMXC_ARGS
+  }
+}
+
 // gemv_nf4_avx2_172_64_fp8_e4m3_256_pair: N=172 K=64 codes=nf4 scale=fp8_e4m3 pair=silu(gate)*up
 template <int MR>
 static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
@@ -1008,8 +1107,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm22[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_15)), (uint8_t*)((float*)(a->ws + OFF_prefill_16)), 4, 4, pshp22, perm22);
   // linear_nf4 -> %linear_3  [model.layers.0.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_16)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_prefill_1), (float*)((a->ws + TMP_prefill_1) + 32768), (int32_t*)((a->ws + TMP_prefill_1) + 34816), ((b)*(s)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_0)), ((float*)(a->ws + OFF_prefill_17)), nt); }
   // rms_norm -> %rms_norm_1  [model.layers.0.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_17)), ((const float*)a->W[5]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_18)));
   // mlp_swiglu -> %mlp_swiglu  [model.layers.0.mlp.down_proj (modeling_llama.py:164)]
@@ -1059,8 +1157,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm42[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_29)), (uint8_t*)((float*)(a->ws + OFF_prefill_30)), 4, 4, pshp42, perm42);
   // linear_nf4 -> %linear_10  [model.layers.1.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_30)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_prefill_6), (float*)((a->ws + TMP_prefill_6) + 32768), (int32_t*)((a->ws + TMP_prefill_6) + 34816), ((b)*(s)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_19)), ((float*)(a->ws + OFF_prefill_31)), nt); }
   // rms_norm -> %rms_norm_3  [model.layers.1.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_31)), ((const float*)a->W[14]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_32)));
   // mlp_swiglu -> %mlp_swiglu_1  [model.layers.1.mlp.down_proj (modeling_llama.py:164)]
@@ -1110,8 +1207,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm62[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_43)), (uint8_t*)((float*)(a->ws + OFF_prefill_44)), 4, 4, pshp62, perm62);
   // linear_nf4 -> %linear_17  [model.layers.2.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_44)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_prefill_11), (float*)((a->ws + TMP_prefill_11) + 32768), (int32_t*)((a->ws + TMP_prefill_11) + 34816), ((b)*(s)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_33)), ((float*)(a->ws + OFF_prefill_45)), nt); }
   // rms_norm -> %rms_norm_5  [model.layers.2.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_45)), ((const float*)a->W[23]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_46)));
   // mlp_swiglu -> %mlp_swiglu_2  [model.layers.2.mlp.down_proj (modeling_llama.py:164)]
@@ -1161,8 +1257,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm82[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_57)), (uint8_t*)((float*)(a->ws + OFF_prefill_58)), 4, 4, pshp82, perm82);
   // linear_nf4 -> %linear_24  [model.layers.3.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_58)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_prefill_16), (float*)((a->ws + TMP_prefill_16) + 32768), (int32_t*)((a->ws + TMP_prefill_16) + 34816), ((b)*(s)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_47)), ((float*)(a->ws + OFF_prefill_59)), nt); }
   // rms_norm -> %rms_norm_7  [model.layers.3.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_59)), ((const float*)a->W[32]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_60)));
   // mlp_swiglu -> %mlp_swiglu_3  [model.layers.3.mlp.down_proj (modeling_llama.py:164)]
@@ -1212,8 +1307,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int perm102[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_71)), (uint8_t*)((float*)(a->ws + OFF_prefill_72)), 4, 4, pshp102, perm102);
   // linear_nf4 -> %linear_31  [model.layers.4.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_prefill_72)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_prefill_21), (float*)((a->ws + TMP_prefill_21) + 32768), (int32_t*)((a->ws + TMP_prefill_21) + 34816), ((b)*(s)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_61)), ((float*)(a->ws + OFF_prefill_73)), nt); }
   // rms_norm -> %rms_norm_9  [model.layers.4.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_73)), ((const float*)a->W[41]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_74)));
   // mlp_swiglu -> %mlp_swiglu_4  [model.layers.4.mlp.down_proj (modeling_llama.py:164)]
@@ -1361,8 +1455,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_cached  [model.layers.0.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_10)), ((float*)(a->ws + OFF_decode_11)), ((float*)(a->ws + OFF_decode_9)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_12)));
   // linear_nf4 -> %linear_3  [model.layers.0.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
   // rms_norm -> %rms_norm_1  [model.layers.0.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_13)), ((const float*)a->W[5]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_14)));
   // mlp_swiglu -> %mlp_swiglu  [model.layers.0.mlp.down_proj (modeling_llama.py:164)]
@@ -1396,8 +1489,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_1_cached  [model.layers.1.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_20)), ((float*)(a->ws + OFF_decode_21)), ((float*)(a->ws + OFF_decode_19)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_22)));
   // linear_nf4 -> %linear_10  [model.layers.1.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
   // rms_norm -> %rms_norm_3  [model.layers.1.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_23)), ((const float*)a->W[14]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_24)));
   // mlp_swiglu -> %mlp_swiglu_1  [model.layers.1.mlp.down_proj (modeling_llama.py:164)]
@@ -1431,8 +1523,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_2_cached  [model.layers.2.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_30)), ((float*)(a->ws + OFF_decode_31)), ((float*)(a->ws + OFF_decode_29)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_32)));
   // linear_nf4 -> %linear_17  [model.layers.2.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
   // rms_norm -> %rms_norm_5  [model.layers.2.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_33)), ((const float*)a->W[23]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_34)));
   // mlp_swiglu -> %mlp_swiglu_2  [model.layers.2.mlp.down_proj (modeling_llama.py:164)]
@@ -1466,8 +1557,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_3_cached  [model.layers.3.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_40)), ((float*)(a->ws + OFF_decode_41)), ((float*)(a->ws + OFF_decode_39)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_42)));
   // linear_nf4 -> %linear_24  [model.layers.3.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
   // rms_norm -> %rms_norm_7  [model.layers.3.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_43)), ((const float*)a->W[32]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_44)));
   // mlp_swiglu -> %mlp_swiglu_3  [model.layers.3.mlp.down_proj (modeling_llama.py:164)]
@@ -1501,8 +1591,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // attention_cached -> %attention_4_cached  [model.layers.4.self_attn (modeling_llama.py:258)]
   amxc::attention_cached(((float*)(a->ws + OFF_decode_50)), ((float*)(a->ws + OFF_decode_51)), ((float*)(a->ws + OFF_decode_49)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_52)));
   // linear_nf4 -> %linear_31  [model.layers.4.self_attn.o_proj (modeling_llama.py:270)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
-  else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
+  { q8_ref_64(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
   // rms_norm -> %rms_norm_9  [model.layers.4.post_attention_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_53)), ((const float*)a->W[41]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_54)));
   // mlp_swiglu -> %mlp_swiglu_4  [model.layers.4.mlp.down_proj (modeling_llama.py:164)]
