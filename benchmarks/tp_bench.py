@@ -4,14 +4,13 @@ not a test.
     python benchmarks/tp_bench.py [--work /tmp/amxc-tp] [--models stories,smollm2,tinyllama]
                                   [--skip-equality] [--skip-speed] [--json FILE]
 
-1. equality: for each model, fp32 and NF4, TP=2 and TP=4 native ranks against TP=1: greedy
-   tokens of 3 prompts (32 new tokens each) and the max |logit difference| over one prompt.  NF4
-   is `nf4{double=none}` (fp32 block scales) so both sides hold the same dequantized weights
-   wherever a rank's slice is whole 64-wide blocks, on fp32 arithmetic (gemv=exact: only the
-   summation order differs) and on the default int8 activations (whose rounding turns the
-   summation-order differences into whole int8 steps, so tokens drift apart after a while, as
-   they would between any two summation orders); `nf4` (double quantization, the default)
-   too: each rank's slice regroups its second-level scales (passes/shard_tp.py).
+1. equality: for each model, fp32 and NF4 (the default: E4M3 block scales with second-level
+   scales), TP=2 and TP=4 native ranks against TP=1: greedy tokens of 3 prompts (32 new tokens
+   each) and the max |logit difference| over one prompt.  NF4 on fp32 arithmetic (gemv=exact)
+   and on the default int8 activations.  Each rank's NF4 blocks decode to the unsharded
+   weight's (quantize-nf4 scales them as in the whole), and the row-parallel products sum in
+   float64 (backends/plan.py), so the ranks compute TP=1's floats; where a rank's slice is not
+   whole 64-blocks (stories260K's 32-wide o_proj slices) it stays float, a different model.
 2. per-rank bytes and peak RSS of TinyLlama NF4 at TP=4 (`amxc inspect --sharding` totals).
 3. speed, same run: TinyLlama-config NF4, TP=1 with 2 threads against TP=2 with one thread per
    rank (one CPU each), prefill of 128 tokens and decode of 64, best of --reps; the
@@ -98,7 +97,7 @@ def equality(models: list[str], work: Path) -> list[dict]:
     rows = []
     for name in models:
         src = model_dir(name, work)
-        for quant, gemv in ((None, None), ("nf4{double=none}", "exact"), ("nf4{double=none}", None), ("nf4", None)):
+        for quant, gemv in ((None, None), ("nf4", "exact"), ("nf4", None)):
             want, want_logits = generate(artifact(name, src, work, 1, quant), gemv=gemv)
             for tp in (2, 4):
                 try:

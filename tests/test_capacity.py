@@ -140,11 +140,14 @@ def test_nf4_bytes_per_param_is_computed_not_assumed():
     assert cap.nf4_bytes((4096, 4096)) == 4096 * 4096 * cap.nf4_bytes_per_param()
     p = cap.plan(cap.load_model("tinyllama-1.1b"), deploy(2, quant="nf4"))
     kinds = {k.kind: k for k in p.kinds}
-    assert kinds["embed"].dtypes == ["f32"] and kinds["lm_head"].dtypes == ["f32"]   # skip=embed|lm_head
+    # skip=embed|lm_head keeps the embedding f32; keep=lm_head|embed|wte stores the head in q8
+    assert kinds["embed"].dtypes == ["f32"] and kinds["lm_head"].dtypes == ["q8"]
     assert kinds["mlp"].dtypes == ["nf4"] and kinds["norm"].dtypes == ["f32"]
+    from amxc.ir.formats.q8 import Layout
+    assert kinds["lm_head"].sharded == Layout((16000, 2048)).nbytes == 16000 * 2048 * (1 + 4 / 64)   # a rank's half
     head = cap.plan(cap.load_model("tinyllama-1.1b"), deploy(2, quant="nf4", quant_head=True))
     assert {k.kind: k for k in head.kinds}["lm_head"].dtypes == ["nf4"]
-    assert any("stay f32" in n for n in p.notes)
+    assert any("lm_head" in n and "q8" in n for n in p.notes)
 
 
 def test_bandwidth_bound_and_prediction_by_hand():
