@@ -844,8 +844,8 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
                  f"(--bandwidth {d.bandwidth_GBps:g} GB/s is the whole host's measured read bandwidth)")
     if d.quant == "nf4":
         notes.append(f"NF4: 0.5 + 1/{NF4_BLOCK} (E4M3 block scale) + 4/({NF4_BLOCK}*{NF4_SCALE_BLOCK}) "
-                     f"(f32 second-level scale) = {nf4_bytes_per_param():.6f} B/param, each rank's shard "
-                     f"quantized on its own; biases and norms stay f32")
+                     f"(f32 second-level scale) = {nf4_bytes_per_param():.6f} B/param, each rank's blocks scaled "
+                     f"as in the whole weight; biases and norms stay f32")
         if d.quant_head:
             notes.append("the lm_head (a tied embedding's head copy) is NF4 too (--quant-lm-head, "
                          "quantize-nf4{keep=\"\",untie}); the embedding stays f32")
