@@ -59,24 +59,7 @@ def gemv_nf4_q8(q, qs, qsum, layout: nf4.Layout, blob, bias=None, resid=None, ac
     scale = (dec[None] * qs[:, None, :]).astype(F32)                      # [m, n, nb]
     if s2 is not None:
         scale = (scale * s2[None]).astype(F32)
-    if acc64:
-        acc64_ = np.zeros((m, n), np.float64)
-        for b in range(nb):    # fma in float64: the product is exact, one rounding per add
-            acc64_ = acc64_ + dots[:, :, b].astype(np.float64) * scale[:, :, b].astype(np.float64)
-        if bias is not None:
-            acc64_ = acc64_ + bias.astype(np.float64)
-        if out64:
-            return acc64_
-        acc = acc64_.astype(F32)
-        return (acc + resid).astype(F32) if resid is not None else acc
-    acc = np.zeros((m, n), F32)
-    for b in range(nb):        # fma: dot * scale exact in float64, one rounding to float32
-        acc = (acc.astype(np.float64) + dots[:, :, b].astype(np.float64) * scale[:, :, b]).astype(F32)
-    if bias is not None:
-        acc = (acc + bias).astype(F32)
-    if resid is not None:
-        acc = (acc + resid).astype(F32)
-    return acc
+    return _sum_blocks(dots, scale, bias, resid, acc64, out64)
 
 
 def gemv_q8_q8(q, qs, qsum, layout, blob, bias=None, resid=None) -> np.ndarray:
@@ -88,8 +71,25 @@ def gemv_q8_q8(q, qs, qsum, layout, blob, bias=None, resid=None) -> np.ndarray:
     m = q.shape[0]
     dots = np.einsum("nbk,mbk->mnb", w8, q.reshape(m, nb, 64).astype(np.int64))
     scale = (layout.block_scales(blob)[None] * qs[:, None, :]).astype(F32)
+    return _sum_blocks(dots, scale, bias, resid)
+
+
+def _sum_blocks(dots, scale, bias, resid, acc64: bool = False, out64: bool = False) -> np.ndarray:
+    """sum over blocks b, in order, of dots[..., b] * scale[..., b] (+ bias) (+ resid) the way
+    the GEMVs add: fp32 fmas, or (acc64) float64 fmas rounded once after the bias."""
+    m, n, nb = dots.shape
+    if acc64:
+        acc = np.zeros((m, n), np.float64)
+        for b in range(nb):    # fma in float64: the product is exact, one rounding per add
+            acc = acc + dots[:, :, b].astype(np.float64) * scale[:, :, b].astype(np.float64)
+        if bias is not None:
+            acc = acc + bias.astype(np.float64)
+        if out64:
+            return acc
+        y = acc.astype(F32)
+        return (y + resid).astype(F32) if resid is not None else y
     acc = np.zeros((m, n), F32)
-    for b in range(nb):
+    for b in range(nb):        # fma: dot * scale exact in float64, one rounding to float32
         acc = (acc.astype(np.float64) + dots[:, :, b].astype(np.float64) * scale[:, :, b]).astype(F32)
     if bias is not None:
         acc = (acc + bias).astype(F32)

@@ -36,16 +36,21 @@ def weight_value(arr: np.ndarray, t: TensorType) -> np.ndarray:
     return t.quant_layout().dequantize(arr) if is_quantized(t) else arr
 
 
-def _linear_nf4_infer(ts, at):
-    x, w = ts[0], ts[1]
-    if not is_nf4(w) or w.rank != 2:
-        fail(f"linear_nf4 needs an nf4[out, in] weight, got {w}")
-    check_weight(w, x, "linear_nf4")
-    if not x.dtype.is_float or x.rank < 1 or x.shape[-1] != w.shape[1]:
-        fail(f"linear_nf4: x {x} does not match weight [out, in] {w}")
-    if len(ts) == 3 and (ts[2].shape != (w.shape[0],) or ts[2].dtype != x.dtype):
-        fail(f"linear_nf4: bias {ts[2]} does not match {w.shape[0]} outputs of {x.dtype}")
-    return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+def _quantized_linear_infer(op: str, dtype: str):
+    def infer(ts, at):
+        x, w = ts[0], ts[1]
+        if not (isinstance(w, TensorType) and w.dtype.name == dtype) or w.rank != 2:
+            fail(f"{op} needs a {dtype}[out, in] weight, got {w}")
+        check_weight(w, x, op)
+        if not x.dtype.is_float or x.rank < 1 or x.shape[-1] != w.shape[1]:
+            fail(f"{op}: x {x} does not match weight [out, in] {w}")
+        if len(ts) == 3 and (ts[2].shape != (w.shape[0],) or ts[2].dtype != x.dtype):
+            fail(f"{op}: bias {ts[2]} does not match {w.shape[0]} outputs of {x.dtype}")
+        return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
+    return infer
+
+
+_linear_nf4_infer = _quantized_linear_infer("linear_nf4", "nf4")
 
 
 @register_op("linear_nf4", "x weight bias?", infer=_linear_nf4_infer, weights=(1,), native="linear")
@@ -54,19 +59,8 @@ def linear_nf4(x, weight, bias=None, *, types):
     return linear(x, weight_value(weight, types[1]), bias)
 
 
-def _linear_q8_infer(ts, at):
-    x, w = ts[0], ts[1]
-    if not (isinstance(w, TensorType) and w.dtype.name == "q8"):
-        fail(f"linear_q8 needs a q8[out, in] weight, got {w}")
-    check_weight(w, x, "linear_q8")
-    if not x.dtype.is_float or x.rank < 1 or x.shape[-1] != w.shape[1]:
-        fail(f"linear_q8: x {x} does not match weight [out, in] {w}")
-    if len(ts) == 3 and (ts[2].shape != (w.shape[0],) or ts[2].dtype != x.dtype):
-        fail(f"linear_q8: bias {ts[2]} does not match {w.shape[0]} outputs of {x.dtype}")
-    return [x.with_shape(x.shape[:-1] + (w.shape[0],))]
-
-
-@register_op("linear_q8", "x weight bias?", infer=_linear_q8_infer, weights=(1,), native="linear")
+@register_op("linear_q8", "x weight bias?", infer=_quantized_linear_infer("linear_q8", "q8"), weights=(1,),
+             native="linear")
 def linear_q8(x, weight, bias=None, *, types):
     """x @ dequantize(weight).T (+ bias), weight int8 codes with block-64 scales"""
     return linear(x, weight_value(weight, types[1]), bias)
