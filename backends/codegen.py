@@ -254,8 +254,8 @@ class Emitter:
         n = np_.node
         x = n.inputs[0]
         rows = self._rows(x)
-        if self.fp.name == "prefill":            # the head ran on each row's last token only
-            rows = f"(a->last_only ? b : {rows})"
+        if self.fp.name == "prefill" and self.fp.slots[n.output].place == "out":
+            rows = f"(a->last_only ? b : {rows})"  # the logits head ran on each row's last token only
         self.lines.append(f"if (amxc::gather_cols((AmxcComm*)a->comm, {self.p(x)}, {rows}, "
                           f"{cxx(x.type.shape[-1])}, {self.p(n.output)}) != 0) return AMXC_COMM_FAILED;")
 
@@ -283,7 +283,10 @@ class Emitter:
         x, bias, resid, out = self.p(prod.x), self.p(prod.bias), self.p(prod.resid), self.p(prod.out)
         gemv, tiles = prod.kernel("gemv"), prod.kernel("gemm_nf4_tiles")
         gemm = prod.kernels[-1]
-        if gemv is not None and gemv.arith == "int8 acc64":          # row-parallel: every m
+        if gemv is not None and gemv.arith == "fp32 acc64":          # row-parallel f32: every m
+            target = f"(double*)(a->ws + {prod.out64.symbol})" if prod.out64 is not None else out
+            self.lines.append(f"{gemv.name}({x}, {m}, {self.p(prod.weight)}, {bias}, {resid}, {target}, nt);")
+        elif gemv is not None and gemv.arith == "int8 acc64":          # row-parallel: every m
             codes, scales, s2 = self._nf4_sections(prod.weight)
             quantize, qargs = self._q8(prod)
             target = f"(double*)(a->ws + {prod.out64.symbol})" if prod.out64 is not None else out

@@ -41,6 +41,7 @@ def _family_templates(isa: str, simd_gemv: bool) -> dict[str, Template]:
             "gemm_q8": Template(isa, "gemm_q8"),
             "gemm_nf4": Template(isa, f"gemm_{isa}", {"weight": "nf4"}),
             "gemv_f32": Template(isa, "gemv_f32_simd" if simd_gemv else f"gemv_f32_{isa}"),
+            "gemv_f32_acc64": Template(isa, "gemv_f32_acc64"),
             "gemm_f32": Template(isa, f"gemm_{isa}", {"weight": "f32", "scale": ""})}
 
 

@@ -33,7 +33,8 @@ The decisions, per node:
     same bits whether its step has 1 row or 40;
   * row-parallel products -- an attention output projection and an MLP's down projection, the
     ones shard-tp splits along K and follows with an all-reduce -- sum their block terms in
-    float64 (`acc64`) and round once, on the int8 GEMV at every row count, so the float they
+    float64 (`acc64`) and round once, on the int8 GEMV at every row count (f32 weights of a
+    quantized model: `gemv_f32_acc64`, amxc::dot64), so the float they
     give does not depend on how K is cut: at TP > 1 each rank writes its float64 partials and
     the all-reduce adds them in rank order before rounding, and the result is TP=1's to the
     bit (but for a float64 rounding tie, ~1e-9 a value).  Without it the ranks' fp32 partial
@@ -233,6 +234,10 @@ class Planner:
         self.temps: list[Buffer] = []
         self.q8: dict[Value, Q8] = {}    # keyed by the value itself: ids of dead scratch values recur
         self.partials: dict[Value, Buffer] = {}     # row-parallel outputs an all_reduce adds in float64
+        # int8 GEMVs read this function's activations: then a last-bit difference can flip an int8
+        # rounding, so f32 row-parallel products sum in float64 too (fp32 models need not)
+        self.int8_downstream = gemv == "int8" and any(
+            isinstance(v, Param) and v.type.is_quantized for n in fn.nodes for v in n.inputs)
 
     def plan(self) -> FunctionPlan:
         self.check()
@@ -370,7 +375,8 @@ class Planner:
         n_out, k_in = w.type.shape
         node = np_.node
         prod = Product(role, w, x, out, bias, resid, [])
-        if row_parallel and w.type.dtype.name == "nf4" and self.gemv == "int8":
+        if row_parallel and self.gemv == "int8" and (w.type.dtype.name == "nf4" or
+                                                      (w.type.dtype == f32 and self.int8_downstream)):
             self.row_parallel(np_, prod)
             return prod
         if w.type.dtype.name == "q8":
@@ -410,27 +416,32 @@ class Planner:
         """A row-parallel product: the float64-summing int8 GEMV at every row count; when an
         all_reduce adds its output, it writes float64 partials for it instead."""
         n_out, k_in = prod.weight.type.shape
-        lay = prod.weight.type.nf4_layout()
-        if lay.pack != "r16k4":
-            raise CodegenError(f"@{prod.weight.name} is not packed for the kernels: run the lower pass")
         rows = D.evaluate(env_rows(prod.x), self.env)
-        prod.q8, prod.quantizes = self.quantized(prod.x, np_.node, max(rows, self.gemv_rows))
         readers = self.users.get(prod.out, [])
         out64 = len(readers) == 1 and readers[0] is not None and readers[0].op == "all_reduce"
         if out64:
             prod.out64 = self.temp(f"p64_{prod.out.name}", (rows, n_out), 8, np_.node,
                                    self.order[id(readers[0])])
             self.partials[prod.out] = prod.out64
+        if prod.weight.type.dtype == f32:
+            prod.kernels.append(Kernel("gemv_f32_acc64", self.k.get("gemv_f32_acc64", N=n_out, K=k_in, out64=out64),
+                                       "fp32 acc64"))
+            np_.products.append(prod)
+            return
+        lay = prod.weight.type.nf4_layout()
+        if lay.pack != "r16k4":
+            raise CodegenError(f"@{prod.weight.name} is not packed for the kernels: run the lower pass")
+        prod.q8, prod.quantizes = self.quantized(prod.x, np_.node, max(rows, self.gemv_rows))
         params = dict(N=n_out, K=k_in, scale=lay.scale, scale_block=lay.scale_block, pair=False, acc64=True,
                       out64=out64)
         prod.kernels.append(Kernel("gemv_nf4", self.k.get("gemv_nf4", **params), "int8 acc64"))
         np_.products.append(prod)
 
     def reads_attention(self, x: Value) -> bool:
-        """Whether x is an attention op's output, through aliases (reshape, permute): the input
-        of an attention output projection."""
+        """Whether x is an attention op's output, through aliases (reshape, permute) and a
+        gather of the ranks' heads: the input of an attention output projection."""
         p = x.producer
-        while p is not None and (self.is_alias(p) or p.op in ("reshape", "permute", "transpose")):
+        while p is not None and (self.is_alias(p) or p.op in ("reshape", "permute", "transpose", "all_gather")):
             p = p.inputs[0].producer
         return p is not None and p.op in ("attention", "attention_cached")
 

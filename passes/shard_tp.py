@@ -109,6 +109,9 @@ def _by_groups(kv_heads: int, group: int, ways: int, padded: int, note: str) -> 
     return Heads(q, kv, note)
 
 
+BLOCK = 64          # NF4 blocks and int8 activation blocks run over 64 inputs
+
+
 def rows_of(units: np.ndarray, size: int) -> np.ndarray:
     """Indices of the rows of `units` (each `size` rows long; -1 stays -1)."""
     return np.concatenate([np.arange(u * size, (u + 1) * size) if u >= 0 else np.full(size, -1) for u in units])
@@ -192,8 +195,18 @@ class ShardTP(Pass):
             o_lin, o_chain = _consumer_chain(a.outputs[0], users, where)
             for node in o_chain:
                 todo["reshapes"][id(node)] = ("flat", h.q_per_rank * d)
-            self._split_linear(plan, o_lin, 1, [rows_of(x, d) for x in h.q], "o columns (heads)", where)
-            todo["reduce_after"].append(o_lin)
+            hidden = int(o_lin.inputs[1].type.shape[0])
+            if (h.q_per_rank * d) % BLOCK and np.array_equal(np.concatenate(h.q), np.arange(heads_n)) \
+                    and hidden % plan.ways == 0:
+                # a rank's heads are narrower than a quantization block (64): a K-split would cut
+                # o_proj's NF4 blocks and the int8 activation blocks, so gather the heads instead
+                # and split o_proj by output rows (whole blocks, no partial sums), then gather those
+                todo["gather_after"] += [o_chain[-1], o_lin]
+                self._split_linear(plan, o_lin, 0, even_split(hidden, plan.ways, 1), "o rows (heads gathered)",
+                                   where)
+            else:
+                self._split_linear(plan, o_lin, 1, [rows_of(x, d) for x in h.q], "o columns (heads)", where)
+                todo["reduce_after"].append(o_lin)
         for n in fn.nodes:
             if n.op in MLP:
                 self._split_mlp(plan, n)

@@ -283,6 +283,38 @@ static inline void dot_rows(const float* AMXC_RESTRICT x, int64_t sx, const floa
     for (int64_t i = n16; i < n; ++i) out[r] = fmaf(x[r * sx + i], y[i], out[r]);
 }
 
+// A float64 dot product of float32 vectors (each product exact in float64): 8 lane sums (lane l
+// takes k = l mod 8, fma in order), folded 4-2-1, then the n mod 8 tail in order; every tier the
+// same bits.  The row-parallel products of quantized models sum this way so that cutting K
+// across ranks cannot move their rounded float (backends/plan.py).
+static inline double dot64(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT y, int64_t n) {
+  const int64_t n8 = n / 8 * 8;
+  double l[8];
+#if defined(__AVX512F__)
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t i = 0; i < n8; i += 8)
+    acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), _mm512_cvtps_pd(_mm256_loadu_ps(y + i)), acc);
+  _mm512_storeu_pd(l, acc);
+#elif defined(__AVX2__)
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  for (int64_t i = 0; i < n8; i += 8) {
+    a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), _mm256_cvtps_pd(_mm_loadu_ps(y + i)), a0);
+    a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4)), _mm256_cvtps_pd(_mm_loadu_ps(y + i + 4)), a1);
+  }
+  _mm256_storeu_pd(l, a0);
+  _mm256_storeu_pd(l + 4, a1);
+#else
+  for (int j = 0; j < 8; ++j) l[j] = 0.0;
+  for (int64_t i = 0; i < n8; i += 8)
+    for (int j = 0; j < 8; ++j) l[j] = fma((double)x[i + j], (double)y[i + j], l[j]);
+#endif
+  for (int h = 4; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) l[j] = l[j] + l[j + h];
+  double s = l[0];
+  for (int64_t i = n8; i < n; ++i) s = fma((double)x[i], (double)y[i], s);
+  return s;
+}
+
 // dot_tile<R, C>: the R x C dot products of R rows of x with C rows of y (out[r * so + c]), each
 // with exactly dot()'s operations.  Every y chunk loaded serves R rows and every x chunk C: at
 // 4 x 4 a step is 8 loads for 16 fmas where dot_rows<8> needs 9 for 8, which made a batched

@@ -34,7 +34,7 @@ import pytest
 
 from amxc.backends import isa
 from support import native
-from support.native import ALL_TIERS, EXPECT_ENV, build_many, ptr
+from support.native import ALL_TIERS, EXPECT_ENV, build, build_many, ptr
 
 SHAPES = [(37, 100), (48, 64), (5, 7), (33, 257), (16, 1000)]       # (N, K)
 SIG = ("const float* x, int64_t m, const float* w, const float* bias, const float* resid, "
@@ -131,3 +131,38 @@ def test_the_tier_guard_on_an_avx2_only_host(monkeypatch):
     monkeypatch.setenv(EXPECT_ENV, "avx2,avx-512")
     with pytest.raises(ValueError, match="unknown tier.*avx-512"):
         native.expected_but_missing()
+
+
+SIG64 = SIG.replace("float* out", "double* out")
+
+
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+def test_gemv_f32_acc64_is_exact_to_float64_and_does_not_depend_on_the_cut(tier):
+    """The f32 row-parallel GEMV of quantized models (amxc::dot64): float64 sums of exact
+    products, within K * 2^-53 of numpy's float64 before the one rounding, so the rounded float
+    is the same whether K is whole or cut across ranks whose float64 partials are added (bias on
+    the first), and the same on every tier (one lane order)."""
+    n, k, m = 37, 172, 5
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    resid = rng.standard_normal((m, n)).astype(np.float32)
+    whole = build(tier, "gemv_f32_acc64", dict(N=n, K=k, out64=False), SIG, CALL)
+    out = np.full((m, n), np.nan, np.float32)
+    whole(ptr(x), ctypes.c_int64(m), ptr(w), ptr(bias), ptr(resid), ptr(out), 2)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    np.testing.assert_array_equal(out, (exact.astype(np.float32) + resid).astype(np.float32))
+    ref = build("ref", "gemv_f32_acc64", dict(N=n, K=k, out64=False), SIG, CALL)
+    out_ref = np.full((m, n), np.nan, np.float32)
+    ref(ptr(x), ctypes.c_int64(m), ptr(w), ptr(bias), ptr(resid), ptr(out_ref), 1)
+    np.testing.assert_array_equal(out, out_ref)
+    for cut in ([86, 86], [43, 43, 43, 43]):
+        total, at = np.zeros((m, n), np.float64), 0
+        for i, width in enumerate(cut):
+            part = build(tier, "gemv_f32_acc64", dict(N=n, K=width, out64=True), SIG64, CALL)
+            p64 = np.full((m, n), np.nan, np.float64)
+            xs, ws = np.ascontiguousarray(x[:, at:at + width]), np.ascontiguousarray(w[:, at:at + width])
+            part(ptr(xs), ctypes.c_int64(m), ptr(ws), ptr(bias if i == 0 else None), None, ptr(p64), 2)
+            total, at = total + p64, at + width
+        np.testing.assert_array_equal((total.astype(np.float32) + resid).astype(np.float32), out)

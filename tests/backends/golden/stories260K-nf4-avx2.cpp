@@ -755,106 +755,16 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, 
   }
 }
 
-// gemv_f32_avx2_64_172: N=64 K=172
-template <int R>
-static inline void gemv_f32_avx2_64_172_tile(const float* x, const float* w, int64_t n, int64_t cols, float* y) {
-  constexpr int64_t K = 172;
-  if (cols == 4) amxc::dot_tile<R, 4>(x, K, w + n * K, K, K, y, 4);
-  else for (int64_t c = 0; c < cols; ++c) {
-    float col[R];
-    amxc::dot_rows<R>(x, K, w + (n + c) * K, K, col);
-    for (int r = 0; r < R; ++r) y[r * 4 + c] = col[r];
-  }
-}
-
-static void gemv_f32_avx2_64_172(const float* x, int64_t m, const float* w, const float* bias, const float* resid,
+// gemv_f32_acc64_avx2_64_172: N=64 K=172 acc64
+static void gemv_f32_acc64_avx2_64_172(const float* x, int64_t m, const float* w, const float* bias, const float* resid,
                        float* out, int nt) {
-  constexpr int64_t N = 64, K = 172, NG = (N + 3) / 4;
+  constexpr int64_t N = 64, K = 172;
   #pragma omp parallel for num_threads(amxc::threads_for(N / 4, nt)) schedule(static)
-  for (int64_t g = 0; g < NG; ++g) {
-    const int64_t n = g * 4, cols = std::min<int64_t>(4, N - n);
-    // the next group's rows whole, not just their first lines: rows are K floats apart, so the
-    // hardware prefetcher sees new streams every row (measured: a 49152 x 576 head at 1 row,
-    // 4.9 -> 2.4 ms with the row 4 ahead prefetched)
-    if (g + 1 < NG)
-      for (int64_t c = 0; c < K * 4 && (n + 4) * K + c < N * K; c += 16)
-        _mm_prefetch((const char*)(w + (n + 4) * K + c), _MM_HINT_T0);
-    float y[16];
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, m - i0);
-      const float* xr = x + i0 * K;
-      switch (rows) {
-        case 1: gemv_f32_avx2_64_172_tile<1>(xr, w, n, cols, y); break;
-        case 2: gemv_f32_avx2_64_172_tile<2>(xr, w, n, cols, y); break;
-        case 3: gemv_f32_avx2_64_172_tile<3>(xr, w, n, cols, y); break;
-        default: gemv_f32_avx2_64_172_tile<4>(xr, w, n, cols, y); break;
-      }
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < cols; ++c) {
-          float v = y[i * 4 + c];
-          if (bias) v = v + bias[n + c];
-          if (resid) v = v + resid[(i0 + i) * N + n + c];
-          out[(i0 + i) * N + n + c] = v;
-        }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < m; ++i) {
+      const double y = amxc::dot64(x + i * K, w + n * K, K) + (bias ? (double)bias[n] : 0.0);
+      out[i * N + n] = resid ? (float)y + resid[i * N + n] : (float)y;
     }
-  }
-}
-
-// gemm_f32_avx2_64_172: N=64 K=172 weight=f32
-static void gemm_f32_avx2_64_172(const float* x, int64_t m,
-    const float* w,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 172, G = (N + 15) / 16, KC = 172, MR = 6;
-  #pragma omp parallel for num_threads(amxc::threads_for(G, nt)) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
-    alignas(64) float panel[KC * 16];
-    const int64_t n0 = g * 16;
-    const __m256i mask0 = amxc::mask_first(std::min<int64_t>(8, N - n0));
-    const __m256i mask1 = amxc::mask_first(std::max<int64_t>(0, std::min<int64_t>(8, N - n0 - 8)));
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min<int64_t>(KC, K - k0);
-      for (int64_t k = 0; k < kc; ++k)
-        for (int r = 0; r < 16; ++r) panel[k * 16 + r] = n0 + r < N ? w[(n0 + r) * K + k0 + k] : 0.0f;
-      for (int64_t i0 = 0; i0 < m; i0 += MR) {
-        const int64_t rows = std::min<int64_t>(MR, m - i0);
-        __m256 c[MR][2];
-        for (int64_t r = 0; r < rows; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();   // per KC block
-        const float* xa = x + i0 * K + k0;
-        if (rows == MR) {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            #pragma GCC unroll 6
-            for (int r = 0; r < MR; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        } else {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            for (int64_t r = 0; r < rows; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (i0 + r) * N + n0;
-          const __m256 p0 = k0 ? _mm256_maskload_ps(o, mask0) : (bias ? _mm256_maskload_ps(bias + n0, mask0) : _mm256_setzero_ps());
-          const __m256 p1 = k0 ? _mm256_maskload_ps(o + 8, mask1) : (bias ? _mm256_maskload_ps(bias + n0 + 8, mask1) : _mm256_setzero_ps());
-          __m256 y0 = _mm256_add_ps(p0, c[r][0]), y1 = _mm256_add_ps(p1, c[r][1]);
-          if (k0 + kc == K && resid) {
-            y0 = _mm256_add_ps(y0, _mm256_maskload_ps(resid + (i0 + r) * N + n0, mask0));
-            y1 = _mm256_add_ps(y1, _mm256_maskload_ps(resid + (i0 + r) * N + n0 + 8, mask1));
-          }
-          _mm256_maskstore_ps(o, mask0, y0);
-          _mm256_maskstore_ps(o + 8, mask1, y1);
-        }
-      }
-    }
-  }
 }
 
 // gemv_q8_avx2_512_64: N=512 K=64 codes=q8 scale=f32
@@ -1118,7 +1028,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_18)), ((b)*(s)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_2), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_4), (float*)(a->ws + TMP_prefill_2), (float*)(a->ws + TMP_prefill_2), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_prefill_2), ((b)*(s)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_prefill_17)), ((float*)(a->ws + OFF_prefill_19)), nt);
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_19)), ((const float*)a->W[10]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_20)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
@@ -1168,7 +1078,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_32)), ((b)*(s)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_7), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_9), (float*)(a->ws + TMP_prefill_7), (float*)(a->ws + TMP_prefill_7), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_prefill_7), ((b)*(s)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_prefill_31)), ((float*)(a->ws + OFF_prefill_33)), nt);
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_33)), ((const float*)a->W[19]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_34)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
@@ -1218,7 +1128,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_46)), ((b)*(s)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_12), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_14), (float*)(a->ws + TMP_prefill_12), (float*)(a->ws + TMP_prefill_12), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_prefill_12), ((b)*(s)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_prefill_45)), ((float*)(a->ws + OFF_prefill_47)), nt);
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_47)), ((const float*)a->W[28]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_48)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
@@ -1268,7 +1178,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_60)), ((b)*(s)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_17), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_19), (float*)(a->ws + TMP_prefill_17), (float*)(a->ws + TMP_prefill_17), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_prefill_17), ((b)*(s)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_prefill_59)), ((float*)(a->ws + OFF_prefill_61)), nt);
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_61)), ((const float*)a->W[37]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_62)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
@@ -1318,7 +1228,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_74)), ((b)*(s)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_prefill_22), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_prefill_24), (float*)(a->ws + TMP_prefill_22), (float*)(a->ws + TMP_prefill_22), (((b)*(s)))*172);
   }
-  if (((b)*(s)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_prefill_22), ((b)*(s)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_prefill_73)), ((float*)(a->ws + OFF_prefill_75)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_75)), ((const float*)a->W[46]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_76)));
   // linear_q8 -> %linear_35  [lm_head (modeling_llama.py:471)]
@@ -1466,7 +1376,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_14)), ((b)*(1)), ((const uint8_t*)a->W[4]) + 0, ((const uint8_t*)a->W[4]) + 5632, (const float*)(((const uint8_t*)a->W[4]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_2), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_4), (float*)(a->ws + TMP_decode_2), (float*)(a->ws + TMP_decode_2), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_decode_2), ((b)*(1)), ((const float*)a->W[2]), nullptr, ((float*)(a->ws + OFF_decode_13)), ((float*)(a->ws + OFF_decode_15)), nt);
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_15)), ((const float*)a->W[10]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_16)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
@@ -1500,7 +1410,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_24)), ((b)*(1)), ((const uint8_t*)a->W[13]) + 0, ((const uint8_t*)a->W[13]) + 5632, (const float*)(((const uint8_t*)a->W[13]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_7), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_9), (float*)(a->ws + TMP_decode_7), (float*)(a->ws + TMP_decode_7), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_decode_7), ((b)*(1)), ((const float*)a->W[11]), nullptr, ((float*)(a->ws + OFF_decode_23)), ((float*)(a->ws + OFF_decode_25)), nt);
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_25)), ((const float*)a->W[19]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_26)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
@@ -1534,7 +1444,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_34)), ((b)*(1)), ((const uint8_t*)a->W[22]) + 0, ((const uint8_t*)a->W[22]) + 5632, (const float*)(((const uint8_t*)a->W[22]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_12), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_14), (float*)(a->ws + TMP_decode_12), (float*)(a->ws + TMP_decode_12), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_decode_12), ((b)*(1)), ((const float*)a->W[20]), nullptr, ((float*)(a->ws + OFF_decode_33)), ((float*)(a->ws + OFF_decode_35)), nt);
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_35)), ((const float*)a->W[28]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_36)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
@@ -1568,7 +1478,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_44)), ((b)*(1)), ((const uint8_t*)a->W[31]) + 0, ((const uint8_t*)a->W[31]) + 5632, (const float*)(((const uint8_t*)a->W[31]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_17), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_19), (float*)(a->ws + TMP_decode_17), (float*)(a->ws + TMP_decode_17), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_decode_17), ((b)*(1)), ((const float*)a->W[29]), nullptr, ((float*)(a->ws + OFF_decode_43)), ((float*)(a->ws + OFF_decode_45)), nt);
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_45)), ((const float*)a->W[37]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_46)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
@@ -1602,7 +1512,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   else { gemm_nf4_avx2_172_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_54)), ((b)*(1)), ((const uint8_t*)a->W[40]) + 0, ((const uint8_t*)a->W[40]) + 5632, (const float*)(((const uint8_t*)a->W[40]) + 5808), nullptr, nullptr, (float*)(a->ws + TMP_decode_22), nt); }
   amxc::silu_mul((float*)(a->ws + TMP_decode_24), (float*)(a->ws + TMP_decode_22), (float*)(a->ws + TMP_decode_22), (((b)*(1)))*172);
   }
-  if (((b)*(1)) <= 16) gemv_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt); else gemm_f32_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt);
+  gemv_f32_acc64_avx2_64_172((float*)(a->ws + TMP_decode_22), ((b)*(1)), ((const float*)a->W[38]), nullptr, ((float*)(a->ws + OFF_decode_53)), ((float*)(a->ws + OFF_decode_55)), nt);
   // rms_norm -> %rms_norm_10  [model.norm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_55)), ((const float*)a->W[46]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_56)));
   // linear_q8 -> %linear_35  [lm_head (modeling_llama.py:471)]
