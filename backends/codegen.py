@@ -263,8 +263,10 @@ class Emitter:
     def _rows(self, x: Value) -> str:
         return f"({numel(x.type.shape[:-1])})"
 
-    def _nf4_sections(self, w: Param) -> tuple[str, str, str]:
-        sec = w.type.nf4_layout().sections()
+    def _weight_sections(self, w: Param) -> tuple[str, str, str]:
+        """Pointers to a quantized weight's codes, block scales and second-level scales (nullptr
+        where its format has none: q8, nf4 with f32 scales)."""
+        sec = w.type.quant_layout().sections()
         base = self.p(w)
         s2 = f"(const float*)({base} + {sec['scales2'][0]})" if "scales2" in sec else "nullptr"
         return f"{base} + {sec['codes'][0]}", f"{base} + {sec['scales'][0]}", s2
@@ -287,23 +289,21 @@ class Emitter:
             target = f"(double*)(a->ws + {prod.out64.symbol})" if prod.out64 is not None else out
             self.lines.append(f"{gemv.name}({x}, {m}, {self.p(prod.weight)}, {bias}, {resid}, {target}, nt);")
         elif gemv is not None and gemv.arith == "int8 acc64":          # row-parallel: every m
-            codes, scales, s2 = self._nf4_sections(prod.weight)
+            codes, scales, s2 = self._weight_sections(prod.weight)
             quantize, qargs = self._q8(prod)
             target = f"(double*)(a->ws + {prod.out64.symbol})" if prod.out64 is not None else out
             self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, "
                               f"{target}, nt); }}")
         elif prod.weight.type.dtype.name == "q8":
-            sec = prod.weight.type.quant_layout().sections()
-            base = self.p(prod.weight)
-            codes, scales = f"{base} + {sec['codes'][0]}", f"{base} + {sec['scales'][0]}"
+            codes, scales, s2 = self._weight_sections(prod.weight)
             if gemv is not None:
                 quantize, qargs = self._q8(prod)
-                self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, nullptr, "
+                self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, {s2}, "
                                   f"{bias}, {resid}, {out}, nt); }}")
             else:
                 self.lines.append(f"{gemm.name}({x}, {m}, {codes}, {scales}, {bias}, {resid}, {out}, nt);")
         elif prod.weight.type.dtype.name == "nf4":
-            codes, scales, s2 = self._nf4_sections(prod.weight)
+            codes, scales, s2 = self._weight_sections(prod.weight)
             gemm_call = f"{gemm.name}({x}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, {out}, nt);"
             if tiles is not None:
                 gemm_call = (f"if ({m} {tiles.rows[0]} {tiles.rows[1]}) {tiles.name}({x}, {m}, {codes}, {scales}, "
@@ -344,8 +344,8 @@ class Emitter:
         pair = np_.product("gate+up")
         if pair is not None:
             quantize, qargs = self._q8(pair)
-            gc, gs, g2 = self._nf4_sections(pair.weight)
-            uc, us, u2 = self._nf4_sections(pair.up)
+            gc, gs, g2 = self._weight_sections(pair.weight)
+            uc, us, u2 = self._weight_sections(pair.up)
             gemv = pair.kernels[0]
             self.lines.append(f"if ({m} {gemv.rows[0]} {gemv.rows[1]}) {{ {quantize} {gemv.name}({qargs}, {m}, "
                               f"{gc}, {gs}, {g2}, {uc}, {us}, {u2}, nullptr, nullptr, {self.p(pair.out)}, nt); }} else {{")

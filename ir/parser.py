@@ -322,7 +322,7 @@ class _Parser:
         self.expect(":")
         type_tok = self.tok
         t = self.type()
-        if t.dtype.name in ("nf4", "q8"):
+        if t.is_quantized:
             try:
                 t.quant_layout()
             except ValueError as e:

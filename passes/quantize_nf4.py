@@ -241,19 +241,12 @@ class QuantizeNF4(Pass):
                 blobs = [fmt.quantize(w, layout, s2) for w, s2 in zip(weights, scales2)]
             else:
                 blobs = [fmt.quantize(w, layout) for w in weights]
-            stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
-            attrs = {k: round(v, 6) for k, v in stats.items()} | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {})
-            return Param(old.name, t, attrs=attrs, shards=[lambda b=b: b for b in blobs])
+            return _quantized_param(old, t, layout, weights, blobs)
         weight = old.load()
         if blob is None:
             blob = fmt.quantize(weight, layout)
-        stats = fmt.error_stats(weight, layout.dequantize(blob))
-        attrs = {k: round(v, 6) for k, v in stats.items()}
-        if self.opts["method"] != "rtn":
-            attrs["method"] = self.opts["method"]
-        new = Param(old.name, t, attrs=attrs)
-        new.set_data(blob)
-        return new
+        extra = {"method": self.opts["method"]} if self.opts["method"] != "rtn" else {}
+        return _quantized_param(old, t, layout, [weight], [blob], extra)
 
 
 def _as_the_whole(p: Param, layout: fmt.Layout) -> tuple[int, list[np.ndarray]] | None:
@@ -302,13 +295,18 @@ def _as_the_whole(p: Param, layout: fmt.Layout) -> tuple[int, list[np.ndarray]] 
         sb //= 2
     out = []
     for gr in groups:
-        runs = np.concatenate([gr, np.full(-gr.size % sb, -1)]).reshape(-1, sb).max(axis=1)
+        runs = _runs(gr, sb).max(axis=1)
         out.append(np.where(runs >= 0, whole_s2[np.maximum(runs, 0)], 0).astype(np.float32))
     return sb, out
 
 
+def _runs(gid: np.ndarray, sb: int) -> np.ndarray:
+    """The whole's group of each local block, in runs of sb (a rank's groups), -1 padded."""
+    return np.concatenate([gid, np.full(-gid.size % sb, -1)]).reshape(-1, sb)
+
+
 def _one_group_per_run(gid: np.ndarray, sb: int) -> bool:
-    runs = np.concatenate([gid, np.full(-gid.size % sb, -1)]).reshape(-1, sb)
+    runs = _runs(gid, sb)
     lo = np.where(runs < 0, np.iinfo(np.int64).max, runs).min(axis=1)
     hi = runs.max(axis=1)
     return bool(((hi < 0) | (lo == hi)).all())
@@ -319,11 +317,17 @@ def _quantize_q8(old: Param) -> Param:
     layout = q8fmt.Layout(tuple(old.type.shape))
     t = TensorType(q8, old.type.shape, layout.encoding())
     weights = [old.load(r) for r in range(len(old.shards))] if old.sharded else [old.load()]
-    blobs = [q8fmt.quantize(w, layout) for w in weights]
+    return _quantized_param(old, t, layout, weights, [q8fmt.quantize(w, layout) for w in weights])
+
+
+def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: list, extra: dict = {}) -> Param:
+    """The parameter replacing float `old`: `blobs` (one per rank if `old` is split), its
+    quantization error against `weights` in its attributes."""
     stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
-    attrs = {k: round(v, 6) for k, v in stats.items()} | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {})
+    attrs = {k: round(v, 6) for k, v in stats.items()} | extra
     if old.sharded:
-        return Param(old.name, t, attrs=attrs, shards=[lambda b=b: b for b in blobs])
+        return Param(old.name, t, attrs=attrs | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {}),
+                     shards=[lambda b=b: b for b in blobs])
     new = Param(old.name, t, attrs=attrs)
     new.set_data(blobs[0])
     return new

@@ -120,7 +120,6 @@ class Layout:
 
     def dequantize(self, blob: np.ndarray) -> np.ndarray:
         """The f32 weight: code * absmax / 127."""
-        n, k = self.shape
         scale = np.repeat(self.block_scales(blob) / np.float32(127), BLOCK, axis=1).astype(np.float32)
         return (self.codes(blob).astype(np.float32) * scale).astype(np.float32)
 
