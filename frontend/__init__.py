@@ -9,7 +9,7 @@ from .errors import FrontendError, UnsupportedOpError
 
 def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
     """(kind, path) for a model given as a path or a known model name (pulled on first use).
-    kind is one of 'hf', 'gguf', 'pt2'."""
+    kind is one of 'hf', 'gguf', 'pt2', 'onnx'."""
     path = Path(spec)
     if not path.exists():
         from .pull import is_known, pull
@@ -25,18 +25,20 @@ def resolve(spec: str | os.PathLike) -> tuple[str, Path]:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
-        raise FrontendError(f"{path}: expected a Hugging Face checkpoint (config.json + *.safetensors) "
-                            f"or a directory with one .gguf file")
+        if (path / "genai_config.json").exists() or len(list(path.glob("*.onnx"))) == 1:
+            from .onnx import find_model_file
+            return "onnx", find_model_file(path)
+        raise FrontendError(f"{path}: expected a Hugging Face checkpoint (config.json + *.safetensors), "
+                            f"a directory with one .gguf file, or an ONNX model directory")
     suffix = path.suffix.lower()
     if suffix == ".gguf":
         return "gguf", path
     if suffix == ".pt2":
         return "pt2", path
     if suffix == ".onnx":
-        raise FrontendError(f"{path}: ONNX import is not implemented yet (supported: HF checkpoint "
-                            f"directories, .gguf, .pt2, torch.nn.Module through the Python API)")
+        return "onnx", path
     raise FrontendError(f"{path}: unknown model format '{suffix}' (expected a checkpoint directory, "
-                        f".gguf or .pt2)")
+                        f".gguf, .pt2 or .onnx)")
 
 
 def load_model(spec: str | os.PathLike):
@@ -48,6 +50,9 @@ def load_model(spec: str | os.PathLike):
     if kind == "gguf":
         from .hf import import_gguf
         return import_gguf(path)
+    if kind == "onnx":
+        from .onnx import import_onnx
+        return import_onnx(path)
     from .torch_module import import_pt2
     return import_pt2(path)
 

@@ -6,8 +6,8 @@ class FrontendError(ValueError):
 
 
 class UnsupportedOpError(FrontendError):
-    def __init__(self, op: str, loc: str | None, model: str):
+    def __init__(self, op: str, loc: str | None, model: str, table: str = "frontend/aten.py"):
         self.op, self.loc, self.model = op, loc, model
         where = f" at {loc}" if loc else ""
         super().__init__(f"unsupported op {op}{where} in model '{model}': amxc has no conversion "
-                         f"for it (see frontend/aten.py for the supported ATen ops)")
+                         f"for it (see {table} for the supported ops)")

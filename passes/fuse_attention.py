@@ -199,6 +199,15 @@ def decomposed_rules(fn: Function) -> list[Rule]:
             rules.append(Rule("attention-decomposed",
                               P.op("matmul", P.op("softmax", logits, one_use=True, name="sm"), P.var("v")),
                               build, where))
+            # ONNX exports guard the softmax against all-masked rows, where(isnan(p), 0, p):
+            # `attention` gives such rows zeros too, so the guard fuses with it
+            guarded = P.op("where", P.op("isnan", P.op("softmax", logits, name="sm"), one_use=True),
+                           P.const("zero", lambda c: c == 0), P.var("probs"), one_use=True)
+
+            def where_guarded(m, where=where):
+                return where(m) if m.probs is m.sm.outputs[0] else "guard reads another tensor"
+            rules.append(Rule("attention-decomposed", P.op("matmul", guarded, P.var("v")), build,
+                              where_guarded))
     return rules
 
 

@@ -74,6 +74,9 @@ register_op("logical_or", "a b", infer=_binary_infer(bools_only=True), commutati
     lambda a, b: np.logical_or(a, b))
 register_op("logical_not", "x", infer=_unary_infer(floats_only=False, bools_only=True))(
     lambda x: np.logical_not(x))
+register_op("isnan", "x", infer=lambda ts, at: (
+    fail(f"isnan needs a float input, got {ts[0].dtype}") if not ts[0].dtype.is_float
+    else [ts[0].with_dtype(bool_)]))(lambda x: np.isnan(x))
 
 
 @register_op("where", "cond a b", infer=lambda ts, at: (
