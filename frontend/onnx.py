@@ -37,6 +37,8 @@ from amxc.ir import Builder, Function, Module, Param, TensorType, Value
 from amxc.ir import dims as D
 from amxc.ir import dtypes as T
 
+from amxc.ir.registry import TypeInferenceError
+
 from .errors import FrontendError, UnsupportedOpError
 
 MIN_OPSET = 17
@@ -214,7 +216,11 @@ def node_loc(node) -> str:
     """'node NAME (OpType)' plus the torch module path when the exporter recorded it."""
     scope = _scopes(node)
     where = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
-    return f"{where} [{scope[-2]}]" if len(scope) >= 2 else where
+    if len(scope) >= 2:
+        return f"{where} [{scope[-2]}]"
+    if node.name.startswith("/") and node.name.count("/") > 1:      # builder: /model/layers.0/attn/X
+        return f"{where} [{'.'.join(p for p in node.name.split('/')[1:-1] if p)}]"
+    return where
 
 
 def _scopes(node) -> list[str]:
@@ -394,6 +400,12 @@ class OnnxConverter:
             else:
                 raise FrontendError(f"{self.path}: graph input '{name}' is not one amxc can feed (it "
                                     f"feeds input_ids, position_ids, attention_mask and past key/values)")
+        if "position_ids" not in inputs and not any(n.op_type == "GroupQueryAttention" for n in graph.node):
+            # positions derived from the graph's own length or mask would restart at 0 in every
+            # decode step over amxc's cache
+            raise FrontendError(f"{self.path}: the graph derives token positions from its input length "
+                                f"or attention mask; amxc needs them as an input (export with "
+                                f"position_ids) or implied by GroupQueryAttention")
         for d in mask_dims:            # the total length of an empty past is the new tokens'
             if isinstance(d, str) and d not in self.dims:
                 self.dims[d] = s
@@ -425,7 +437,7 @@ class OnnxConverter:
         return x
 
     def convert(self) -> Module:
-        from .onnx_ops import conversion_for
+        from .onnx_ops import check_arity, conversion_for
 
         graph = self.proto.graph
         for name, lazy in self.inits.by_name.items():
@@ -441,13 +453,20 @@ class OnnxConverter:
                 raise UnsupportedOpError(
                     f"{node.op_type} (domain {domain}, opset {self.opset.get(domain, 'not imported')})",
                     f"node '{node.name}'", str(self.path), table="frontend/onnx_ops.py") from None
+            wrong = check_arity(node)
+            if wrong:
+                self.fail(wrong)
             ins = [self._read(i) if i else None for i in node.input]
             attrs = attributes(node, self)
             try:
                 out = handler(self, ins, attrs)
-            except FrontendError:
-                raise
-            except Exception as e:   # type inference and numpy failures on hostile graphs
+            except FrontendError as e:
+                if str(e).startswith(self.path.name):
+                    raise
+                raise FrontendError(f"{self.where()}: {e}") from None
+            except TypeInferenceError as e:      # operands the op cannot take
+                raise FrontendError(f"{self.where()}: invalid operands: {e}") from None
+            except Exception as e:   # numpy failures on hostile graphs
                 raise FrontendError(f"{self.where()}: cannot convert ({type(e).__name__}: {e})") from None
             outs = out if isinstance(out, (list, tuple)) else [out]
             for name, v in zip(node.output, outs):
@@ -460,10 +479,6 @@ class OnnxConverter:
             raise FrontendError(f"{self.path}: graph output '{out_name}' is never computed")
         self.fn.results = [self.value(result)]
         self._drop_dead()
-        if not self.facts.get("graph_positions") and not self.facts.get("implied_positions"):
-            raise FrontendError(f"{self.path}: the graph derives token positions from its attention "
-                                f"mask or past length; amxc needs them as an input (export with "
-                                f"position_ids) or implied by GroupQueryAttention")
         return self.module
 
 
@@ -572,13 +587,25 @@ def model_attrs(path: Path, module: Module, facts: dict) -> dict:
                     attrs[ours] = v
     if isinstance(attrs.get("eos_token_id"), list) and attrs["eos_token_id"]:
         attrs["eos_token_id"] = attrs["eos_token_id"][0]
-    logits = module.functions["forward"].results[0].type
-    attrs.setdefault("vocab_size", logits.shape[-1])
+    fn = module.functions["forward"]
+    attrs.setdefault("vocab_size", fn.results[0].type.shape[-1])
+    layers = {int(m.group(1)) for n in fn.nodes for m in [_LAYER.search(n.loc or "")] if m}
+    if layers and "num_layers" not in attrs:
+        attrs["num_layers"] = max(layers) + 1
+    positions = fn.args[1]
+    if not facts.get("rope") and any(n.op == "embedding" and n.inputs[1] is positions for n in fn.nodes):
+        attrs.setdefault("position_encoding", "learned")      # GPT-2's position table, no RoPE
+    if "rope_rows" in facts:
+        attrs["max_position_embeddings"] = min(int(attrs.get("max_position_embeddings") or facts["rope_rows"]),
+                                               facts["rope_rows"])
     for k in ("num_heads", "num_kv_heads", "head_dim"):
         if k in facts:
             attrs.setdefault(k, facts[k])
     attrs["source_format"] = "onnx"
     return {k: v for k, v in attrs.items() if v is not None}
+
+
+_LAYER = re.compile(r"(?:^|[.\[/])(?:layers|h|blocks?)[./](\d+)(?:[./\]]|$)")
 
 
 def _read_json(path: Path) -> dict:
@@ -598,9 +625,15 @@ def import_onnx(path: str | os.PathLike) -> Module:
         path = find_model_file(path)
     proto = load_proto(path)
     name = clean_name(path.parent.name if path.stem == "model" else path.stem)
-    conv = OnnxConverter(proto, path, name)
-    module = conv.convert()
-    module.attrs.update(model_attrs(path, module, conv.facts))
+    try:
+        conv = OnnxConverter(proto, path, name)
+        module = conv.convert()
+        module.attrs.update(model_attrs(path, module, conv.facts))
+    except FrontendError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        # a malformed graph outside any one node (inputs, outputs, value infos): say so plainly
+        raise FrontendError(f"{path}: malformed ONNX model ({type(e).__name__}: {e})") from None
     return module
 
 

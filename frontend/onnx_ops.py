@@ -21,10 +21,13 @@ from amxc.ir import Value
 from amxc.ir import dims as D
 from amxc.ir import dtypes as T
 
+from .errors import FrontendError
 from .onnx import MS_DOMAIN, Lazy, OnnxConverter, clean_name, onnx_dtype
 
 _TABLE: dict[tuple[str, str], list[tuple[int, object]]] = defaultdict(list)
 INT64_MAX = 2 ** 63 - 1
+_UNARY_NAMES = ("Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Sin", "Cos", "Tanh", "Sigmoid", "Relu", "Abs",
+                "IsNaN")
 
 
 def converts(*ops: str, since: int = 1, domain: str = "ai.onnx"):
@@ -34,6 +37,38 @@ def converts(*ops: str, since: int = 1, domain: str = "ai.onnx"):
             _TABLE[(domain, op)].sort(key=lambda e: e[0])
         return fn
     return wrap
+
+
+#: (required, most) inputs per op; checked before conversion so a graph missing an input gets
+#: "needs 2 inputs" rather than an index error deep inside a converter
+ARITY = {
+    "Constant": (0, 0), "Identity": (1, 1), "Cast": (1, 1), "CastLike": (2, 2), "Shape": (1, 1),
+    "Size": (1, 1), "Reshape": (2, 2), "Flatten": (1, 1), "Unsqueeze": (2, 2), "Squeeze": (1, 2),
+    "Transpose": (1, 1), "Concat": (1, 1 << 16), "Slice": (3, 5), "Split": (1, 2), "Expand": (2, 2),
+    "Range": (3, 3), "ConstantOfShape": (1, 1), "Gather": (2, 2), "GatherND": (2, 2),
+    "Add": (2, 2), "Sub": (2, 2), "Mul": (2, 2), "Div": (2, 2), "Pow": (2, 2), "Max": (1, 1 << 16),
+    "Min": (1, 1 << 16), "Equal": (2, 2), "Less": (2, 2), "LessOrEqual": (2, 2), "Greater": (2, 2),
+    "GreaterOrEqual": (2, 2), "And": (2, 2), "Or": (2, 2), "Not": (1, 1), "Where": (3, 3),
+    "Gelu": (1, 1), "Softmax": (1, 1), "ReduceMean": (1, 2), "ReduceMax": (1, 2), "ReduceSum": (1, 2),
+    "CumSum": (2, 2), "MatMul": (2, 2), "Gemm": (2, 3), "LayerNormalization": (2, 3),
+    "SimplifiedLayerNormalization": (2, 2), "RMSNormalization": (2, 2),
+    "SkipSimplifiedLayerNormalization": (3, 4), "SkipLayerNormalization": (3, 5),
+    "GroupQueryAttention": (1, 12), "RotaryEmbedding": (4, 4), "MatMulNBits": (3, 6),
+    "GatherBlockQuantized": (3, 4), **{op: (1, 1) for op in _UNARY_NAMES},
+}
+
+
+def check_arity(node) -> str | None:
+    """Why `node` has the wrong inputs for its op, or None."""
+    lo, hi = ARITY.get(node.op_type, (0, 1 << 16))
+    n = len(node.input)
+    while n and not node.input[n - 1]:
+        n -= 1                  # trailing optional inputs left empty
+    if not lo <= n <= hi or not all(node.input[:lo]):
+        want = f"{lo}" if lo == hi else f"{lo} to {hi}" if hi < 1 << 16 else f"at least {lo}"
+        return f"{node.op_type} takes {want} inputs, the node gives {n}" + (
+            "" if all(node.input[:lo]) else " (a required one is empty)")
+    return None
 
 
 def conversion_for(domain: str, op: str, opset: int | None):
@@ -73,6 +108,8 @@ def _sym_binary(op: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     def f(x, y):
         x = int(x) if isinstance(x, (np.integer, int)) else x
         y = int(y) if isinstance(y, (np.integer, int)) else y
+        if not all(isinstance(v, (int, D.Sym)) for v in (x, y)):
+            raise FrontendError(f"arithmetic between a symbolic size and {x if not isinstance(x, (int, D.Sym)) else y!r}")
         if op == "//" and isinstance(x, int) and isinstance(y, int) and y != 0:
             return int(x / y) if (x < 0) != (y < 0) else x // y     # ONNX Div truncates
         return D.binary(op, x, y)
@@ -784,6 +821,7 @@ def _rope_tables(conv, cos_cache, sin_cache, positions: Value, head_dim: int, in
     if 2 * half != head_dim:
         conv.fail(f"partial rotary embedding ({2 * half} of {head_dim} dims) is not supported")
     conv.facts["rope_rows"] = min(rows, conv.facts.get("rope_rows", rows))
+    conv.facts["rope"] = True
     b, s = positions.type.shape
     out = []
     for cache in (cos_cache, sin_cache):
@@ -859,11 +897,14 @@ def _rotary(conv, ins, at):
         d = x.type.shape[3]
         cos, sin = _rope_tables(conv, cos_cache, sin_cache, positions, d, interleaved)
         return conv.emit("rope", [x, cos, sin], {"interleaved": interleaved})
-    heads = int(at.get("num_heads", 0))
-    if x.type.rank != 3 or heads < 1:
-        conv.fail("RotaryEmbedding on [b, s, hidden] needs num_heads")
+    if x.type.rank != 3 or not isinstance(cos_cache, Lazy):
+        conv.fail("RotaryEmbedding takes [b, s, hidden] or [b, heads, s, d] and cos/sin initializers")
     b, s, width = x.type.shape
-    d = width // heads
+    heads = int(at.get("num_heads", 0))
+    d = width // heads if heads > 0 else 2 * cos_cache.type.shape[1]      # as onnxruntime infers it
+    if not isinstance(width, int) or d < 2 or width % d:
+        conv.fail(f"hidden size {width} does not split into heads of {d}")
+    heads = width // d
     cos, sin = _rope_tables(conv, cos_cache, sin_cache, positions, d, interleaved)
     out = conv.emit("rope", [_heads(conv, x, heads, d), cos, sin], {"interleaved": interleaved})
     out = conv.emit("permute", [out], {"perm": [0, 2, 1, 3]})

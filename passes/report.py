@@ -70,14 +70,18 @@ def _ranges(xs: list[int]) -> str:
 def fusion_report(module: Module, passes=()) -> FusionReport:
     fn = module.main
     counts: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    known = module.attrs.get("num_layers")
     for node in fn.nodes:
         kind = node.opdef.kind
         if kind:                          # an op that knows its layer (attention_cached) says so
             layer = node.attrs["layer"] if "layer" in node.opdef.attrs else layer_of(node.loc)
-            if layer is not None:
+            # exporters may file the final norm under one layer past the last (the ONNX model
+            # builder's layers.N/final_norm_layernorm): it belongs to no layer
+            if layer is not None and (not known or layer < known):
                 counts[kind][layer] += 1
-    layers = module.attrs.get("num_layers") or (1 + max((i for c in counts.values() for i in c), default=-1))
-    expected = tuple(k for k in kinds() if k != "rope" or module.attrs.get("family") not in NO_ROPE_FAMILIES)
+    layers = known or (1 + max((i for c in counts.values() for i in c), default=-1))
+    no_rope = module.attrs.get("family") in NO_ROPE_FAMILIES or module.attrs.get("position_encoding") == "learned"
+    expected = tuple(k for k in kinds() if k != "rope" or not no_rope)
     rejected = [(rule, layer_of(node.loc), reason) for p in passes
                 for rule, node, reason in getattr(getattr(p, "log", None), "rejected", [])]
     return FusionReport(layers, expected, {k: dict(v) for k, v in counts.items()}, rejected)
