@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks), "
                         "or 'nf4{double=bnb|none,block=N,scale_block=N,skip=REGEX}'; "
                         "'nf4{method=gptq}' with --calib TEXT compensates rounding error on "
-                        "calibration text (slower to compile, much lower perplexity cost)")
+                        "calibration text (slower to compile, much lower perplexity cost); "
+                        "'q8': every linear in int8 (1.06 bytes/weight), the near-lossless choice "
+                        "for weights that are already 4-bit (ONNX int4 files)")
     c.add_argument("--calib", metavar="TEXT", default=None,
                    help="calibration text for --quant 'nf4{method=gptq}' (tokenized with the model's "
                         "tokenizer; the first --calib-tokens tokens are used)")

@@ -86,9 +86,6 @@ class Lazy:
         return Lazy(type_, lambda: np.ascontiguousarray(fn(load())), self.source, key)
 
 
-Known = np.ndarray      # int entries of an object array may be symbolic dims
-
-
 # -- reading the file ---------------------------------------------------------------------------
 def load_proto(path: Path):
     import onnx
@@ -446,8 +443,6 @@ class OnnxConverter:
         for node in topological(graph, set(self.env), self.path):
             self.node = node
             domain = node.domain or "ai.onnx"
-            if domain == "ai.onnx.ml":
-                domain = "ai.onnx.ml"
             handler = conversion_for(domain, node.op_type, self.opset.get(domain))
             if handler is None:
                 raise UnsupportedOpError(

@@ -198,8 +198,7 @@ def _cast(conv, ins, at):
 
 
 def _retyped(t, dt):
-    from amxc.ir import TensorType
-    return TensorType(dt, t.shape)
+    return t.with_dtype(dt)
 
 
 @converts("CastLike")
@@ -240,8 +239,7 @@ def _reshape_to(conv, x, shape: list):
     if isinstance(x, Lazy):
         if not all(isinstance(d, int) for d in shape):
             conv.fail(f"a weight cannot take the symbolic shape {shape}")
-        return x.view(_retyped(x.type, x.type.dtype).with_shape(tuple(shape)), lambda a: a.reshape(shape),
-                      ("reshape", tuple(shape)))
+        return x.view(x.type.with_shape(tuple(shape)), lambda a: a.reshape(shape), ("reshape", tuple(shape)))
     if tuple(shape) == tuple(x.type.shape):
         return x
     return conv.emit("reshape", [x], {"shape": shape})
