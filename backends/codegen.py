@@ -235,6 +235,20 @@ class Emitter:
                           f"{c_int(n.attrs['layer'])}, {cxx(q.type.shape[1])}, {cxx(k.type.shape[1])}, {d}, "
                           f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)});")
 
+    def op_lf_state(self, np_: NodePlan) -> None:
+        n = np_.node
+        x, pos, cache = n.inputs
+        kv = cache.type
+        self.lines.append(f"amxc::lf_state({self.p(x)}, {self.p(pos)}, a, {c_int(kv.layers)}, {c_int(n.attrs['slot'])}, "
+                          f"{c_int(n.attrs['slots'])}, {c_int(kv.kv_heads)}, {c_int(kv.head_dim)}, {self.p(n.output)});")
+
+    def op_lf_pairs(self, np_: NodePlan) -> None:
+        n = np_.node
+        x, pos = n.inputs
+        b, rows, c = (cxx(d) for d in x.type.shape)
+        self.lines.append(f"amxc::lf_pairs({self.p(x)}, {self.p(pos)}, {b}, {rows}, {c}, {cxx(pos.type.shape[1])}, "
+                          f"{c_int(n.attrs['offset'])}, {self.p(n.output)});")
+
     # collectives (a module sharded by shard-tp) -------------------------------------------------
     def op_all_reduce(self, np_: NodePlan) -> None:
         n = np_.node

@@ -99,15 +99,36 @@ class PagedView:
     """A StepBatch's rows over the paged arrays, as the `attention_cached` op's reference
     (ir/ops/cache.py) addresses a cache: write(layer, positions, k, v), read(layer, upto)."""
 
-    def __init__(self, batch: StepBatch, k: np.ndarray, v: np.ndarray):
+    def __init__(self, batch: StepBatch, k: np.ndarray, v: np.ndarray, layers: int | None = None):
         self.batch, self.k, self.v = batch, k, v
         self.block_size = k.shape[3]
+        self.layers = k.shape[0] if layers is None else layers      # attention layers; state slots follow
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         for r in range(len(positions)):
             blocks, offsets = kv_slots(self.batch.block_tables[r], positions[r], self.block_size)
             self.k[layer, blocks, :, offsets] = k[r].swapaxes(0, 1)
             self.v[layer, blocks, :, offsets] = v[r].swapaxes(0, 1)
+
+    def _slot_array(self, slot: int):
+        return (self.k if slot % 2 == 0 else self.v), self.layers + slot // 2
+
+    def write_state(self, slot: int, positions: np.ndarray, x: np.ndarray) -> None:
+        arr, layer = self._slot_array(slot)
+        for r in range(len(positions)):
+            blocks, offsets = kv_slots(self.batch.block_tables[r], positions[r], self.block_size)
+            arr[layer, blocks, :, offsets] = x[r].reshape(len(positions[r]), arr.shape[2], arr.shape[4])
+
+    def read_state(self, slot: int, positions: np.ndarray) -> np.ndarray:
+        arr, layer = self._slot_array(slot)
+        out = np.zeros((*positions.shape, arr.shape[2] * arr.shape[4]), arr.dtype)
+        for r in range(len(positions)):
+            ok = positions[r] >= 0
+            if not ok.any():
+                continue
+            blocks, offsets = kv_slots(self.batch.block_tables[r], positions[r][ok], self.block_size)
+            out[r, ok] = arr[layer, blocks, :, offsets].reshape(int(ok.sum()), -1)
+        return out
 
     def read(self, layer: int, upto: int):
         """Keys and values [b, kv_heads, upto, d] gathered through the block tables, their

@@ -24,6 +24,7 @@ SUPPORTED_FAMILIES = {
     "mistral": "Mistral (Llama layout with sliding-window attention)",
     "qwen2": "Qwen2 (q/k/v biases)",
     "gpt2": "GPT-2 (LayerNorm, GELU, learned positions, fused qkv)",
+    "yuan": "Yuan 2.0 (Localized Filtering on the Q/K path, fused QK heads; frontend/yuan.py)",
 }
 DIM_NAMES = {"input_ids": {0: "b", 1: "s"}, "position_ids": {0: "b", 1: "s"}}
 
@@ -124,6 +125,9 @@ def import_hf_checkpoint(model_dir: str | os.PathLike) -> Module:
     if raw.get("model_type") not in SUPPORTED_FAMILIES:
         raise FrontendError(f"{cfg_path}: architecture '{raw.get('model_type')}' is not supported "
                             f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
+    if raw.get("model_type") == "yuan":          # not a transformers class: our own forward
+        from .yuan import import_yuan
+        return import_yuan(model_dir, _model_name(model_dir.name))
     from .bnb import check_config
     bnb_4bit = check_config(raw, str(cfg_path))
     try:

@@ -284,8 +284,14 @@ class _Parser:
                 break
         self.expect(">")
         want = ("layers", "kv_heads", "head_dim", "dtype")
+        state = 0
+        if tuple(fields)[-1:] == ("state",):
+            t = fields.pop("state")
+            if t.kind != "int" or len(t.text) > 9:
+                raise self.error("kv_cache state must be a non-negative integer", t)
+            state = int(t.text)
         if tuple(fields) != want:
-            raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order", tok)
+            raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order (then state=N)", tok)
         ints = []
         for key in want[:3]:
             t = fields[key]
@@ -294,7 +300,7 @@ class _Parser:
             ints.append(int(t.text))
         if fields["dtype"].text not in DTYPES:
             raise self.error(f"unknown dtype '{fields['dtype'].text}'", fields["dtype"])
-        return KVCacheType(*ints, DTYPES[fields["dtype"].text])
+        return KVCacheType(*ints, DTYPES[fields["dtype"].text], state)
 
     # -- structure -----------------------------------------------------------------------------
     def module(self) -> Module:

@@ -103,12 +103,28 @@ def _format_field(v) -> str:
 @dataclass(frozen=True)
 class KVCacheType:
     """The key/value cache of all attention layers, as one function argument.  Its contents are
-    addressed by token position (see ops/cache.py); the runtime decides the physical layout."""
+    addressed by token position (see ops/cache.py); the runtime decides the physical layout.
+
+    `state` adds per-position state slots of kv_heads x head_dim values each, for layers whose
+    decode needs more than keys and values (Yuan's Localized Filtering keeps its last inputs):
+    they live in extra layers of the same paged arrays (slot 2i in K, 2i+1 in V of layer
+    `layers + i`), so paging, prefix caching and preemption treat them exactly like K and V."""
     layers: int
     kv_heads: int
     head_dim: int
     dtype: DType
+    state: int = 0
+
+    @property
+    def physical_layers(self) -> int:
+        """Layers of the K and V arrays: the attention layers, then the state slots two a layer."""
+        return self.layers + (self.state + 1) // 2
+
+    @property
+    def slot_width(self) -> int:
+        return self.kv_heads * self.head_dim
 
     def __str__(self) -> str:
+        state = f", state={self.state}" if self.state else ""
         return (f"kv_cache<layers={self.layers}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
-                f"dtype={self.dtype}>")
+                f"dtype={self.dtype}{state}>")

@@ -81,7 +81,8 @@ def fusion_report(module: Module, passes=()) -> FusionReport:
                 counts[kind][layer] += 1
     layers = known or (1 + max((i for c in counts.values() for i in c), default=-1))
     no_rope = module.attrs.get("family") in NO_ROPE_FAMILIES or module.attrs.get("position_encoding") == "learned"
-    expected = tuple(k for k in kinds() if k != "rope" or not no_rope)
+    expected = tuple(k for k in kinds() if (k != "rope" or not no_rope)
+                     and (k != "lf" or module.attrs.get("family") == "yuan"))
     rejected = [(rule, layer_of(node.loc), reason) for p in passes
                 for rule, node, reason in getattr(getattr(p, "log", None), "rejected", [])]
     return FusionReport(layers, expected, {k: dict(v) for k, v in counts.items()}, rejected)

@@ -292,7 +292,8 @@ class ShardTP(Pass):
             if isinstance(a.type, KVCacheType):
                 heads = next(iter(todo["heads"].values()), None)
                 if heads is not None:
-                    a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype)
+                    a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype,
+                                         a.type.state)
         for node in todo["embeddings"]:
             table = node.inputs[0]
             first = module.params.get(f"{table.name}.first")

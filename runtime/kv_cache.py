@@ -20,7 +20,7 @@ class KVStorage:
         if num_blocks < 1 or block_size < 1:
             raise KVCacheError("a KV cache needs at least one block of at least one token")
         self.type, self.num_blocks, self.block_size = type, num_blocks, block_size
-        shape = (type.layers, num_blocks, type.kv_heads, block_size, type.head_dim)
+        shape = (type.physical_layers, num_blocks, type.kv_heads, block_size, type.head_dim)
         nbytes = 2 * int(np.prod(shape)) * type.dtype.storage.itemsize
         try:
             self.k = np.zeros(shape, dtype=type.dtype.storage)
@@ -35,4 +35,4 @@ class KVStorage:
 
     @staticmethod
     def bytes_per_token(type: KVCacheType) -> int:
-        return 2 * type.layers * type.kv_heads * type.head_dim * type.dtype.storage.itemsize
+        return 2 * type.physical_layers * type.kv_heads * type.head_dim * type.dtype.storage.itemsize

@@ -549,6 +549,51 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
 // q, k, v: [b, heads, s, d] (k, v with kv_heads).  Stores k, v at their positions through the
 // block tables, then every query attends, causally and within `window` (0 = unbounded), over
 // its row's cached positions.
+// Yuan 2.0 Localized Filtering over the cache (ir/ops/filter.py): this step's LF inputs are
+// stored in the cache's state slots (slot 2i in K, 2i+1 in V of layer `layers + i`) at their
+// positions, and returned after the two inputs before the chunk (zeros before position 0).
+static void lf_state(const float* x, const int64_t* pos, const StepArgs* a, int64_t layers, int64_t slot,
+                     int64_t slots, int64_t kv_heads, int64_t d, float* out) {
+  const int64_t b = a->b, s = a->s, w = kv_heads * d, h = slots * w;
+  const int64_t layer_stride = a->num_blocks * kv_heads * a->block_size * d;
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t p0 = pos[r * s];
+    for (int64_t j = 0; j < 2; ++j) {
+      const int64_t p = p0 - 2 + j;
+      float* dst = out + (r * (s + 2) + j) * h;
+      if (p < 0) { memset(dst, 0, h * sizeof(float)); continue; }
+      for (int64_t i = 0; i < slots; ++i) {
+        const float* arr = ((slot + i) % 2 ? a->vcache : a->kcache) + (layers + (slot + i) / 2) * layer_stride;
+        for (int64_t hh = 0; hh < kv_heads; ++hh)
+          memcpy(dst + i * w + hh * d, arr + kv_slot(a, r, p, hh, kv_heads, d), d * sizeof(float));
+      }
+    }
+    for (int64_t t = 0; t < s; ++t) {
+      const float* src = x + (r * s + t) * h;
+      memcpy(out + (r * (s + 2) + 2 + t) * h, src, h * sizeof(float));
+      for (int64_t i = 0; i < slots; ++i) {
+        float* arr = ((slot + i) % 2 ? a->vcache : a->kcache) + (layers + (slot + i) / 2) * layer_stride;
+        for (int64_t hh = 0; hh < kv_heads; ++hh)
+          memcpy(arr + kv_slot(a, r, pos[r * s + t], hh, kv_heads, d), src + i * w + hh * d, d * sizeof(float));
+      }
+    }
+  }
+}
+
+// row i of out = [x[i] ; x[i+1]] per sequence row, where x's row j holds position p0 - offset + j
+// and counts as zero below position 0 (the convolutions' zero padding)
+static void lf_pairs(const float* x, const int64_t* pos, int64_t b, int64_t n, int64_t c, int64_t s,
+                     int64_t offset, float* out) {
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t i = 0; i + 1 < n; ++i)
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t j = i + half;
+        float* dst = out + ((r * (n - 1) + i) * 2 + half) * c;
+        if (pos[r * s] - offset + j < 0) memset(dst, 0, c * sizeof(float));
+        else memcpy(dst, x + (r * n + j) * c, c * sizeof(float));
+      }
+}
+
 static void attention_cached(const float* q, const float* k, const float* v, const int64_t* pos,
                              const StepArgs* a, int layer, int64_t heads, int64_t kv_heads,
                              int64_t d, float scale, int64_t window, float* out) {

@@ -21,10 +21,27 @@ class DenseKVCache:
 
     def __init__(self, type: KVCacheType, batch: int, capacity: int):
         self.type, self.batch, self.capacity = type, batch, capacity
-        shape = (type.layers, batch, type.kv_heads, capacity, type.head_dim)
+        shape = (type.physical_layers, batch, type.kv_heads, capacity, type.head_dim)
         self.k = np.zeros(shape, dtype=type.dtype.storage)
         self.v = np.zeros(shape, dtype=type.dtype.storage)
         self.filled = np.zeros((type.layers, batch, capacity), dtype=bool)
+
+    def _slot_array(self, slot: int):
+        return (self.k if slot % 2 == 0 else self.v), self.type.layers + slot // 2
+
+    def write_state(self, slot: int, positions, x) -> None:
+        """State slot `slot` of every row at `positions` [b, s] := x [b, s, kv_heads*head_dim]."""
+        arr, layer = self._slot_array(slot)
+        rows = np.arange(self.batch)[:, None]
+        arr[layer, rows, :, positions] = x.reshape(*x.shape[:2], self.type.kv_heads, self.type.head_dim)
+
+    def read_state(self, slot: int, positions):
+        """State slot `slot` at `positions` [b, n] -> [b, n, width]; zeros where a position < 0."""
+        arr, layer = self._slot_array(slot)
+        rows = np.arange(self.batch)[:, None]
+        got = arr[layer, rows, :, np.maximum(positions, 0)]          # [b, n, kv_heads, head_dim]
+        got = got.reshape(*positions.shape, self.type.slot_width)
+        return np.where((positions >= 0)[..., None], got, 0).astype(got.dtype)
 
     def write(self, layer: int, positions, k, v) -> None:
         if positions.min() < 0 or positions.max() >= self.capacity:
