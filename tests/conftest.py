@@ -30,6 +30,11 @@ def stories_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def yuan_dir() -> Path:
+    return shared_model("yuan2-tiny-random")
+
+
+@pytest.fixture(scope="session")
 def shared_eval() -> Path:
     if not SHARED_EVAL.exists():
         pytest.skip(f"evaluation texts not found in {SHARED_EVAL}")
