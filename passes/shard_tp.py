@@ -179,18 +179,28 @@ class ShardTP(Pass):
         attn_ops = [n for n in fn.nodes if n.op in ("attention_cached", "attention")]
         for a in attn_ops:
             where = _where(a)
-            q_lin, q_chain = _producer_chain(a.inputs[0], where, "q")
-            k_lin, k_chain = _producer_chain(a.inputs[1], where, "k")
-            v_lin, v_chain = _producer_chain(a.inputs[2], where, "v")
             heads_n = int(a.inputs[0].type.shape[1])
             kv_n = int(a.inputs[1].type.shape[1])
             d = int(a.inputs[0].type.shape[3])
-            h = plan_heads(heads_n, kv_n, plan.ways, where)
+            v_lin, v_chain = _producer_chain(a.inputs[2], where, "v")
+            fused = _fused_qk(a)
+            if fused is not None:           # Yuan: [q_proj ; k_proj] viewed as heads of [q ; k]
+                q_lin, k_lin, qk_view = fused
+                h = _fused_qk_heads(heads_n, kv_n, plan.ways, where)
+                half = [x[:len(x) // 2] for x in h.q]        # a rank's heads from q_proj, then as many from k_proj
+                self._split_linear(plan, q_lin, 0, [rows_of(x, 2 * d) for x in half], "q_proj rows (qk heads)", where)
+                self._split_linear(plan, k_lin, 0, [rows_of(x, 2 * d) for x in half], "k_proj rows (qk heads)", where)
+                chains = [(qk_view, h.q_per_rank)] + [(n, h.kv_per_rank) for n in v_chain]
+            else:
+                q_lin, q_chain = _producer_chain(a.inputs[0], where, "q")
+                k_lin, k_chain = _producer_chain(a.inputs[1], where, "k")
+                h = plan_heads(heads_n, kv_n, plan.ways, where)
+                self._split_linear(plan, q_lin, 0, [rows_of(x, d) for x in h.q], "q rows (heads)", where)
+                self._split_linear(plan, k_lin, 0, [rows_of(x, d) for x in h.kv], "k rows (kv heads)", where)
+                chains = [*[(n, h.q_per_rank) for n in q_chain], *[(n, h.kv_per_rank) for n in k_chain + v_chain]]
             todo["heads"][id(a)] = h
-            self._split_linear(plan, q_lin, 0, [rows_of(x, d) for x in h.q], "q rows (heads)", where)
-            self._split_linear(plan, k_lin, 0, [rows_of(x, d) for x in h.kv], "k rows (kv heads)", where)
             self._split_linear(plan, v_lin, 0, [rows_of(x, d) for x in h.kv], "v rows (kv heads)", where)
-            for node, count in [*[(n, h.q_per_rank) for n in q_chain], *[(n, h.kv_per_rank) for n in k_chain + v_chain]]:
+            for node, count in chains:
                 todo["reshapes"][id(node)] = ("heads", count)
             o_lin, o_chain = _consumer_chain(a.outputs[0], users, where)
             for node in o_chain:
@@ -292,8 +302,16 @@ class ShardTP(Pass):
             if isinstance(a.type, KVCacheType):
                 heads = next(iter(todo["heads"].values()), None)
                 if heads is not None:
+                    # LF state rows stay whole (LF is replicated) in slots that are now narrower
+                    more = a.type.kv_heads // heads.kv_per_rank if a.type.state else 1
+                    if a.type.state and a.type.kv_heads % heads.kv_per_rank:
+                        raise PassError(f"shard-tp: the cache's state slots ({a.type}) do not divide into "
+                                        f"{heads.kv_per_rank} kv heads per rank")
                     a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype,
-                                         a.type.state)
+                                         a.type.state * more)
+                    for n in fn.nodes:
+                        if n.op == "lf_state":
+                            n.attrs = {**n.attrs, "slot": n.attrs["slot"] * more, "slots": n.attrs["slots"] * more}
         for node in todo["embeddings"]:
             table = node.inputs[0]
             first = module.params.get(f"{table.name}.first")
@@ -333,6 +351,41 @@ def _producer_chain(v: Value, where: str, what: str) -> tuple[Node, list[Node]]:
                         f"reshape/permute/rope (found {node.op if node else 'a function argument'}); this "
                         f"attention layout is not supported for tensor parallelism")
     return node, chain
+
+
+def _fused_qk(a: Node) -> tuple[Node, Node, Node] | None:
+    """Yuan's Q/K: (q_proj, k_proj, the [b, s, heads, 2d] view) when q and k are the two halves
+    of split(reshape(concat(q_proj(x), k_proj(x)))) (frontend/yuan.py), else None."""
+    ends = []
+    for v in a.inputs[:2]:
+        node = v.producer
+        while node is not None and node.op in ("rope", "permute"):
+            node = node.inputs[0].producer
+        ends.append((node, v))
+    (sq, _), (sk, _) = ends
+    if sq is None or sq is not sk or sq.op != "split":
+        return None
+    view = sq.inputs[0].producer
+    cat = view.inputs[0].producer if view is not None and view.op == "reshape" else None
+    if cat is None or cat.op != "concat" or len(cat.inputs) != 2:
+        return None
+    lins = [x.producer for x in cat.inputs]
+    if any(n is None or n.op not in LINEAR for n in lins):
+        return None
+    return lins[0], lins[1], view
+
+
+def _fused_qk_heads(heads: int, kv_heads: int, ways: int, where: str) -> Heads:
+    """A rank's heads for fused Q/K: as many from q_proj's half (heads 0..H/2-1) as from
+    k_proj's (H/2..H-1), so every rank's two weight slices are the same size (DeepSpeed's Yuan
+    rule, research/yuan_tp.md §2.2); needs ways to divide H/2."""
+    if heads != kv_heads or heads % (2 * ways):
+        raise PassError(f"shard-tp{{ways={ways}}}: {where}: fused Q/K heads ({heads}) split {ways} ways need "
+                        f"{2 * ways} to divide them (half of each rank's heads come from each projection)")
+    per = heads // (2 * ways)
+    ranks = [np.concatenate([np.arange(r * per, (r + 1) * per), heads // 2 + np.arange(r * per, (r + 1) * per)])
+             for r in range(ways)]
+    return Heads(ranks, [x.copy() for x in ranks], f"fused qk: each rank {per} heads from q_proj and k_proj each")
 
 
 def _consumer_chain(v: Value, users: dict, where: str) -> tuple[Node, list[Node]]:
