@@ -158,6 +158,7 @@ class ShardTP(Pass):
         if "target" in module.attrs:
             raise PassError("shard-tp runs before lower: the module is already lowered")
         plan = ShardPlan(ways)
+        self.module = module
         rewrites = []
         for fn in module.functions.values():
             rewrites.append(self._plan_function(fn, plan))
@@ -185,11 +186,9 @@ class ShardTP(Pass):
             v_lin, v_chain = _producer_chain(a.inputs[2], where, "v")
             fused = _fused_qk(a)
             if fused is not None:           # Yuan: [q_proj ; k_proj] viewed as heads of [q ; k]
-                q_lin, k_lin, qk_view = fused
-                h = _fused_qk_heads(heads_n, kv_n, plan.ways, where)
-                half = [x[:len(x) // 2] for x in h.q]        # a rank's heads from q_proj, then as many from k_proj
-                self._split_linear(plan, q_lin, 0, [rows_of(x, 2 * d) for x in half], "q_proj rows (qk heads)", where)
-                self._split_linear(plan, k_lin, 0, [rows_of(x, 2 * d) for x in half], "k_proj rows (qk heads)", where)
+                qk_lin, qk_view = _one_qk_linear(self.module, fn, *fused)
+                h = plan_heads(heads_n, kv_n, plan.ways, where)
+                self._split_linear(plan, qk_lin, 0, [rows_of(x, 2 * d) for x in h.q], "qk rows (heads)", where)
                 chains = [(qk_view, h.q_per_rank)] + [(n, h.kv_per_rank) for n in v_chain]
             else:
                 q_lin, q_chain = _producer_chain(a.inputs[0], where, "q")
@@ -375,17 +374,38 @@ def _fused_qk(a: Node) -> tuple[Node, Node, Node] | None:
     return lins[0], lins[1], view
 
 
-def _fused_qk_heads(heads: int, kv_heads: int, ways: int, where: str) -> Heads:
-    """A rank's heads for fused Q/K: as many from q_proj's half (heads 0..H/2-1) as from
-    k_proj's (H/2..H-1), so every rank's two weight slices are the same size (DeepSpeed's Yuan
-    rule, research/yuan_tp.md §2.2); needs ways to divide H/2."""
-    if heads != kv_heads or heads % (2 * ways):
-        raise PassError(f"shard-tp{{ways={ways}}}: {where}: fused Q/K heads ({heads}) split {ways} ways need "
-                        f"{2 * ways} to divide them (half of each rank's heads come from each projection)")
-    per = heads // (2 * ways)
-    ranks = [np.concatenate([np.arange(r * per, (r + 1) * per), heads // 2 + np.arange(r * per, (r + 1) * per)])
-             for r in range(ways)]
-    return Heads(ranks, [x.copy() for x in ranks], f"fused qk: each rank {per} heads from q_proj and k_proj each")
+class _Stacked:
+    """Loader of [W1 ; W2] (rows of two parameters), for one projection made of two."""
+
+    def __init__(self, *params: Param):
+        self.params = params
+
+    def __call__(self) -> np.ndarray:
+        return np.concatenate([p.load() for p in self.params], axis=0)
+
+
+def _one_qk_linear(module: Module, fn: Function, q_lin: Node, k_lin: Node, view: Node) -> tuple[Node, Node]:
+    """concat(q_proj(x), k_proj(x)) -> qk(x) with the stacked weight [Wq ; Wk]: the same values,
+    and heads of [q ; k] that are contiguous rows, so ranks take whole heads in order (the
+    halves as two projections would give rank 0 all of q_proj's heads and rank 1 none)."""
+    wq, wk = q_lin.inputs[1], k_lin.inputs[1]
+    x = q_lin.inputs[0]
+    if k_lin.inputs[0] is not x or len(q_lin.inputs) > 2 or len(k_lin.inputs) > 2:
+        raise PassError(f"shard-tp: {_where(q_lin)}: fused Q/K projections read different inputs or carry biases")
+    name = wq.name.replace("q_proj", "qk_proj") if "q_proj" in wq.name else f"{wq.name}.qk"
+    w = module.params.get(name)
+    if w is None:
+        t = wq.type
+        w = module.add_param(Param(name, t.with_shape((int(t.shape[0]) + int(wk.type.shape[0]), int(t.shape[1]))),
+                                   loader=_Stacked(wq, wk), attrs={"fused": f"[{wq.name} ; {wk.name}]"}))
+    cat = view.inputs[0].producer
+    lin = Node("linear", [x, w], {}, [cat.outputs[0].type], [cat.outputs[0].name], q_lin.loc)
+    _replace_node(fn, cat, lin)
+    for old in (q_lin, k_lin):
+        if not any(v is old.outputs[0] for n in fn.nodes for v in n.inputs):
+            fn.nodes.remove(old)
+    module.drop_unused_params()
+    return lin, view
 
 
 def _consumer_chain(v: Value, users: dict, where: str) -> tuple[Node, list[Node]]:

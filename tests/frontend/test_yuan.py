@@ -161,3 +161,27 @@ def test_matches_golden(yuan_art, golden):
         ids = golden[p + ".ids"].astype(np.int64)[None]
         got = _stepped(InterpreterProgram(module), ids, ids.shape[1])
         assert np.abs(got - golden[p + ".full_logits"]).max() <= LOGIT_TOL
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_tensor_parallel_ranks_give_the_unsharded_tokens(yuan_dir, tmp_path, quant):
+    """TP=2 and TP=4 (one process per rank): the same greedy tokens as TP=1; with NF4 the same
+    logits bit for bit (shard-tp stacks q_proj and k_proj into one projection so ranks take
+    whole heads in order, and quantize-nf4 gives every slice the whole weight's scales); the LF
+    convolutions are replicated, their state rows spread over the ranks' narrower cache slots."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).tolist() for n in (1, 7, 30)]
+    got = {}
+    for tp in (1, 2, 4):
+        engine = Engine.load(compile(yuan_dir, tmp_path / f"tp{tp}.amxc", tp=tp, quant=quant, progress=False))
+        try:
+            got[tp] = ([g.ids for g in engine.generate(prompts, max_new_tokens=16, ignore_eos=True)],
+                       engine.logits(prompts[2]), engine.program.name)
+        finally:
+            engine.close()
+    for tp in (2, 4):
+        diff = float(np.abs(got[tp][1] - got[1][1]).max())
+        print(f"{quant or 'f32'} TP={tp} ({got[tp][2]}): max|logit diff| vs TP=1 {diff:.2e}")
+        assert f"x{tp} ranks" in got[tp][2]
+        assert got[tp][0] == got[1][0]
+        assert diff == 0.0 if quant else diff <= LOGIT_TOL
