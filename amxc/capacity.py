@@ -547,6 +547,22 @@ def _median(v: list[float]) -> float:
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
+def load_efficiency(path: str | os.PathLike) -> dict[str, float]:
+    """{kind: fraction of the bandwidth bound} from benchmarks/yuan_speed.py's efficiency.json
+    ({"kinds": {...}}), each in (0, 1] (a measurement above the bound counts as the bound)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        kinds = data["kinds"]
+        out = {str(k): min(1.0, float(v)) for k, v in kinds.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PlanError(f"{path}: not an efficiency file ({type(e).__name__}: {e})") from None
+    bad = [k for k, v in out.items() if not v > 0 or (k not in KINDS and k != "kv")]
+    if bad:
+        raise PlanError(f"{path}: {bad[0]!r}: efficiencies are fractions > 0 for the kinds "
+                        f"{', '.join([*KINDS, 'kv'])}")
+    return out
+
+
 def load_comm_model(path: str | os.PathLike, tp: int, transport: str | None = None,
                     at_bytes: int = 32768) -> tuple[TableComm, list[str]]:
     try:
@@ -605,6 +621,9 @@ class Deployment:
     lf: str = "replicate"
     quant_head: bool = False        # the head (a tied table's copy) in NF4, not q8 (quantize-nf4{keep="",untie})
     comm: LinearComm | TableComm = DEFAULT_COMM
+    # measured fraction of the bandwidth roofline each kind of weight read reaches, and "kv" for
+    # the cache reads (benchmarks/profile_decode.py --json; 1.0 = the roofline itself)
+    efficiency: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -821,7 +840,9 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
 
     weight_read = sum(k.read for k in kinds.values())
     bw = d.bandwidth_GBps * GB / tp
-    t_weights, t_kv = weight_read / bw, kv_bytes / bw
+    eff = d.efficiency
+    t_weights = sum(k.read / (bw * eff.get(k.kind, 1.0)) for k in kinds.values())
+    t_kv = kv_bytes / (bw * eff.get("kv", 1.0))
 
     # collectives: 2 all-reduces per layer (+1 for sharded LF) of B x hidden f32, one more for the
     # vocab-split embedding, and the gather of the vocab-split logits (modelled as one collective
@@ -854,6 +875,9 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
                          "(quantize-nf4's keep default), 1.0625 B/param; the embedding stays f32")
         if float_linear:
             notes.append(f"stay f32, input size not a multiple of {NF4_BLOCK}: {', '.join(float_linear)}")
+    if eff:
+        notes.append("time per kind of read at the measured fraction of the bandwidth bound (--efficiency): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in sorted(eff.items())))
     if tp > 1:
         notes.append("the token embedding is vocab-split (one all-reduce of B x hidden per step completes "
                      "its rows)" + ("; the tied table is one split tensor, read by the lookup and the head"

@@ -92,6 +92,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="measured all-reduce times, JSON from benchmarks/allreduce.py --json")
     g.add_argument("--comm-transport", metavar="NAME", default=None,
                    help="with --comm-model: the transport to use (default: the fastest)")
+    p.add_argument("--efficiency", metavar="FILE", default=None,
+                   help="measured fraction of the bandwidth bound per kind of read (JSON {\"kinds\": "
+                        "{\"mlp\": 0.8, ...}}, as benchmarks/yuan_speed.py writes it); default: the bound")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(parser=p)
     return p
@@ -124,7 +127,8 @@ def build_plan(args) -> cap.Plan:
     d = cap.Deployment(tp=args.tp, bandwidth_GBps=args.bandwidth, quant=args.quant, context=args.context,
                        batch=args.batch, kv_dtype=args.kv_dtype, lf=args.lf, quant_head=args.quant_lm_head,
                        memory_per_rank=args.memory * cap.GB if args.memory else None,
-                       memory_source="--memory", comm=comm)
+                       memory_source="--memory", comm=comm,
+                       efficiency=cap.load_efficiency(args.efficiency) if args.efficiency else {})
     p = cap.plan(model, d)
     p.notes.extend(notes)
     return p

@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: AMXC_NUM_THREADS or all)")
     ap.add_argument("--svg", type=Path, default=Path("decode_profile.svg"))
+    ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     args = ap.parse_args()
     import os
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -118,6 +119,10 @@ def main() -> int:
               f"{bounds[name] * 1e3:9.3f} {ratio}")
     title = f"{Path(args.artifact).name}: one decode step of {args.batch}, {wall * 1e3:.1f} ms ({tier}); ticks: bandwidth bound"
     args.svg.write_text(svg_bars(rows, title, bounds))
+    if args.json:
+        import json
+        args.json.write_text(json.dumps({"seconds": rows, "bound_seconds": bounds, "bytes": dict(nbytes),
+                                         "wall_s": wall, "read_GBps": bw["read_GBps"], "tier": tier}, indent=1))
     print(f"wrote {args.svg}")
     return 0
 

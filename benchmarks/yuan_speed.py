@@ -94,6 +94,15 @@ def write_checkpoint(out: Path, config: dict, shapes: dict, shard_bytes: int = 1
     return total
 
 
+def KIND_OF(group: str) -> str | None:
+    """profile_decode's group -> amxc plan's kind of weight read."""
+    role = group.split()[-1]
+    if group.startswith("lf_") or role in ("conv1", "conv2"):
+        return "lf"
+    return {"q_proj": "attn.qk", "k_proj": "attn.qk", "v_proj": "attn.v", "o_proj": "attn.o",
+            "mlp_swiglu": "mlp", "attention_cached": "kv", "weight": "lm_head", "q8": "lm_head"}.get(role)
+
+
 def run_child(art: str, threads: int) -> dict:
     code = (f"import sys,json; sys.path.insert(0, {str(HERE)!r}); from decode_speed import child_amxc; "
             f"print(json.dumps(child_amxc({art!r}, {threads})))")
@@ -141,13 +150,30 @@ def main() -> int:
     if len(result) == 2:
         y, l = result["yuan2-2b"], result["llama-same-params"]
         print(f"yuan / llama: prefill {y['prefill'] / l['prefill']:.2f}x, decode {y['decode'] / l['decode']:.2f}x")
+    prof = args.work / "yuan2-2b-decode-profile.json"
     proc = subprocess.run([sys.executable, str(HERE / "profile_decode.py"), arts["yuan2-2b"], "--tokens",
                            str(args.tokens), "--threads", str(args.threads), "--svg",
-                           str(args.work / "yuan2-2b-decode-profile.svg")], capture_output=True, text=True)
+                           str(args.work / "yuan2-2b-decode-profile.svg"), "--json", str(prof)],
+                          capture_output=True, text=True)
     print(proc.stdout[-4000:] or proc.stderr[-2000:])
-    lf = sum(float(m.group(2)) for m in re.finditer(r"^(lf_\w+|linear\w* conv[12])\s+[\d.]+\s+ms\s+([\d.]+)\s*%",
-                                                     proc.stdout, re.M))
-    print(f"Localized Filtering share of the decode step: {lf:.1f} %")
+    data = json.loads(prof.read_text())
+    secs, bounds = data["seconds"], data["bound_seconds"]
+    total = sum(secs.values())
+    lf = sum(v for k, v in secs.items() if KIND_OF(k) == "lf")
+    print(f"Localized Filtering share of the decode step: {100 * lf / total:.1f} % "
+          f"(conv1 + conv2 + state/pair ops, of {1e3 * total:.1f} ms in kernels)")
+    kinds: dict[str, list[float]] = {}
+    for k, v in secs.items():
+        kind = KIND_OF(k)
+        if kind and bounds.get(k):
+            kinds.setdefault(kind, [0.0, 0.0])
+            kinds[kind][0] += bounds[k]
+            kinds[kind][1] += v
+    eff = {k: round(b / t, 3) for k, (b, t) in kinds.items() if t}
+    (args.work / "efficiency.json").write_text(json.dumps({"source": str(prof), "kinds": eff}, indent=1))
+    print(f"achieved fraction of the bandwidth bound per kind: {eff} -> {args.work / 'efficiency.json'} "
+          f"(amxc plan --efficiency)")
+    lf = 100 * lf / total
     (args.work / "result.json").write_text(json.dumps({"speed": result, "params": params, "lf_share": lf}, indent=1))
     return 0
 

@@ -366,3 +366,23 @@ def test_registers_on_the_amxc_parser():
         add_parser(sub)
     args = parser.parse_args(["plan", "tinyllama-1.1b", "--tp", "2", "--bandwidth", "30"])
     assert args.command == "plan" and build_plan(args).deployment.tp == 2
+
+
+def test_measured_efficiency_scales_each_kind_of_read(tmp_path):
+    """--efficiency: a kind of weight read at half the bandwidth bound takes twice its bound;
+    kinds not named stay at the bound; a malformed file or an unknown kind is named."""
+    m = cap.load_model("yuan2-2b")
+    base = cap.plan(m, deploy(4, quant="nf4", context=100))
+    path = tmp_path / "eff.json"
+    path.write_text(json.dumps({"kinds": {"lf": 0.5, "kv": 0.25}}))
+    slow = cap.plan(m, deploy(4, quant="nf4", context=100, efficiency=cap.load_efficiency(path)))
+    lf = next(k for k in base.kinds if k.kind == "lf")
+    bw = base.deployment.bandwidth_GBps * cap.GB / 4
+    assert slow.t_weights == pytest.approx(base.t_weights + lf.read / bw)
+    assert slow.t_kv == pytest.approx(4 * base.t_kv)
+    path.write_text(json.dumps({"kinds": {"conv": 0.5}}))
+    with pytest.raises(cap.PlanError, match="'conv': efficiencies are fractions > 0 for the kinds"):
+        cap.load_efficiency(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(cap.PlanError, match="not an efficiency file"):
+        cap.load_efficiency(path)
