@@ -668,6 +668,8 @@ class Plan:
     memory_per_rank: float
     memory_source: str
     notes: list[str]
+    t_weights_measured: float | None = None     # at the --efficiency fractions (None: the bound)
+    t_kv_measured: float | None = None
 
     @property
     def weights_per_rank(self) -> int:
@@ -699,7 +701,10 @@ class Plan:
 
     @property
     def t_step(self) -> float:
-        return self.t_weights + self.t_kv + self.t_comm
+        """Reads at the measured efficiencies when given (else at the bound) plus communication."""
+        w = self.t_weights if self.t_weights_measured is None else self.t_weights_measured
+        kv = self.t_kv if self.t_kv_measured is None else self.t_kv_measured
+        return w + kv + self.t_comm
 
     @property
     def predicted_tok_s(self) -> float:
@@ -724,7 +729,8 @@ class Plan:
 
     @property
     def bound_by(self) -> str:
-        parts = {"weight reads": self.t_weights, "KV-cache reads": self.t_kv, "communication": self.t_comm}
+        parts = {"weight reads": self.t_weights_measured or self.t_weights,
+                 "KV-cache reads": self.t_kv_measured or self.t_kv, "communication": self.t_comm}
         return max(parts, key=parts.get)
 
     def verdict(self) -> str:
@@ -769,6 +775,7 @@ class Plan:
                                   "bytes": self.kv_bytes},
             "decode": {"weight_read_bytes_per_step": self.weight_read, "kv_read_bytes_per_step": self.kv_read,
                        "t_weights_s": self.t_weights, "t_kv_s": self.t_kv, "t_comm_s": self.t_comm,
+                       "t_weights_measured_s": self.t_weights_measured, "t_kv_measured_s": self.t_kv_measured,
                        "t_step_s": self.t_step, "bound_tok_s_empty_cache": self.bound_weights_tok_s,
                        "bound_tok_s": self.bound_tok_s, "predicted_tok_s": self.predicted_tok_s,
                        "comm_share": self.comm_share, "bound_by": self.bound_by},
@@ -840,9 +847,10 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
 
     weight_read = sum(k.read for k in kinds.values())
     bw = d.bandwidth_GBps * GB / tp
+    t_weights, t_kv = weight_read / bw, kv_bytes / bw
     eff = d.efficiency
-    t_weights = sum(k.read / (bw * eff.get(k.kind, 1.0)) for k in kinds.values())
-    t_kv = kv_bytes / (bw * eff.get("kv", 1.0))
+    t_measured = (sum(k.read / (bw * eff.get(k.kind, 1.0)) for k in kinds.values()),
+                  kv_bytes / (bw * eff.get("kv", 1.0))) if eff else (None, None)
 
     # collectives: 2 all-reduces per layer (+1 for sharded LF) of B x hidden f32, one more for the
     # vocab-split embedding, and the gather of the vocab-split logits (modelled as one collective
@@ -923,7 +931,8 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
 
     return Plan(m, d, sum(count_parameters(m).values()), list(kinds.values()), tensor_rows, hs,
                 rows_per_rank, kv_tok, state, context, kv_bytes, weight_read, kv_bytes, t_weights, t_kv,
-                ar_per_layer, ar_bytes, ar_us, gather_bytes, gather_us, t_comm, mem, mem_source, notes)
+                ar_per_layer, ar_bytes, ar_us, gather_bytes, gather_us, t_comm, mem, mem_source, notes,
+                *t_measured)
 
 
 def _check_blocks(m: ModelShape, ts: list[Tensor], d: Deployment) -> None:

@@ -210,7 +210,9 @@ def format_plan(p: cap.Plan) -> str:
         ("", f"{_b(p.kv_bytes)} for {d.batch} x {p.context} tokens"),
         ("decode step per rank", f"reads {_b(p.weight_read)} weights + {_b(p.kv_read)} KV at {bw / cap.GB:.2f} "
                                  f"GB/s ({d.bandwidth_GBps:g} / {d.tp}) = {1e3 * p.t_weights:.2f} + "
-                                 f"{1e3 * p.t_kv:.2f} ms"),
+                                 f"{1e3 * p.t_kv:.2f} ms"
+                                 + (f" at the bound; {1e3 * p.t_weights_measured:.2f} + {1e3 * p.t_kv_measured:.2f} ms "
+                                    f"at the measured efficiencies" if p.t_weights_measured is not None else "")),
         ("bandwidth bound", f"{p.bound_weights_tok_s:.1f} tok/s at an empty cache, {p.bound_tok_s:.1f} tok/s "
                             f"at {p.context} tokens"),
     ]

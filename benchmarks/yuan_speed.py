@@ -100,7 +100,7 @@ def KIND_OF(group: str) -> str | None:
     if group.startswith("lf_") or role in ("conv1", "conv2"):
         return "lf"
     return {"q_proj": "attn.qk", "k_proj": "attn.qk", "v_proj": "attn.v", "o_proj": "attn.o",
-            "mlp_swiglu": "mlp", "attention_cached": "kv", "weight": "lm_head", "q8": "lm_head"}.get(role)
+            "mlp_swiglu": "mlp", "attention_cached": "kv", "linear_q8": "lm_head"}.get(role)
 
 
 def run_child(art: str, threads: int) -> dict:

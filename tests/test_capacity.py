@@ -378,8 +378,10 @@ def test_measured_efficiency_scales_each_kind_of_read(tmp_path):
     slow = cap.plan(m, deploy(4, quant="nf4", context=100, efficiency=cap.load_efficiency(path)))
     lf = next(k for k in base.kinds if k.kind == "lf")
     bw = base.deployment.bandwidth_GBps * cap.GB / 4
-    assert slow.t_weights == pytest.approx(base.t_weights + lf.read / bw)
-    assert slow.t_kv == pytest.approx(4 * base.t_kv)
+    assert slow.t_weights == base.t_weights and base.t_weights_measured is None       # the bound stays
+    assert slow.t_weights_measured == pytest.approx(base.t_weights + lf.read / bw)
+    assert slow.t_kv_measured == pytest.approx(4 * base.t_kv)
+    assert slow.t_step == pytest.approx(base.t_step + lf.read / bw + 3 * base.t_kv)
     path.write_text(json.dumps({"kinds": {"conv": 0.5}}))
     with pytest.raises(cap.PlanError, match="'conv': efficiencies are fractions > 0 for the kinds"):
         cap.load_efficiency(path)
