@@ -31,7 +31,8 @@ def test_declared_facts_are_consistent():
     assert float_variant("linear") is None and float_variant("mlp_swiglu") is None
     assert {n: op.kind for n, op in ops.items() if op.kind} == {
         "attention": "attention", "attention_cached": "attention", "rms_norm": "norm", "layer_norm": "norm",
-        "rope": "rope", "mlp_swiglu": "mlp", "mlp_gelu": "mlp"}
+        "rope": "rope", "mlp_swiglu": "mlp", "mlp_gelu": "mlp",
+        "localized_filter": "lf", "lf_state": "lf", "lf_pairs": "lf"}
     assert {n for n, op in ops.items() if op.native and op.native.form == "linear"} == {
         "linear", "linear_nf4", "linear_q8", "mlp_swiglu", "mlp_gelu"}
     assert str(get_op("silu").native) == "unary:Silu" and str(get_op("add").native) == "binary:Add"

@@ -17,7 +17,25 @@ Y = rng.standard_normal((2, 3, 8)).astype(np.float32)
 P = np.abs(X) + 0.1
 I = rng.integers(0, 5, (2, 3, 8))
 
+NANS = np.array([[1.0, np.nan, -2.0, np.inf]], np.float32)
+LF_H, LF_X = 8, rng.standard_normal((2, 6, 8)).astype(np.float32)
+LF_W = [rng.standard_normal(s).astype(np.float32) * 0.3 for s in ((4, 16), (4,), (8, 8), (8,))] + \
+    [(1 + 0.1 * rng.standard_normal(8)).astype(np.float32)]
+
+
+def _torch_lf(x, w1, b1, w2, b2, weight):
+    """Yuan's LF as the published code computes it: Conv2d over [B, C, T, 1], padding 1, first T."""
+    def conv(v, w, b):             # w [out, 2*in] = taps (previous, current) -> Conv2d [out, in, 2, 1]
+        k = torch.stack([w[:, :w.shape[1] // 2], w[:, w.shape[1] // 2:]], dim=2)[..., None]
+        out = torch.nn.functional.conv2d(v.transpose(1, 2)[..., None], k, b, padding=(1, 0))
+        return out[:, :, :v.shape[1], 0].transpose(1, 2)
+    y = conv(conv(x, w1, b1), w2, b2) + x
+    return weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
 CASES = [  # (op, inputs, attrs, torch reference)
+    ("isnan", [NANS], {}, torch.isnan),
+    ("localized_filter", [LF_X, *LF_W], {"eps": 1e-6}, _torch_lf),
     ("add", [X, Y], {}, lambda a, b: a + b),
     ("sub", [X, Y], {}, lambda a, b: a - b),
     ("mul", [X, Y[:, :1]], {}, lambda a, b: a * b),
@@ -185,5 +203,27 @@ def test_every_registered_op_is_tested():
     # test_nf4.py and test_q8.py, the
     # collectives (references over all ranks' inputs) in test_collective.py
     untested = set(ir.all_ops()) - {c[0] for c in CASES} - {"sdpa", "attention", "attention_cached", "linear_nf4", "linear_q8",
-                                                            "all_reduce", "all_gather", "embedding_part"}
+                                                            "all_reduce", "all_gather", "embedding_part",
+                                                            "lf_state", "lf_pairs"}   # test_lf_over_the_cache
     assert not untested, f"ops without a torch comparison: {sorted(untested)}"
+
+
+def test_lf_over_the_cache_equals_the_whole_sequence():
+    """lf_state -> lf_pairs -> linear -> lf_pairs -> linear -> add -> rms_norm, run chunk by
+    chunk over a cache's state slot (what the kv-cache pass emits), == localized_filter on the
+    whole sequence: the inputs before each chunk come back from the cache, zeros before 0."""
+    from amxc.ir.ops.cache import DenseKVCache
+    from amxc.ir.types import KVCacheType
+
+    get = lambda name: ir.get_op(name).reference        # noqa: E731
+    w1, b1, w2, b2, weight = LF_W
+    whole = get("localized_filter")(LF_X, *LF_W, eps=1e-6)
+    cache = DenseKVCache(KVCacheType(1, 2, 4, T.f32, state=1), batch=2, capacity=16)
+    out = []
+    for c0, c1 in ((0, 1), (1, 4), (4, 5), (5, 6)):
+        x, pos = LF_X[:, c0:c1], np.broadcast_to(np.arange(c0, c1), (2, c1 - c0)).astype(np.int64)
+        hist = get("lf_state")(x, pos, cache, slot=0, slots=1)
+        o1 = get("linear")(get("lf_pairs")(hist, pos, offset=2), w1, b1)
+        o2 = get("linear")(get("lf_pairs")(o1, pos, offset=1), w2, b2)
+        out.append(get("rms_norm")(o2 + x, weight, 1e-6))
+    np.testing.assert_allclose(np.concatenate(out, axis=1), whole, rtol=1e-5, atol=1e-5)

@@ -33,7 +33,7 @@ def test_layer_of_reads_module_paths():
 def test_kinds_come_from_the_ops():
     """Which op counts as which fusion is the op's `kind` in the registry, listed in layer order;
     attention_cached names its layer in an attribute rather than in its location."""
-    assert kinds() == ("attention", "norm", "rope", "mlp")
+    assert kinds() == ("attention", "norm", "rope", "mlp", "lf")
     module = ir.parse_module("""module @m attributes {num_layers = 2} {
   param @w : f32[4]
   func @forward(%x: f32[1, 3, 4]) -> (f32[1, 3, 4]) {
