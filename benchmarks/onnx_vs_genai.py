@@ -34,24 +34,20 @@ GGUF = SHARED / "models" / "smollm2-135m-instruct-q4_1" / "SmolLM2-135M-Instruct
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 
 
-def child(kind: str, target: str, threads: int) -> dict:
-    if kind == "genai":
-        sys.path.insert(0, str(HERE))
-        from genai_speed import genai_speed
-        r = genai_speed(Path(target), PROMPT_TOKENS, NEW_TOKENS, threads, reps=1)
-        return {"prefill": r["prefill_tok_s"], "decode": r["decode_tok_s"]}
-    sys.path.insert(0, str(HERE))
-    from decode_speed import child_amxc
-    r = child_amxc(target, threads)
-    return {"prefill": r["prefill"], "decode": r["decode"], "executor": r["executor"]}
-
-
 def run_child(kind: str, target: str, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads)],
-                          capture_output=True, text=True, timeout=1800)
+    """One measurement in a fresh process: amxc through decode_speed.py's child, genai through
+    genai_speed.py (one repetition after its warm-up)."""
+    if kind == "amxc":
+        sys.path.insert(0, str(HERE))
+        from decode_speed import run_child as amxc_child
+        return amxc_child("amxc", target, threads)
+    proc = subprocess.run([sys.executable, str(HERE / "genai_speed.py"), target, "--reps", "1",
+                           "--threads", str(threads), "--prompt-len", str(PROMPT_TOKENS),
+                           "--new-tokens", str(NEW_TOKENS)], capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout)
+    return {"prefill": r["prefill_tok_s"], "decode": r["decode_tok_s"]}
 
 
 def perplexities(systems: dict, text: str, max_tokens: int) -> dict:
@@ -87,11 +83,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
-    ap.add_argument("--child", nargs=2, metavar=("KIND", "TARGET"))
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(child(*args.child, args.threads)))
-        return 0
 
     sys.path.insert(0, str(REPO / "tests"))
     from support.onnx_models import builder_export, smollm2_hf_dir

@@ -69,13 +69,20 @@ def bounds(baseline: int) -> dict[str, int]:
 
 
 def write_checkpoint(out: Path, shard_bytes: int = 1 << 30, seed: int = 0, layers: int | None = None) -> int:
-    """Sharded bf16 safetensors with an index, one shard in memory at a time; returns #params.
-    `layers` cuts the model to that many decoder layers (same shapes otherwise)."""
+    """TinyLlama's checkpoint (random weights); `layers` cuts it to that many decoder layers
+    (same shapes otherwise).  Returns #params."""
+    config = {**TINYLLAMA, **({"num_hidden_layers": layers} if layers else {})}
+    return write_shards(out, config, tinyllama_shapes(layers), shard_bytes, seed)
+
+
+def write_shards(out: Path, config: dict, shapes: dict[str, tuple[int, ...]], shard_bytes: int = 1 << 30,
+                 seed: int = 0) -> int:
+    """Sharded bf16 safetensors with an index and config.json, one shard in memory at a time:
+    norm weights 1, everything else N(0, 0.02) from one seeded stream.  Returns #params."""
     import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    config = {**TINYLLAMA, **({"num_hidden_layers": layers} if layers else {})}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     gen = torch.Generator().manual_seed(seed)
     shard, size, n_shards, weight_map, total = {}, 0, 0, {}, 0
@@ -89,8 +96,8 @@ def write_checkpoint(out: Path, shard_bytes: int = 1 << 30, seed: int = 0, layer
             weight_map.update({k: name for k in shard})
             shard, size = {}, 0
 
-    for name, shape in tinyllama_shapes(layers).items():
-        t = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=gen) * 0.02)
+    for name, shape in shapes.items():
+        t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
         shard[name] = t.to(torch.bfloat16)
         size += shard[name].nbytes
         total += t.numel()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -63,37 +62,6 @@ def llama_like(c: dict) -> tuple[dict, dict]:
     return cfg, shapes
 
 
-def write_checkpoint(out: Path, config: dict, shapes: dict, shard_bytes: int = 1 << 30, seed: int = 0) -> int:
-    """bf16 safetensors shards with an index, one shard in memory at a time; returns #params."""
-    import torch
-    from safetensors.torch import save_file
-    out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    shard, size, n, weight_map, total = {}, 0, 0, {}, 0
-
-    def flush():
-        nonlocal shard, size, n
-        if shard:
-            n += 1
-            name = f"model-{n:05d}.safetensors"
-            save_file(shard, out / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    for name, shape in shapes.items():
-        norm = name.endswith("norm.weight")
-        t = torch.ones(shape) if norm else torch.randn(shape, generator=gen) * 0.02
-        shard[name] = t.to(torch.bfloat16)
-        size += shard[name].nbytes
-        total += t.numel()
-        if size >= shard_bytes:
-            flush()
-    flush()
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps(config, indent=1))
-    return total
-
-
 def KIND_OF(group: str) -> str | None:
     """profile_decode's group -> amxc plan's kind of weight read."""
     role = group.split()[-1]
@@ -120,6 +88,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps profiled")
     args = ap.parse_args()
     import amxc
+    sys.path.insert(0, str(HERE))
+    from trace_memory import write_shards
     args.work.mkdir(parents=True, exist_ok=True)
     models = {"yuan2-2b": (YUAN2_2B, yuan_shapes(YUAN2_2B)), "llama-same-params": llama_like(YUAN2_2B)}
     arts, params = {}, {}
@@ -127,7 +97,7 @@ def main() -> int:
         ckpt = args.work / name
         if not (ckpt / "config.json").exists():
             print(f"writing {name} …", file=sys.stderr, flush=True)
-            write_checkpoint(ckpt, cfg, shapes)
+            write_shards(ckpt, cfg, shapes)
         params[name] = sum(int(__import__("math").prod(s)) for s in shapes.values())
         art = args.work / f"{name}-nf4.amxc"
         if not (art / "manifest.json").exists():
