@@ -240,7 +240,7 @@ def weight_name(node, lazy: Lazy) -> str:
 # -- the conversion -----------------------------------------------------------------------------
 class OnnxConverter:
     """State of one import: the IR function being built, the name -> tensor environment and the
-    facts the contrib ops reveal (heads, layers) for the module's attributes."""
+    facts the contrib ops reveal (heads, rope tables) for the module's attributes."""
 
     def __init__(self, proto, path: Path, model_name: str):
         self.proto, self.path, self.model = proto, path, model_name
@@ -380,7 +380,6 @@ class OnnxConverter:
                 if len(shape) != 2:
                     raise FrontendError(f"{self.path}: position_ids must be [batch, sequence]")
                 self.env[name] = args[1] if elem == 7 else self.emit("cast", [args[1]], {"dtype": onnx_dtype(elem, name)})
-                self.facts["graph_positions"] = True
             elif name == "attention_mask":
                 if len(shape) != 2:
                     raise FrontendError(f"{self.path}: attention_mask must be [batch, total sequence]")

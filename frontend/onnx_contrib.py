@@ -93,7 +93,6 @@ def _gqa(conv, ins, at):
         k, v = conv.value(key), conv.value(value)
     q, k, v = _heads(conv, q, heads, d), _heads(conv, k, kv_heads, d), _heads(conv, v, kv_heads, d)
     positions = conv.facts["positions"]
-    conv.facts["implied_positions"] = True
     if int(at.get("do_rotary", 0)):
         interleaved = bool(int(at.get("rotary_interleaved", 0)))
         cos, sin = _rope_tables(conv, ins[7], ins[8], positions, d, interleaved)
@@ -106,7 +105,6 @@ def _gqa(conv, ins, at):
     out = conv.emit("permute", [out], {"perm": [0, 2, 1, 3]})
     out = conv.emit("reshape", [out], {"shape": [b, s, heads * d]})
     conv.facts.update(num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
-    conv.facts["layers"] = conv.facts.get("layers", 0) + 1
     return [out, k, v]
 
 
