@@ -212,12 +212,18 @@ def clean_name(text: str) -> str:
 def node_loc(node) -> str:
     """'node NAME (OpType)' plus the torch module path when the exporter recorded it."""
     scope = _scopes(node)
-    where = f"node '{node.name}' ({node.op_type})" if node.name else f"a {node.op_type} node"
+    name = _text(node.name)
+    where = f"node '{name}' ({_text(node.op_type)})" if name else f"a {_text(node.op_type)} node"
     if len(scope) >= 2:
         return f"{where} [{scope[-2]}]"
-    if node.name.startswith("/") and node.name.count("/") > 1:      # builder: /model/layers.0/attn/X
-        return f"{where} [{'.'.join(p for p in node.name.split('/')[1:-1] if p)}]"
+    if name.startswith("/") and name.count("/") > 1:      # builder: /model/layers.0/attn/X
+        return f"{where} [{'.'.join(p for p in name.split('/')[1:-1] if p)}]"
     return where
+
+
+def _text(v) -> str:
+    """A protobuf string field as text (a corrupt file can hold bytes that are not UTF-8)."""
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
 
 
 def _scopes(node) -> list[str]:

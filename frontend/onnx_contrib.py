@@ -82,6 +82,8 @@ def _gqa(conv, ins, at):
     if ins[10] is not None or ins[11] is not None:
         conv.fail("GroupQueryAttention with attention_bias or head_sink is not supported")
     q = conv.value(query)
+    if q.type.rank != 3:
+        conv.fail(f"GroupQueryAttention query must be [batch, sequence, hidden], got {q.type}")
     b, s, width = q.type.shape
     if key is None:          # packed q|k|v
         if not isinstance(width, int) or width % (heads + 2 * kv_heads):
@@ -193,7 +195,7 @@ def _matmul_nbits(conv, ins, at):
         conv.fail(f"MatMulNBits K={k}, N={n} are not valid sizes")
     lazy, key = _dequantizer(conv, qweight, scales, zeros, n, k, int(at.get("bits", 4)), int(at.get("block_size", 0)))
     x = conv.value(a)
-    if x.type.shape[-1] != k:
+    if x.type.rank < 2 or x.type.shape[-1] != k:
         conv.fail(f"input {x.type} does not have K={k} features")
     inputs = [x, conv.param(lazy, name=lazy.source, key=key)]
     if bias is not None:

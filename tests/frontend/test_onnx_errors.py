@@ -163,11 +163,15 @@ def test_onnx_resolves_through_load_model(tmp_path):
 
 
 # -- hypothesis: mutated real exports only ever give amxc's own errors ------------------------------
-@pytest.fixture(scope="module")
-def real_export(tmp_path_factory, stories_dir):
-    from support.onnx_models import torch_export
-    path = torch_export(stories_dir, tmp_path_factory.mktemp("fuzz") / "stories.onnx")
-    return onnx.load(str(path))
+@pytest.fixture(scope="module", params=["torch", "builder-int4"])
+def real_export(request, tmp_path_factory, stories_dir):
+    """stories260K as torch.onnx exports it (ai.onnx ops), and as the model builder's int4 graph
+    (GroupQueryAttention, RotaryEmbedding, MatMulNBits, GatherBlockQuantized, Skip norms)."""
+    from support.onnx_models import builder_export, torch_export
+    root = tmp_path_factory.mktemp("fuzz")
+    if request.param == "torch":
+        return onnx.load(str(torch_export(stories_dir, root / "stories.onnx")))
+    return onnx.load(str(builder_export(stories_dir, root / "builder", "int4") / "model.onnx"))
 
 
 MUTATIONS = ("op_type", "drop_input", "rename_input", "attr_int", "dims", "truncate", "flip_bytes",
@@ -183,7 +187,9 @@ def mutate(model: onnx.ModelProto, kind: str, data) -> bytes:
     if kind == "op_type":
         node.op_type = data.draw(st.sampled_from(["Add", "Reshape", "Gather", "MatMul", "Softmax", "Concat",
                                                    "Slice", "Expand", "Where", "Transpose", "Foo", "Range",
-                                                   "ConstantOfShape", "GatherND", "Squeeze", "CumSum"]))
+                                                   "ConstantOfShape", "GatherND", "Squeeze", "CumSum",
+                                                   "GroupQueryAttention", "MatMulNBits", "RotaryEmbedding",
+                                                   "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"]))
     elif kind == "drop_input" and len(node.input):
         del node.input[data.draw(st.integers(0, len(node.input) - 1))]
     elif kind == "rename_input" and len(node.input):
@@ -226,7 +232,7 @@ def mutate(model: onnx.ModelProto, kind: str, data) -> bytes:
     return blob
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_mutated_exports_only_give_amxc_errors(real_export, tmp_path_factory, data):
     """A mutant either fails to import with a FrontendError or imports as IR that verifies."""
