@@ -112,6 +112,8 @@ def _gqa(conv, ins, at):
 
 @converts("RotaryEmbedding", domain=MS_DOMAIN)
 def _rotary(conv, ins, at):
+    if len(ins) < 4 or ins[1] is None:
+        conv.fail("com.microsoft RotaryEmbedding needs position_ids")
     x, pos, cos_cache, sin_cache = ins[:4]
     x = conv.value(x)
     if int(at.get("rotary_embedding_dim", 0)) not in (0, 2 * cos_cache.type.shape[1] if isinstance(cos_cache, Lazy) else -1):

@@ -53,7 +53,7 @@ ARITY = {
     "CumSum": (2, 2), "MatMul": (2, 2), "Gemm": (2, 3), "LayerNormalization": (2, 3),
     "SimplifiedLayerNormalization": (2, 2), "RMSNormalization": (2, 2),
     "SkipSimplifiedLayerNormalization": (3, 4), "SkipLayerNormalization": (3, 5),
-    "GroupQueryAttention": (1, 12), "RotaryEmbedding": (4, 4), "MatMulNBits": (3, 6),
+    "GroupQueryAttention": (1, 12), "Attention": (3, 6), "RotaryEmbedding": (3, 4), "MatMulNBits": (3, 6),
     "GatherBlockQuantized": (3, 4), **{op: (1, 1) for op in _UNARY_NAMES},
 }
 
@@ -784,6 +784,64 @@ def _rms_norm(conv, ins, at):
     x = conv.value(ins[0])
     _last_axis(conv, at, x)
     return conv.emit("rms_norm", [x, conv.value(ins[1])], {"eps": float(at.get("epsilon", 1e-5))})
+
+
+# -- attention and rotary embeddings (ai.onnx, opset 23) ---------------------------------------------
+@converts("Attention", since=23)
+def _attention(conv, ins, at):
+    """Q, K, V as [b, heads, s, d] (the form torch.onnx writes), an optional bool or additive
+    mask; becomes `sdpa`, which fuse-attention turns into amxc's attention like torch's own."""
+    ins = list(ins) + [None] * (6 - len(ins))
+    q, k, v, mask = (conv.value(x) if x is not None else None for x in ins[:4])
+    if ins[4] is not None or ins[5] is not None or len(conv.node.output) > 1 and any(conv.node.output[1:]):
+        conv.fail("Attention with a past key/value cache or its present outputs is not supported "
+                  "(export without a cache: amxc adds its own)")
+    if float(at.get("softcap", 0.0) or 0.0):
+        conv.fail("Attention with softcap is not supported")
+    if q.type.rank != 4 or k.type.rank != 4 or v.type.rank != 4:
+        conv.fail("Attention takes 4-D [batch, heads, sequence, head_size] Q, K, V here")
+    scale = at.get("scale")
+    return conv.emit("sdpa", [q, k, v] + ([mask] if mask is not None else []),
+                     {"causal": bool(int(at.get("is_causal", 0))), "gqa": q.type.shape[1] != k.type.shape[1],
+                      "scale": float(scale) if scale else None})
+
+
+@converts("RotaryEmbedding", since=23)
+def _rotary_23(conv, ins, at):
+    """X [b, heads, s, d] or [b, s, hidden] (num_heads); cos/sin [b, s, d/2] per token, or a
+    [positions, d/2] cache with position_ids."""
+    x, cos, sin = (ins + [None])[:3]
+    pos = ins[3] if len(ins) > 3 else None
+    x = conv.value(x)
+    interleaved = bool(int(at.get("interleaved", 0)))
+    if int(at.get("rotary_embedding_dim", 0)):
+        conv.fail("partial rotary embedding (rotary_embedding_dim) is not supported")
+    if pos is not None:                       # a cache read by position: the com.microsoft form
+        from .onnx_contrib import _rotary
+        return _rotary(conv, [x, pos, cos, sin], at)
+    four = x.type.rank == 4
+    if not four and (x.type.rank != 3 or int(at.get("num_heads", 0)) < 1):
+        conv.fail("RotaryEmbedding takes [b, heads, s, d], or [b, s, hidden] with num_heads")
+    b, s = (x.type.shape[0], x.type.shape[2]) if four else x.type.shape[:2]
+    d = x.type.shape[3] if four else x.type.shape[2] // int(at["num_heads"])
+    tables = []
+    for t in (conv.value(cos), conv.value(sin)):
+        if t.type.rank != 3 or 2 * t.type.shape[2] != d:
+            conv.fail(f"rotary table {t.type} is not [b, s, {d}/2]")
+        if interleaved:
+            t = conv.emit("reshape", [t], {"shape": [*t.type.shape, 1]})
+            t = conv.emit("concat", [t, t], {"axis": 3})
+        else:
+            t = conv.emit("concat", [t, t], {"axis": 2})
+        tables.append(conv.emit("reshape", [t], {"shape": [b, 1, s, d]}, name="rope_table"))
+    conv.facts["rope"] = True
+    if four:
+        return conv.emit("rope", [x, *tables], {"interleaved": interleaved})
+    heads = int(at["num_heads"])
+    xh = conv.emit("permute", [conv.emit("reshape", [x], {"shape": [b, s, heads, d]})], {"perm": [0, 2, 1, 3]})
+    out = conv.emit("rope", [xh, *tables], {"interleaved": interleaved})
+    out = conv.emit("permute", [out], {"perm": [0, 2, 1, 3]})
+    return conv.emit("reshape", [out], {"shape": list(x.type.shape)})
 
 
 from . import onnx_contrib  # noqa: E402,F401  (registers the com.microsoft ops in the table above)

@@ -38,7 +38,10 @@ def onnx_root(tmp_path_factory):
 def torch_onnx(onnx_root, stories_dir, random_models):
     """torch.onnx.export(dynamo=True) of stories260K and random Llama / Qwen2 / GPT-2."""
     sources = {"stories": stories_dir, **{f: random_models[f] for f in ("llama", "qwen2", "gpt2")}}
-    return {name: torch_export(src, onnx_root / f"{name}.onnx") for name, src in sources.items()}
+    out = {name: torch_export(src, onnx_root / f"{name}.onnx") for name, src in sources.items()}
+    for name in ("stories", "llama"):       # opset 23: ai.onnx Attention, RotaryEmbedding, RMSNormalization
+        out[f"{name}@23"] = torch_export(sources[name], onnx_root / f"{name}-23.onnx", opset=23)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +107,7 @@ def _check_native(path, art, tol: float = LOGIT_TOL) -> None:
         assert diff <= tol, program.name
 
 
-@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "stories@23", "llama@23"])
 def test_torch_export_matches_onnxruntime(torch_onnx, tmp_path, name):
     _check_import(torch_onnx[name])
     _check_native(torch_onnx[name], tmp_path / "art")

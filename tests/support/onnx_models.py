@@ -53,12 +53,14 @@ def _quiet_loading():
 # ---------------------------------------------------------------- PyTorch dynamo exporter
 
 def torch_export(hf_dir: Path, out: Path, batch: int = 2, seq: int = 8,
-                 attn_implementation: str | None = None) -> Path:
+                 attn_implementation: str | None = None, opset: int | None = None) -> Path:
     """Export an HF causal LM (fp32, eval) as forward(input_ids, position_ids) -> logits with
     the dynamo exporter at its default opset; batch and sequence axes are dynamic ("b", "s").
     Weights go to `out.name + ".data"` beside `out` when they exceed 100 MB, so the .onnx stays
     small; smaller models are one self-contained file. `attn_implementation` ("eager", "sdpa")
-    chooses which attention code is traced; None keeps transformers' default (sdpa)."""
+    chooses which attention code is traced; None keeps transformers' default (sdpa).  `opset`
+    asks for another opset (23 makes the exporter emit ai.onnx Attention, RotaryEmbedding and
+    RMSNormalization)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +96,7 @@ def torch_export(hf_dir: Path, out: Path, batch: int = 2, seq: int = 8,
                 LogitsOnly(model), (ids, pos), str(out), dynamo=True,
                 input_names=["input_ids", "position_ids"], output_names=["logits"],
                 dynamic_shapes={"input_ids": {0: "b", 1: "s"}, "position_ids": {0: "b", 1: "s"}},
-                external_data=nbytes > EXTERNAL_DATA_BYTES)
+                external_data=nbytes > EXTERNAL_DATA_BYTES, **({"opset_version": opset} if opset else {}))
     except Exception as e:
         e.add_note("exporter output (tail):\n" + log.getvalue()[-4000:])
         raise
