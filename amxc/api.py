@@ -59,7 +59,14 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     return out
 
 
-def calibration_file(model, text_path: str | os.PathLike, tokens: int = 2048, length: int = 512) -> Path:
+#: the calibration text `--quant nf4` uses when the user gives none (source and licence: its README)
+CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration" / "botchan_part2.txt"
+#: calibration tokens by default: the SmolLM2 GPTQ settings study (benchmarks/nf4_gptq_sweep.py)
+CALIBRATION_TOKENS = 8192
+
+
+def calibration_file(model, text_path: str | os.PathLike, tokens: int = CALIBRATION_TOKENS,
+                     length: int = 512) -> Path:
     """Token ids of the first `tokens` tokens of a text file, cut into sequences of `length`,
     as the .npy quantize-nf4{method=gptq,calib=...} reads (written into the amxc cache)."""
     import hashlib
@@ -91,10 +98,12 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
             target: str = "auto", dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
             instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True,
-            tp: int = 1) -> Path:
+            tp: int = 1, calib: str | os.PathLike | None = None, calib_tokens: int = CALIBRATION_TOKENS) -> Path:
     """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
     artifact directory at `output`.  `quant="nf4"` adds weight quantization and `target` the lowest
     ISA tier the artifact must run on, `tp` the ranks of tensor parallelism (see compile_pipeline).
+    NF4 is calibrated (GPTQ) on the first `calib_tokens` tokens of `calib` (default: the text
+    shipped in amxc/data/calibration) unless its options say method=rtn or give calib=.
 
     `plugins` are `--pass-plugin` specs, loaded with the installed `amxc.passes` entry points
     for this call only.  `dump_ir` points (`after:all`, `before:NAME`, ...) write numbered IR
@@ -109,6 +118,7 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
     pipeline = compile_pipeline(pipeline, quant, target, tp)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
+        _supply_calibration(model, passes, calib, calib_tokens, tp, progress)
         dumps = _dumps(passes, dump_ir, dump_dir or f"{Path(output)}.ir-dumps", dump_diff)
         module = trace(model, progress=progress)
         config = dict(module.attrs)            # the model as traced; passes may add attributes
@@ -124,6 +134,29 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
                         write_tokenizer=lambda d: write_tokenizer(model, d))
     _say(f"wrote {out} in {time.perf_counter() - t0:.1f} s", progress)
     return out
+
+
+def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: bool) -> None:
+    """Give each quantize-nf4 that calibrates (method auto or gptq, no calib= of its own) the
+    token ids of `text` (default CALIBRATION_TEXT) in the model's tokenizer.  Without a
+    tokenizer, or with tensor parallelism, method=auto quantizes round-to-nearest, and says so."""
+    from amxc.errors import UsageError
+    from amxc.passes.quantize_nf4 import QuantizeNF4
+
+    for p in passes:
+        if not isinstance(p, QuantizeNF4) or p.opts["calib"] or p.opts["method"] == "rtn":
+            continue
+        if tp > 1 and p.opts["method"] == "auto":
+            _say("nf4: tensor-parallel weights are quantized round-to-nearest (GPTQ calibrates the "
+                 "unsharded model)", progress)
+            continue
+        try:
+            p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, tokens))
+        except UsageError:
+            if p.opts["method"] == "gptq" or text:
+                raise
+            _say(f"nf4: {model} has no tokenizer to calibrate with: quantizing round-to-nearest",
+                 progress)
 
 
 def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:
@@ -153,8 +186,14 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     runs = [p for p in passes if p.name == "quantize-nf4"]
     if not runs:
         return {}
-    summary = quant_summary(module, getattr(runs[-1], "skipped", {}))
-    _say("nf4 weights:\n" + format_quant_summary(summary), progress)
+    last = runs[-1]
+    summary = quant_summary(module, getattr(last, "skipped", {}))
+    summary["method"] = getattr(last, "method", "rtn")
+    errors = getattr(last, "errors", {})
+    if errors:               # calibrated: each weight's measured output error, the worst first
+        summary["output_error"] = {n: round(e, 6) for n, e in sorted(errors.items(), key=lambda kv: -kv[1])}
+        summary["kept_q8_for_error"] = {n: round(e, 6) for n, e in getattr(last, "kept_for_error", {}).items()}
+    _say(f"nf4 weights ({summary['method']}):\n" + format_quant_summary(summary), progress)
     return summary
 
 

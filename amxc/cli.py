@@ -92,16 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", metavar="ART", help="artifact directory to write (required)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("--quant", metavar="SPEC", default=None,
-                   help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks), "
-                        "or 'nf4{double=bnb|none,block=N,scale_block=N,skip=REGEX}'; "
-                        "'nf4{method=gptq}' with --calib TEXT compensates rounding error on "
-                        "calibration text (slower to compile, much lower perplexity cost); "
+                   help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks, "
+                        "GPTQ-calibrated on --calib TEXT or on the text shipped with amxc), "
+                        "or 'nf4{method=rtn|gptq,double=bnb|none,block=N,scale_block=N,keep=REGEX,"
+                        "keep_worst=N}' (method=rtn: round to nearest, no calibration); "
                         "'q8': every linear in int8 (1.06 bytes/weight), the near-lossless choice "
                         "for weights that are already 4-bit (ONNX int4 files)")
     c.add_argument("--calib", metavar="TEXT", default=None,
-                   help="calibration text for --quant 'nf4{method=gptq}' (tokenized with the model's "
-                        "tokenizer; the first --calib-tokens tokens are used)")
-    c.add_argument("--calib-tokens", type=at_least(1), default=2048, help="calibration tokens (default 2048)")
+                   help="calibration text for --quant nf4 (tokenized with the model's tokenizer; the "
+                        "first --calib-tokens tokens are used; default: amxc/data/calibration)")
+    c.add_argument("--calib-tokens", type=at_least(1), default=None,
+                   help="calibration tokens (default 8192)")
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
                    help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
                         "best tier chosen at load)")
@@ -160,13 +161,10 @@ def cmd_compile(args) -> int:
         args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
     timing = Timing()
     quant = args.quant
-    if args.calib:
-        from amxc.api import calibration_file
-        if not quant or "gptq" not in quant:
-            args.parser.error("--calib is for --quant 'nf4{method=gptq}'")
-        calib = calibration_file(args.model, args.calib, args.calib_tokens)
-        quant = quant[:-1] + f',calib="{calib}"}}'
-    compile(args.model, args.output, pipeline=args.pipeline, quant=quant, target=args.target,
+    if (args.calib or args.calib_tokens) and (not quant or not quant.startswith("nf4") or "rtn" in quant):
+        args.parser.error("--calib and --calib-tokens are for --quant nf4 (not method=rtn)")
+    calib = {"calib": args.calib} | ({"calib_tokens": args.calib_tokens} if args.calib_tokens else {})
+    compile(args.model, args.output, pipeline=args.pipeline, quant=quant, target=args.target, **calib,
             dump_ir=args.dump_ir,
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,

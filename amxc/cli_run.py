@@ -37,6 +37,10 @@ def add_parsers(sub) -> None:
                    help="tokens per window (default: the model's context, at most 512)")
     e.add_argument("--stride", type=at_least(1), default=None, help="tokens between windows (default: window/2)")
     e.add_argument("--max-tokens", type=at_least(2), default=None, help="score only the first N tokens")
+    e.add_argument("--compare", nargs="+", metavar="ART|MODEL|GGUF", default=None,
+                   help="score these too, side by side with ART|MODEL on the same tokens and windows "
+                        "(one table: bytes/param, perplexity, decode tok/s); .gguf files run through "
+                        "llama-cpp-python")
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
@@ -198,6 +202,12 @@ def cmd_chat(args) -> int:
 def cmd_eval(args) -> int:
     from amxc.errors import read_user_text
     text = read_user_text(args.text)
+    if args.compare:
+        from amxc.compare import format_rows, side_by_side
+        rows = side_by_side([args.model, *args.compare], text, window=args.window or 512,
+                            stride=args.stride, max_tokens=args.max_tokens, progress=True)
+        print(json.dumps([r.to_json() for r in rows]) if args.json else format_rows(rows))
+        return 0
     engine = _engine(args)
     try:
         r = engine.perplexity(text, window=args.window, stride=args.stride, max_tokens=args.max_tokens,

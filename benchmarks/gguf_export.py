@@ -82,14 +82,14 @@ def export_f16(model_dir: Path, out: Path) -> Path:
 
 
 def quantize(src: Path, out: Path, ftype: str, threads: int = 2, pure: bool = False) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize); ftype: f16, q4_0, iq4_nl, q4_1, q8_0.
+    """llama.cpp's own quantizer (llama_model_quantize); ftype: f16, q4_0, iq4_nl, q4_k_m, q4_1, q8_0.
     `pure` puts every matrix in `ftype`, the output head and embeddings too (llama-quantize
     --pure); by default llama.cpp keeps the head in a higher-precision type."""
     import llama_cpp
 
     codes = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
              "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
-             "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL}
+             "iq4_nl": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_NL, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = codes[ftype]
     params.nthread = threads

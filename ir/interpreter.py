@@ -74,7 +74,19 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     if module.attrs.get("tp", 1) > 1:
         raise InterpreterError(f"@{module.name} is sharded {module.attrs['tp']} ways: run_ranks() runs "
                                f"its ranks in lockstep")
-    return _run(module, [inputs], function, observe)[0]
+    one = None if observe is None else (lambda node, streams: [observe(node, streams[0]) or streams[0]])
+    return _run(module, [inputs], function, one)[0]
+
+
+def run_streams(module: Module, streams: Sequence, function: str | None = None,
+                observe=None) -> list[list[np.ndarray]]:
+    """Run one unsharded function on several input sets in lockstep, node by node (GPTQ's
+    float and quantized models side by side, each holding one layer's activations at a time).
+    `observe(node, [input arrays per stream])` may return replacements for all streams.
+    Returns one result list per stream."""
+    if module.attrs.get("tp", 1) > 1:
+        raise InterpreterError(f"@{module.name} is sharded {module.attrs['tp']} ways")
+    return _run(module, list(streams), function, observe, sharded=False)
 
 
 def run_ranks(module: Module, inputs: Sequence, function: str | None = None) -> list[list[np.ndarray]]:
@@ -88,9 +100,10 @@ def run_ranks(module: Module, inputs: Sequence, function: str | None = None) -> 
     return _run(module, list(inputs), function, None)
 
 
-def _run(module: Module, rank_inputs: list, function: str | None, observe) -> list[list[np.ndarray]]:
+def _run(module: Module, rank_inputs: list, function: str | None, observe,
+         sharded: bool = True) -> list[list[np.ndarray]]:
     fn = module.functions[function] if function else module.main
-    ranks = [_RankState(module, fn, inputs, r if len(rank_inputs) > 1 else None)
+    ranks = [_RankState(module, fn, inputs, r if sharded and len(rank_inputs) > 1 else None)
              for r, inputs in enumerate(rank_inputs)]
     env = ranks[0].env
     last_use: dict[int, int] = {}
@@ -100,9 +113,10 @@ def _run(module: Module, rank_inputs: list, function: str | None, observe) -> li
     keep = {id(v) for v in fn.results}
     for i, node in enumerate(fn.nodes):
         op = node.opdef
-        args = [[st.fetch(v) for v in node.inputs] for st in ranks]
+        loaded: dict[int, np.ndarray] = {}          # a whole parameter loads once for all ranks
+        args = [[st.fetch(v, loaded) for v in node.inputs] for st in ranks]
         if observe is not None:
-            args[0] = observe(node, args[0]) or args[0]
+            args = observe(node, args) or args
         try:
             if op.name in COLLECTIVES:
                 outs = op.reference(*[a[0] for a in args], **reference_kwargs(node, env))
@@ -146,7 +160,13 @@ class _RankState:
         self.live: dict[int, np.ndarray] = {id(a): x for a, x in zip(fn.args, arrays)}
         self.rank = rank
 
-    def fetch(self, v: Value) -> np.ndarray:
+    def fetch(self, v: Value, loaded: dict | None = None) -> np.ndarray:
         if isinstance(v, Param):
-            return v.load(self.rank) if v.sharded else v.load()
+            if v.sharded:
+                return v.load(self.rank)
+            if loaded is None:
+                return v.load()
+            if id(v) not in loaded:
+                loaded[id(v)] = v.load()
+            return loaded[id(v)]
         return self.live[id(v)]

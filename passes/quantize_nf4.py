@@ -69,16 +69,21 @@ class QuantizeNF4(Pass):
         "keep": Option(str, "lm_head|embed|wte", "regex: weights whose names match are stored q8 (int8) "
                                                    "instead ('' for none)"),
         "untie": Option(bool, False, "quantize a tied embedding's linear uses into a copy @NAME.nf4"),
-        "method": Option(str, "rtn", "rtn (round to nearest) | gptq (needs calibration tokens)"),
+        "method": Option(str, "auto", "auto (gptq when calib is given, else rtn) | rtn (round to "
+                                      "nearest) | gptq (needs calibration tokens)"),
         "search": Option(int, 10, "gptq: E4M3 scale codes tried below each block's absmax"),
         "calib": Option(str, "", "gptq: .npy of int64 calibration token ids [sequences, tokens]"),
         "act_order": Option(bool, True, "gptq: sweep columns by descending input energy"),
         "toward_float": Option(float, 0.5, "gptq: 0..1, how far each layer's target moves from "
                                            "its own outputs toward the float model's (GPTAQ)"),
+        "keep_worst": Option(int, 0, "gptq: the N matrices with the largest measured output error "
+                                     "are stored q8 instead (mixed precision)"),
     }
 
     def run(self, module: Module) -> bool:
         layout = self._layout()
+        self.errors: dict[str, float] = {}          # gptq: relative output error per weight
+        self.kept_for_error: dict[str, float] = {}  # keep_worst: stored q8 instead, by that error
         self.quantized: list[str] = []
         self.skipped: dict[str, str] = {}
         todo, eight_bit = [], []
@@ -102,16 +107,20 @@ class QuantizeNF4(Pass):
                     self.skipped[p.name] = reason      # only weights are worth reporting
             else:
                 todo.append(p)
-        if self.opts["method"] == "gptq":
+        self.method = self._method(module)
+        if self.method == "gptq":
             if module.attrs.get("tp", 1) > 1:
                 raise PassError(f"quantize-nf4{{method=gptq}} calibrates on the whole model and this one is "
                                 f"already sharded {module.attrs['tp']} ways: quantize before shard-tp, or "
                                 f"use method=rtn with tensor parallelism")
             blobs = self._gptq(module, todo, layout)
-        elif self.opts["method"] == "rtn":
-            blobs = None
+            for name in self._worst(self.opts["keep_worst"]):
+                p = module.params[name]
+                todo.remove(p)
+                eight_bit.append(p)
+                self.kept_for_error[name] = self.errors[name]
         else:
-            raise PassError(f"quantize-nf4: method={self.opts['method']!r} is not rtn or gptq")
+            blobs = None
         from tqdm import tqdm
         for old in tqdm(todo, desc="quantizing nf4", unit="weight", file=sys.stderr, leave=False,
                         delay=1.0, disable=None):          # None: a bar on terminals only, not in logs
@@ -123,11 +132,13 @@ class QuantizeNF4(Pass):
         return bool(todo or eight_bit)
 
     def _gptq(self, module: Module, todo: list[Param], enc: dict) -> dict[str, np.ndarray]:
-        """Run @prefill (or @forward) on the calibration tokens, quantizing every weight in
-        `todo` with GPTQ when the run reaches it; returns the nf4 bytes by name.  With
-        toward_float > 0 a float run first records each weight's inputs (float32, held until
-        the weight is quantized: tokens x the summed input widths x 4 bytes)."""
-        from .gptq import quantize_gptq, toward_float
+        """Run @prefill (or @forward) once on the calibration tokens, quantizing every weight in
+        `todo` with GPTQ when the run reaches it (sequential GPTQ: later layers see the earlier
+        ones quantized); returns the nf4 bytes by name.  With toward_float > 0 the float model
+        runs beside it in lockstep (interpreter streams), so each weight also sees the inputs
+        the float model gives it.  Memory: the activations of the node being run, per stream
+        (tokens x width x 4 bytes), and one weight at a time."""
+        from .gptq import input_stats, output_error, quantize_gptq, toward_float
 
         if enc["scale"] == "bnb_dynamic8":
             raise PassError("quantize-nf4{method=gptq} supports double=fp8 or double=none")
@@ -135,32 +146,50 @@ class QuantizeNF4(Pass):
         if not 0.0 <= amount <= 1.0:
             raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
         ids = self._calibration_ids()
+        self._module_params = module.params
         wanted = {p.name for p in todo}
-        float_inputs: dict[str, np.ndarray] = {}
-        if amount > 0:
-            def record(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-                if name in wanted:
-                    float_inputs[name] = x.reshape(-1, x.shape[-1])
-                return w
-            _calibration_run(module, ids, record)
         blobs: dict[str, np.ndarray] = {}
         decoded: dict[str, np.ndarray] = {}
+        last: list = [None, None]                      # (activation array, its InputStats)
+        progress = _Progress(len(wanted), ids.size)
 
-        def quantized(name: str, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        def quantized(name: str, w: np.ndarray, x: np.ndarray, x_float: np.ndarray | None) -> np.ndarray:
             if name not in wanted or name in decoded:
                 return decoded.get(name, w)
-            x2 = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            h = x2.T @ x2
-            if amount > 0:
-                w = toward_float(w, h, x2.T @ float_inputs.pop(name).astype(np.float64), amount)
+            if last[0] is not x:                       # q/k/v and gate/up share their input's stats
+                last[:] = [x, input_stats(x, x_float if amount > 0 else None,
+                                          act_order=self.opts["act_order"])]
+            stats = last[1]
+            target = toward_float(w, stats, amount=amount) if amount > 0 else w
             lay = fmt.Layout(tuple(module.params[name].type.shape), **enc)
-            blobs[name] = quantize_gptq(w, h, lay, search=self.opts["search"],
-                                        act_order=self.opts["act_order"])
+            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"])
             decoded[name] = lay.dequantize(blobs[name])
+            self.errors[name] = output_error(w, decoded[name], stats)
+            progress.step(name)
             return decoded[name]
 
-        _calibration_run(module, ids, quantized)
+        _calibration_run(module, ids, quantized, with_float=amount > 0)
+        progress.close()
         return blobs
+
+    def _method(self, module: Module) -> str:
+        method = self.opts["method"]
+        if method not in ("auto", "rtn", "gptq"):
+            raise PassError(f"quantize-nf4: method={method!r} is not auto, rtn or gptq")
+        if self.opts["keep_worst"] < 0:
+            raise PassError(f"quantize-nf4: keep_worst={self.opts['keep_worst']} is negative")
+        if method == "auto":         # calibrated when there is something to calibrate on
+            method = "gptq" if self.opts["calib"] and module.attrs.get("tp", 1) == 1 else "rtn"
+        if self.opts["keep_worst"] and method != "gptq":
+            raise PassError("quantize-nf4: keep_worst picks matrices by their error on calibration "
+                            "inputs; it needs method=gptq with calib")
+        return method
+
+    def _worst(self, count: int) -> list[str]:
+        """The `count` weights of the largest relative output error on the calibration inputs
+        that q8 can store (input size a multiple of 64)."""
+        fits = [n for n in self.errors if self._module_params[n].type.shape[1] % q8fmt.BLOCK == 0]
+        return sorted(fits, key=lambda n: -self.errors[n])[:count]
 
     def _calibration_ids(self) -> np.ndarray:
         path = self.opts["calib"]
@@ -230,7 +259,7 @@ class QuantizeNF4(Pass):
         layout = t.nf4_layout()
         if old.sharded:                  # shard-tp ran first: each rank's slice, scaled as in the whole
             if blob is not None:
-                raise PassError(f"quantize-nf4{{method={self.opts['method']}}} cannot calibrate a module "
+                raise PassError(f"quantize-nf4{{method={self.method}}} cannot calibrate a module "
                                 f"sharded for tensor parallelism (@{old.name}); use method=rtn with --tp")
             weights = [old.load(r) for r in range(len(old.shards))]
             whole = _as_the_whole(old, layout) if layout.scale == "fp8_e4m3" else None
@@ -245,7 +274,7 @@ class QuantizeNF4(Pass):
         weight = old.load()
         if blob is None:
             blob = fmt.quantize(weight, layout)
-        extra = {"method": self.opts["method"]} if self.opts["method"] != "rtn" else {}
+        extra = {"method": self.method} if self.method != "rtn" else {}
         return _quantized_param(old, t, layout, [weight], [blob], extra)
 
 
@@ -333,32 +362,54 @@ def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: li
     return new
 
 
-def _calibration_run(module: Module, ids: np.ndarray, weight_for) -> None:
+def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False) -> None:
     """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight an op
-    reads (its `weights`) goes through `weight_for(name, weight, its input)`, whose result the
-    node then uses.  Weights go in input order and each one's input comes from the op's own
-    `weight_input` over the weights returned so far, so a fused MLP's down projection sees the
-    hidden layer its just-quantized gate and up produce."""
-    from amxc.ir.interpreter import run
+    reads (its `weights`) goes through `weight_for(name, weight, its input, the float model's
+    input or None)`, whose result the node then uses.  With `with_float` a second stream runs
+    the unchanged model in lockstep and supplies the float inputs.  Weights go in input order
+    and each one's input comes from the op's own `weight_input` over the weights returned so
+    far, so a fused MLP's down projection sees the hidden layer its just-quantized gate and up
+    produce."""
+    from amxc.ir.interpreter import run_streams
     from amxc.ir.ops.cache import DenseKVCache
 
-    def observe(node, args):
+    def observe(node, streams):
         op = node.opdef
         if not op.weights:
             return None
-        args, types = list(args), [v.type for v in node.inputs]
+        args, types = list(streams[-1]), [v.type for v in node.inputs]
+        floats = streams[0] if with_float else None
         for i in op.weights:
             if i < len(args):
                 x = op.activation_of(i, args, node.attrs, types)
-                args[i] = weight_for(node.inputs[i].name, args[i], x)
-        return args
+                xf = None if floats is None else op.activation_of(i, floats, node.attrs, types)
+                args[i] = weight_for(node.inputs[i].name, args[i], x, xf)
+        return streams[:-1] + [args]
 
     pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+    count = 2 if with_float else 1
     if "prefill" in module.functions:
-        cache = DenseKVCache(module.functions["prefill"].args[-1].type, ids.shape[0], ids.shape[1])
-        run(module, [ids, pos, cache], function="prefill", observe=observe)
+        kv = module.functions["prefill"].args[-1].type
+        streams = [[ids, pos, DenseKVCache(kv, ids.shape[0], ids.shape[1])] for _ in range(count)]
+        run_streams(module, streams, function="prefill", observe=observe)
     else:
-        run(module, {"input_ids": ids, "position_ids": pos}, observe=observe)
+        run_streams(module, [{"input_ids": ids, "position_ids": pos}] * count, observe=observe)
+
+
+class _Progress:
+    """A calibration progress bar on terminals (weights quantized, tokens/s), nothing in logs."""
+
+    def __init__(self, weights: int, tokens: int):
+        from tqdm import tqdm
+        self.bar = tqdm(total=weights, desc=f"calibrating nf4 on {tokens} tokens", unit="weight",
+                        file=sys.stderr, leave=False, delay=1.0, disable=None)
+
+    def step(self, name: str) -> None:
+        self.bar.set_postfix_str(layer_of(name), refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def layer_of(name: str) -> str:
@@ -399,4 +450,11 @@ def format_quant_summary(summary: dict) -> str:
                      f"{r['bytes_per_element']:>8.5f} {r['rel_rms']:>8.4f}")
     for name, why in summary.get("skipped", {}).items():
         lines.append(f"  kept float: @{name} ({why})")
+    errors = summary.get("output_error", {})
+    if errors:
+        worst = ", ".join(f"@{n} {e:.4f}" for n, e in list(errors.items())[:3])
+        lines.append(f"  output error on calibration inputs |dW X|/|W X|: median "
+                     f"{float(np.median(list(errors.values()))):.4f}, worst {worst}")
+    for name, err in summary.get("kept_q8_for_error", {}).items():
+        lines.append(f"  kept q8 for its error: @{name} ({err:.4f} in nf4)")
     return "\n".join(lines)

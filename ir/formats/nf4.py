@@ -49,9 +49,23 @@ SCALES = ("f32", "fp8_e4m3", "bnb_dynamic8")
 BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+# nearest_code by table: [-1, 1) in 512 cells, each holding at most one midpoint (their gaps
+# are over 0.08) and none within 1.6e-4 of a cell edge (far above float32 rounding of the cell
+# index), so a cell's count of midpoints below it plus one comparison is searchsorted's answer.
+_CELLS = 256
+_BELOW = np.searchsorted(MIDPOINTS, np.arange(2 * _CELLS, dtype=np.float64) / _CELLS - 1, side="right") \
+    .astype(np.uint8)                                  # midpoints strictly below each cell (edges hold none)
+_NEXT = np.append(MIDPOINTS, np.float32(np.inf))
+
+
 def nearest_code(scaled: np.ndarray) -> np.ndarray:
-    """NF4 code of values in [-1, 1]; a value exactly on a midpoint takes the lower code."""
-    return np.searchsorted(MIDPOINTS, scaled, side="left").astype(np.uint8)
+    """NF4 code of values in [-1, 1] (finite values outside take the end codes); a value
+    exactly on a midpoint takes the lower code.  Equal to searchsorted(MIDPOINTS, x, "left"),
+    several times faster on the large arrays quantization and GPTQ's scale search pass."""
+    x = np.asarray(scaled, np.float32)
+    cell = np.minimum(((np.clip(x, -1, 1) + np.float32(1)) * np.float32(_CELLS)).astype(np.int32), 2 * _CELLS - 1)
+    below = _BELOW[cell]
+    return below + (x > _NEXT[below])
 
 
 def pack(codes: np.ndarray) -> np.ndarray:

@@ -50,3 +50,33 @@ def test_compile_quant_nf4_then_run(stories_dir, tmp_path):
     out = amxc("run", art, "-p", "Once upon a time", "-n", "24").stdout
     assert out.rstrip("\n") == Engine.load(art).generate("Once upon a time", max_new_tokens=24).text
     assert len(out.split()) >= 10                  # it generated words, not nothing
+
+
+def test_eval_compare_scores_every_model_on_the_same_tokens(stories_art, stories_dir, shared_eval, tmp_path):
+    """`amxc eval A --compare B [C.gguf]`: one table, the same windows for every row; each row's
+    perplexity is the one `amxc eval` gives that model alone."""
+    rtn = tmp_path / "rtn.amxc"
+    amxc("compile", stories_dir, "-o", rtn, "--quant", "nf4{method=rtn}", "-q")
+    text = shared_eval / "tinystories_dev.txt"
+    window = ["--window", "128", "--stride", "128", "--max-tokens", "700"]
+    models = [rtn]
+    try:
+        import llama_cpp  # noqa: F401  (optional: the llama.cpp row)
+        import sys as _sys
+        _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[2] / "benchmarks"))
+        from gguf_export import export_f16
+        models.append(export_f16(stories_dir, tmp_path / "stories-f16.gguf"))
+    except ImportError:
+        pass
+    rows = json.loads(amxc("eval", stories_art, "--text", text, *window, "--json", "--compare", *models).stdout)
+    assert [r["model"] for r in rows[:2]] == [stories_art.name, rtn.name]
+    assert len({r["tokens_scored"] for r in rows}) == 1 and rows[0]["tokens_scored"] == 699
+    for art, row in zip([stories_art, rtn], rows):
+        alone = json.loads(amxc("eval", art, "--text", text, *window, "--json").stdout)
+        assert row["perplexity"] == alone["perplexity"]
+    assert rows[0]["bytes_per_param"] == 4.0 and rows[1]["bytes_per_param"] < 2.0
+    assert all(r["decode_tok_s"] > 0 for r in rows)
+    if len(rows) == 3:                                 # llama.cpp on f16 weights: close to fp32
+        assert abs(rows[2]["perplexity"] / rows[0]["perplexity"] - 1) < 0.01
+    table = amxc("eval", stories_art, "--text", text, *window, "--compare", rtn).stdout
+    assert "| model | engine | bytes/param | perplexity |" in table

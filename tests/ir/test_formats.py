@@ -126,6 +126,20 @@ def test_ties_go_to_the_lower_code():
     assert nf4.nearest_code(np.nextafter(nf4.MIDPOINTS, F32(2))).tolist() == list(range(1, 16))
 
 
+def test_nearest_code_by_table_equals_the_midpoint_search():
+    """The cell table (nf4._BELOW) must give searchsorted's code for every float32, midpoints,
+    their neighbours, cell edges and values outside [-1, 1] included."""
+    rng = np.random.default_rng(3)
+    edges = np.arange(-512, 513, dtype=np.float64) / 256
+    x = np.concatenate([rng.uniform(-1.5, 1.5, 1 << 20), rng.standard_normal(1 << 16) * 1e-3, edges,
+                        np.nextafter(edges, 2), np.nextafter(edges, -2), nf4.MIDPOINTS,
+                        np.nextafter(nf4.MIDPOINTS, F32(2)), np.nextafter(nf4.MIDPOINTS, F32(-2)),
+                        [-1e30, -1.0, -0.0, 0.0, 1.0, 1e30]]).astype(F32)
+    want = np.searchsorted(nf4.MIDPOINTS, x, side="left")
+    assert nf4.nearest_code(x).dtype == np.uint8
+    assert np.array_equal(nf4.nearest_code(x), want)
+
+
 def test_table_is_bitsandbytes_table():
     assert nf4.TABLE.tolist() == [float(F32(v)) for v in NF4_DECIMAL]
 

@@ -227,3 +227,31 @@ def test_lf_over_the_cache_equals_the_whole_sequence():
         o2 = get("linear")(get("lf_pairs")(o1, pos, offset=1), w2, b2)
         out.append(get("rms_norm")(o2 + x, weight, 1e-6))
     np.testing.assert_allclose(np.concatenate(out, axis=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_run_in_lockstep_and_observe_may_replace_one_stream():
+    """run_streams (GPTQ's float and quantized models side by side): each stream equals its own
+    run, and a replacement the observer makes reaches only its stream."""
+    from amxc.ir.interpreter import run, run_streams
+    m = ir.parse_module("""module @m {
+  param @w : f32[4, 3]
+  func @main(%x: f32[2, 3]) -> (f32[2, 4]) {
+    %y = linear(%x, @w) : f32[2, 4]
+    %z = relu(%y) : f32[2, 4]
+    return %z
+  }
+}""")
+    rng = np.random.default_rng(0)
+    m.params["w"].set_data(rng.standard_normal((4, 3)).astype(np.float32))
+    a, b = (rng.standard_normal((2, 3)).astype(np.float32) for _ in range(2))
+    (ra,), (rb,) = run_streams(m, [[a], [b]])
+    assert np.array_equal(ra, run(m, [a])[0]) and np.array_equal(rb, run(m, [b])[0])
+    seen = []
+
+    def zero_second_weight(node, streams):
+        seen.append((node.op, len(streams)))
+        if node.op == "linear":
+            return [streams[0], [streams[1][0], np.zeros_like(streams[1][1])]]
+    (ra2,), (rb2,) = run_streams(m, [[a], [a]], observe=zero_second_weight)
+    assert seen == [("linear", 2), ("relu", 2)]
+    assert np.array_equal(ra2, run(m, [a])[0]) and not rb2.any()

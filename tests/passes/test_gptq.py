@@ -2,6 +2,8 @@
 is unchanged (ordinary nf4 parameters); what changes is which codes and scales are chosen."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -50,7 +52,7 @@ def test_gptq_compile_lowers_held_out_perplexity(stories_dir, shared_eval, tmp_p
     calib = tmp_path / "calib.txt"
     calib.write_text(text[len(text) // 2:])                        # calibrate on the second half
     rtn, gptq = tmp_path / "rtn.amxc", tmp_path / "gptq.amxc"
-    assert main(["compile", str(stories_dir), "-o", str(rtn), "--quant", "nf4", "-q"]) == 0
+    assert main(["compile", str(stories_dir), "-o", str(rtn), "--quant", "nf4{method=rtn}", "-q"]) == 0
     assert main(["compile", str(stories_dir), "-o", str(gptq), "--quant", "nf4{method=gptq}",
                  "--calib", str(calib), "--calib-tokens", "2048", "-q"]) == 0
     held_out = text[:8000]                                         # ...and measure on the first
@@ -90,3 +92,79 @@ def test_gptq_codes_decode_to_weights_near_the_original(act_order):
     out = lambda ww: np.linalg.norm(x @ (ww - w).T)
     assert out(q) < out(rtn)
     assert np.abs(q - w).max() < 4 * np.abs(rtn - w).max()
+
+
+def test_input_stats_factor_the_damped_inverse_and_measure_output_error():
+    """U^T U is the damped H^-1 in the sweep's column order, shared by every weight of an input;
+    output_error is ||(W - Q) X|| / ||W X|| computed from H alone."""
+    from amxc.passes.gptq import input_stats, output_error
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((700, 128)) * np.linspace(0.1, 3, 128)).astype(np.float32)
+    x[:, 5] = 0.0                                                   # a dead input
+    st = input_stats(x)
+    h = x.astype(np.float64).T @ x.astype(np.float64)
+    assert st.dead.tolist() == [i == 5 for i in range(128)]
+    hd = h.copy()
+    hd[5, 5] = 1.0
+    hd[np.diag_indices(128)] += 0.01 * np.mean(np.diag(hd))
+    inv = np.linalg.inv(hd[np.ix_(st.perm, st.perm)])
+    assert np.allclose(st.u.T @ st.u, inv, rtol=1e-3, atol=1e-6 * np.abs(inv).max())   # H summed in f32
+    assert np.array_equal(st.u, np.triu(st.u))
+    assert list(st.perm[:3]) == list(np.argsort(-np.diag(h), kind="stable")[:3])
+    w = rng.standard_normal((16, 128))
+    q = w + 0.01 * rng.standard_normal(w.shape)
+    direct = np.linalg.norm(x @ (w - q).T) / np.linalg.norm(x @ w.T)
+    assert output_error(w, q, st) == pytest.approx(direct, rel=1e-4)
+
+
+def test_default_nf4_calibrates_on_the_shipped_corpus(stories_dir, shared_eval, tmp_path):
+    """`--quant nf4` with no calibration text: GPTQ on the text packaged with amxc, which is
+    public domain and disjoint from the evaluation texts; lower held-out perplexity than
+    round-to-nearest, which stays one option away."""
+    from amxc.api import CALIBRATION_TEXT
+    corpus = CALIBRATION_TEXT.read_text()
+    assert len(corpus) > 100_000 and (CALIBRATION_TEXT.parent / "README.md").is_file()
+    evaluation = (shared_eval / "botchan.txt").read_text()
+    assert corpus[:300] not in evaluation and evaluation[-300:] not in corpus
+    default, rtn = tmp_path / "default.amxc", tmp_path / "rtn.amxc"
+    assert main(["compile", str(stories_dir), "-o", str(default), "--quant", "nf4", "-q"]) == 0
+    assert main(["compile", str(stories_dir), "-o", str(rtn), "--quant", "nf4{method=rtn}", "-q"]) == 0
+    manifest = json.loads((default / "manifest.json").read_text())
+    assert manifest["quantization"]["method"] == "gptq"
+    assert len(manifest["quantization"]["output_error"]) == 30      # every nf4 weight, measured
+    assert json.loads((rtn / "manifest.json").read_text())["quantization"]["method"] == "rtn"
+    held_out = (shared_eval / "tinystories_dev.txt").read_text()[:8000]
+    p_default, p_rtn = (Engine.load(a).perplexity(held_out, window=256, stride=256).perplexity
+                        for a in (default, rtn))
+    print(f"stories260K held-out perplexity: rtn {p_rtn:.3f}, default (calibrated) {p_default:.3f}")
+    assert p_default < p_rtn
+
+
+def test_keep_worst_stores_the_matrices_of_largest_measured_error_in_q8(stories_dir, tmp_path):
+    from amxc.api import CALIBRATION_TEXT, calibration_file, optimize
+    from amxc.passes.quantize_nf4 import QuantizeNF4
+    module = import_hf_checkpoint(stories_dir)
+    optimize(module)
+    calib = calibration_file(stories_dir, CALIBRATION_TEXT, 1024)
+    p = QuantizeNF4(calib=str(calib), keep_worst=3)
+    p.run(module)
+    assert p.method == "gptq" and len(p.kept_for_error) == 3
+    worst = sorted(p.errors, key=lambda n: -p.errors[n])[:3]
+    assert sorted(p.kept_for_error) == sorted(worst)
+    for name in worst:
+        assert module.params[name].type.dtype.name == "q8"
+    rest = [n for n in p.errors if n not in worst]
+    assert all(module.params[n].type.dtype.name == "nf4" for n in rest)
+    assert min(p.kept_for_error.values()) >= max(p.errors[n] for n in rest)
+    with pytest.raises(PassError, match="keep_worst .* needs method=gptq"):
+        QuantizeNF4(keep_worst=2).run(import_hf_checkpoint(stories_dir))
+
+
+def test_auto_method_without_calibration_or_with_tp_is_round_to_nearest(stories_dir):
+    from amxc.passes.quantize_nf4 import QuantizeNF4
+    module = import_hf_checkpoint(stories_dir)
+    p = QuantizeNF4()
+    p.run(module)
+    assert p.method == "rtn" and p.errors == {}
+    with pytest.raises(PassError, match="method='fast' is not auto, rtn or gptq"):
+        QuantizeNF4(method="fast").run(import_hf_checkpoint(stories_dir))

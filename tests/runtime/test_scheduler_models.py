@@ -33,7 +33,7 @@ NEAR_TIE = 2 * 3.0
 @pytest.fixture(scope="module")
 def smollm2_nf4_art(tmp_path_factory, smollm2_gguf):
     from amxc.api import compile
-    return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2-nf4.amxc", quant="nf4",
+    return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2-nf4.amxc", quant="nf4{method=rtn}",
                    progress=False)
 
 

@@ -239,7 +239,7 @@ def smol_shaped(tmp_path_factory):
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p)) if p.ndim == 1 else p.normal_(0.0, 0.08)
     model.save_pretrained(root / "hf")
-    return {tp: compile(root / "hf", root / f"nf4-{tp}.amxc", tp=tp, quant="nf4", progress=False) for tp in (1, 2, 4)}
+    return {tp: compile(root / "hf", root / f"nf4-{tp}.amxc", tp=tp, quant="nf4{method=rtn}", progress=False) for tp in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("tp", [2, 4])
