@@ -31,7 +31,7 @@ def trace(model, *, progress: bool = False) -> Module:
 
 
 def compile_pipeline(pipeline: str | None = None, quant: str | None = None, target: str = "auto",
-                     tp: int = 1) -> str:
+                     tp: int = 1, kv: str = "f32") -> str:
     """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
     passes), then shard-tp{ways=tp} for tensor parallelism (before quantization: each rank's
     slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
@@ -41,6 +41,12 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     from amxc.passes import DEFAULT_PIPELINE
 
     out = DEFAULT_PIPELINE if pipeline is None else pipeline
+    if kv not in ("f32", "i8"):
+        raise UsageError(f"--kv {kv}: the KV cache stores f32 or i8")
+    if kv != "f32":                 # the KV cache's storage (kv-cache{storage=i8}: int8 rows + scales)
+        if "kv-cache{" in out:
+            raise UsageError("--kv: the pipeline already configures kv-cache; set storage= there")
+        out = ",".join(f"kv-cache{{storage={kv}}}" if p == "kv-cache" else p for p in out.split(","))
     if not isinstance(tp, int) or not 1 <= tp <= 8:
         raise UsageError(f"--tp {tp}: tensor parallelism runs 1 to 8 ranks")
     if tp > 1:
@@ -98,7 +104,8 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
             target: str = "auto", dump_ir: Sequence[str] = (), dump_dir: str | os.PathLike | None = None,
             dump_diff: bool = False, plugins: Sequence[str] = (), verify_each: bool = True,
             instruments: Sequence = (), strict_fusion: bool = False, progress: bool = True,
-            tp: int = 1, calib: str | os.PathLike | None = None, calib_tokens: int = CALIBRATION_TOKENS) -> Path:
+            tp: int = 1, calib: str | os.PathLike | None = None, calib_tokens: int = CALIBRATION_TOKENS,
+            kv: str = "f32") -> Path:
     """Trace `model`, run `pipeline` (default: amxc.passes.DEFAULT_PIPELINE) and write a compiled
     artifact directory at `output`.  `quant="nf4"` adds weight quantization and `target` the lowest
     ISA tier the artifact must run on, `tp` the ranks of tensor parallelism (see compile_pipeline).
@@ -115,7 +122,7 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
     from amxc.runtime.artifact import check_output, save_artifact
 
     check_output(output)                       # refuse a bad -o before the slow trace
-    pipeline = compile_pipeline(pipeline, quant, target, tp)
+    pipeline = compile_pipeline(pipeline, quant, target, tp, kv)
     with _pass_scope(plugins):
         passes = _parse(pipeline)              # a mistyped pipeline fails before the slow trace
         _supply_calibration(model, passes, calib, calib_tokens, tp, progress)
@@ -340,7 +347,8 @@ def format_stats(module: Module) -> str:
     return "\n".join(lines)
 
 
-def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, tp: int = 1) -> Path:
+def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, tp: int = 1,
+                    kv: str = "f32") -> Path:
     """`model` if it is an artifact directory; otherwise its compiled artifact in the cache
     (`~/.cache/amxc/artifacts`), compiled with the default pipeline (plus `quant`, sharded `tp`
     ways) on first use."""
@@ -356,13 +364,17 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, t
             from amxc.errors import UsageError
             raise UsageError(f"{path} is already compiled; quantization is chosen at compile time "
                              f"(amxc compile MODEL --quant {quant})")
+        if kv != "f32":
+            from amxc.errors import UsageError
+            raise UsageError(f"{path} is already compiled; the KV cache's storage is chosen at compile "
+                             f"time (amxc compile MODEL --kv {kv})")
         if tp > 1:
             from amxc.errors import UsageError
             raise UsageError(f"{path} is already compiled; tensor parallelism is chosen at compile time "
                              f"(amxc compile MODEL --tp {tp}), and a sharded artifact starts its own ranks")
         return path
     source = str(path.resolve()) if path.exists() else str(model)
-    pipeline = compile_pipeline(None, quant, tp=tp)
+    pipeline = compile_pipeline(None, quant, tp=tp, kv=kv)
     key = hashlib.sha256(f"{source}|{__version__}|{pipeline}".encode()).hexdigest()[:12]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.name or str(model)))
     art = cache_dir() / "artifacts" / f"{name}-{key}.amxc"
@@ -372,10 +384,11 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, t
     return art
 
 
-def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, **engine_options):
+def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, kv: str = "f32",
+         **engine_options):
     """An inference Engine for an artifact directory, or for a model (compiled on first use,
     quantized if `quant` says so: 'nf4'; sharded `tp` ways).  A sharded artifact starts its rank
     processes; `Engine.close()` stops them."""
     from amxc.runtime.engine import Engine
 
-    return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp), **engine_options)
+    return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp, kv=kv), **engine_options)

@@ -66,6 +66,9 @@ def _model_arg(p) -> None:
                     help="KV cache size as tokens (4096) or memory (512MiB, 2GiB, 1.5GB)")
     p.add_argument("--quant", metavar="SPEC", default=None,
                    help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
+    p.add_argument("--kv", choices=["f32", "i8"], default="f32",
+                   help="when compiling on first use: the KV cache's storage (i8: int8 + a scale per "
+                        "position and head)")
     tp = p.add_argument_group("tensor parallelism (an artifact compiled with --tp N runs N rank processes)")
     tp.add_argument("--tp", type=at_least(1), default=None, metavar="N",
                     help="when compiling on first use: shard the model N ways")
@@ -102,7 +105,7 @@ def _engine(args):
         kind, value = args.kv_capacity
         tokens, nbytes = (value, None) if kind == "tokens" else (None, value)
     import atexit
-    engine = load(args.model, quant=args.quant, progress=True, tp=args.tp or 1, kv_tokens=tokens,
+    engine = load(args.model, quant=args.quant, progress=True, tp=args.tp or 1, kv=args.kv, kv_tokens=tokens,
                   kv_bytes=nbytes, bind=args.bind, transport=args.transport)
     atexit.register(engine.close)          # a sharded artifact's rank processes stop with us
     return engine

@@ -231,9 +231,10 @@ class Emitter:
         d = q.type.shape[3]
         if not isinstance(d, int) or d > 512:
             raise CodegenError(f"native attention supports head_dim <= 512, got {d}")
+        kv8 = "true" if n.inputs[4].type.storage == "i8" else "false"
         self.lines.append(f"amxc::attention_cached({self.p(q)}, {self.p(k)}, {self.p(v)}, {self.p(pos)}, a, "
                           f"{c_int(n.attrs['layer'])}, {cxx(q.type.shape[1])}, {cxx(k.type.shape[1])}, {d}, "
-                          f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)});")
+                          f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)}, {kv8});")
 
     def op_lf_state(self, np_: NodePlan) -> None:
         n = np_.node

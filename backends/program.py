@@ -111,7 +111,7 @@ class Program:
 
     def _check(self, batch: StepBatch, k: np.ndarray, v: np.ndarray) -> None:
         t = self.cache_type
-        if k.shape != v.shape or k.ndim != 5 or (k.shape[0], k.shape[2], k.shape[4]) != (t.physical_layers, t.kv_heads, t.head_dim) \
+        if k.shape != v.shape or k.ndim != 5 or (k.shape[0], k.shape[2], k.shape[4]) != (t.physical_layers, t.kv_heads, t.row) \
                 or k.dtype != t.dtype.storage or not (k.flags.c_contiguous and v.flags.c_contiguous):
             raise StepError(f"KV arrays {k.shape} {k.dtype} do not fit {t}")
         batch.check_reserved(k.shape[3], k.shape[1])
@@ -134,12 +134,13 @@ class InterpreterProgram(Program):
 
     def _run(self, batch, k, v):
         if self.ways == 1:
-            return interpret(self.module, [batch.ids, batch.positions, PagedView(batch, k, v, self.cache_type.layers)],
+            return interpret(self.module, [batch.ids, batch.positions, PagedView(batch, k, v, self.cache_type.layers, self.cache_type.storage)],
                              function=batch.function)[0]
         if not self.rank_kv or self.rank_kv[0][0].shape != k.shape:
             self.rank_kv = [(np.zeros_like(k), np.zeros_like(v)) for _ in range(self.ways - 1)]
         layers = self.cache_type.layers
-        views = [PagedView(batch, k, v, layers)] + [PagedView(batch, kr, vr, layers) for kr, vr in self.rank_kv]
+        st = self.cache_type.storage
+        views = [PagedView(batch, k, v, layers, st)] + [PagedView(batch, kr, vr, layers, st) for kr, vr in self.rank_kv]
         outs = run_ranks(self.module, [[batch.ids, batch.positions, view] for view in views],
                          function=batch.function)
         return outs[0][0]

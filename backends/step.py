@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from amxc.ir.ops.cache import kv_dequantize, kv_quantize
+
 FUNCTIONS = ("prefill", "decode")
 
 
@@ -99,16 +101,19 @@ class PagedView:
     """A StepBatch's rows over the paged arrays, as the `attention_cached` op's reference
     (ir/ops/cache.py) addresses a cache: write(layer, positions, k, v), read(layer, upto)."""
 
-    def __init__(self, batch: StepBatch, k: np.ndarray, v: np.ndarray, layers: int | None = None):
+    def __init__(self, batch: StepBatch, k: np.ndarray, v: np.ndarray, layers: int | None = None,
+                 storage: str = "f32"):
         self.batch, self.k, self.v = batch, k, v
         self.block_size = k.shape[3]
         self.layers = k.shape[0] if layers is None else layers      # attention layers; state slots follow
+        self.storage = storage                                      # KVCacheType.storage of the arrays
+        self.head_dim = k.shape[4] if storage == "f32" else (k.shape[4] - 1) * 4
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         for r in range(len(positions)):
             blocks, offsets = kv_slots(self.batch.block_tables[r], positions[r], self.block_size)
-            self.k[layer, blocks, :, offsets] = k[r].swapaxes(0, 1)
-            self.v[layer, blocks, :, offsets] = v[r].swapaxes(0, 1)
+            self.k[layer, blocks, :, offsets] = kv_quantize(k[r].swapaxes(0, 1), self.storage)
+            self.v[layer, blocks, :, offsets] = kv_quantize(v[r].swapaxes(0, 1), self.storage)
 
     def _slot_array(self, slot: int):
         return (self.k if slot % 2 == 0 else self.v), self.layers + slot // 2
@@ -142,4 +147,5 @@ class PagedView:
             values.append(self.v[layer, blocks, :, offsets].swapaxes(0, 1))
         pos = np.broadcast_to(span.astype(np.int64), (self.batch.rows, upto))
         held = span[None, :] < self.batch.context_lens[:, None]
-        return np.stack(keys), np.stack(values), pos, held
+        return (kv_dequantize(np.stack(keys), self.storage, self.head_dim),
+                kv_dequantize(np.stack(values), self.storage, self.head_dim), pos, held)

@@ -284,14 +284,20 @@ class _Parser:
                 break
         self.expect(">")
         want = ("layers", "kv_heads", "head_dim", "dtype")
-        state = 0
+        state, storage = 0, "f32"
+        if tuple(fields)[-1:] == ("storage",):
+            t = fields.pop("storage")
+            if t.text not in KVCacheType.STORAGES:
+                raise self.error(f"kv_cache storage must be one of {', '.join(KVCacheType.STORAGES)}", t)
+            storage = t.text
         if tuple(fields)[-1:] == ("state",):
             t = fields.pop("state")
             if t.kind != "int" or len(t.text) > 9:
                 raise self.error("kv_cache state must be a non-negative integer", t)
             state = int(t.text)
         if tuple(fields) != want:
-            raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order (then state=N)", tok)
+            raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order (then state=N, "
+                             f"storage=f32|i8)", tok)
         ints = []
         for key in want[:3]:
             t = fields[key]
@@ -300,7 +306,9 @@ class _Parser:
             ints.append(int(t.text))
         if fields["dtype"].text not in DTYPES:
             raise self.error(f"unknown dtype '{fields['dtype'].text}'", fields["dtype"])
-        return KVCacheType(*ints, DTYPES[fields["dtype"].text], state)
+        if storage == "i8" and (ints[2] % 4 or state):
+            raise self.error("kv_cache storage=i8 needs head_dim a multiple of 4 and no state slots", tok)
+        return KVCacheType(*ints, DTYPES[fields["dtype"].text], state, storage)
 
     # -- structure -----------------------------------------------------------------------------
     def module(self) -> Module:

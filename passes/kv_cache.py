@@ -20,7 +20,9 @@ from .pattern import replace_uses
 @register_pass("kv-cache")
 class KVCache(Pass):
     options = {"keep_forward": Option(bool, False, "also keep the full-sequence forward"),
-               "seq": Option(str, "s", "name of the sequence-length size")}
+               "seq": Option(str, "s", "name of the sequence-length size"),
+               "storage": Option(str, "f32", "how the cache holds keys and values: f32, or i8 (int8 "
+                                             "codes + a float32 scale per position and head)")}
 
     def run(self, module: Module) -> bool:
         if "prefill" in module.functions:
@@ -40,7 +42,13 @@ class KVCache(Pass):
         k = attn[0].inputs[1].type
         slots = self._lf_slots(fn, k.shape[1] * k.shape[3])
         filters = sum(1 for n in fn.nodes if n.op == "localized_filter")
-        cache_type = KVCacheType(len(attn), k.shape[1], k.shape[3], k.dtype, filters * slots)
+        storage = self.opts["storage"]
+        if storage not in KVCacheType.STORAGES:
+            raise PassError(f"kv-cache: storage={storage!r} is not one of {', '.join(KVCacheType.STORAGES)}")
+        if storage == "i8" and (filters or k.shape[3] % 4):
+            raise PassError("kv-cache: storage=i8 needs head_dim a multiple of 4 and no Localized "
+                            "Filtering state (its inputs must be kept exactly)")
+        cache_type = KVCacheType(len(attn), k.shape[1], k.shape[3], k.dtype, filters * slots, storage)
         prefill = clone_function(fn, "prefill")
         cache = Value("kv", cache_type)
         prefill.args.append(cache)

@@ -307,7 +307,7 @@ class ShardTP(Pass):
                         raise PassError(f"shard-tp: the cache's state slots ({a.type}) do not divide into "
                                         f"{heads.kv_per_rank} kv heads per rank")
                     a.type = KVCacheType(a.type.layers, heads.kv_per_rank, a.type.head_dim, a.type.dtype,
-                                         a.type.state * more)
+                                         a.type.state * more, a.type.storage)
                     for n in fn.nodes:
                         if n.op == "lf_state":
                             n.attrs = {**n.attrs, "slot": n.attrs["slot"] * more, "slots": n.attrs["slots"] * more}

@@ -1,4 +1,6 @@
-"""The paged KV cache's memory: keys and values [layers, num_blocks, kv_heads, block_size, head_dim].
+"""The paged KV cache's memory: keys and values [layers, num_blocks, kv_heads, block_size, row]
+(row: head_dim float32 values, or with storage=i8 head_dim int8 codes and a scale packed into
+head_dim/4 + 1 float32 words; ir/types.py KVCacheType).
 
 Which block holds what is the block manager's business (blocks.py); how a batch row addresses its
 blocks is backends/step.py's (kv_slots; kv_slot in native code).  This is only the storage, sized
@@ -20,7 +22,7 @@ class KVStorage:
         if num_blocks < 1 or block_size < 1:
             raise KVCacheError("a KV cache needs at least one block of at least one token")
         self.type, self.num_blocks, self.block_size = type, num_blocks, block_size
-        shape = (type.physical_layers, num_blocks, type.kv_heads, block_size, type.head_dim)
+        shape = (type.physical_layers, num_blocks, type.kv_heads, block_size, type.row)
         nbytes = 2 * int(np.prod(shape)) * type.dtype.storage.itemsize
         try:
             self.k = np.zeros(shape, dtype=type.dtype.storage)
@@ -35,4 +37,4 @@ class KVStorage:
 
     @staticmethod
     def bytes_per_token(type: KVCacheType) -> int:
-        return 2 * type.physical_layers * type.kv_heads * type.head_dim * type.dtype.storage.itemsize
+        return 2 * type.physical_layers * type.kv_heads * type.row * type.dtype.storage.itemsize

@@ -385,8 +385,8 @@ static inline int64_t kv_slot(const StepArgs* a, int64_t r, int64_t p, int64_t h
 // per-thread scratch that persists across calls: fresh multi-100-KB mallocs are mmaps whose page
 // faults cost more than the attention itself
 static inline float* scratch(int slot, int64_t n) {
-  static thread_local float* buf[3] = {nullptr, nullptr, nullptr};
-  static thread_local int64_t cap[3] = {0, 0, 0};
+  static thread_local float* buf[4] = {nullptr, nullptr, nullptr, nullptr};
+  static thread_local int64_t cap[4] = {0, 0, 0, 0};
   if (n > cap[slot]) { free(buf[slot]); cap[slot] = n; buf[slot] = (float*)malloc(n * sizeof(float)); }
   return buf[slot];
 }
@@ -404,6 +404,25 @@ static inline int8_t* scratch_i8(int64_t n) {
 // page boundary (measured: 16 rows x 150 cached tokens, SmolLM2 shapes, 12.1 -> 9.7 ms a step).
 static inline void prefetch_rows(const float* p, int64_t n) {
   for (int64_t e = 0; e < n; e += 16) __builtin_prefetch(p + e, 0, 3);
+}
+
+// An int8 cache row (KVCacheType storage=i8, ir/ops/cache.py kv_quantize is the reference): d
+// codes rint(x / scale), scale = absmax / 127, in the first d/4 float words, the scale in word d/4.
+static inline void kv8_store(const float* x, int64_t d, float* dst) {
+  float amax = 0.0f;
+  for (int64_t e = 0; e < d; ++e) amax = std::max(amax, std::fabs(x[e]));
+  const float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+  int8_t* codes = reinterpret_cast<int8_t*>(dst);
+  for (int64_t e = 0; e < d; ++e) codes[e] = (int8_t)nearbyintf(x[e] * inv);
+  dst[d / 4] = scale;
+}
+// n stored rows (dr words apart) as float rows (d apart): code * scale
+static inline void kv8_load(const float* src, int64_t n, int64_t d, int64_t dr, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int8_t* codes = reinterpret_cast<const int8_t*>(src + j * dr);
+    const float scale = src[j * dr + d / 4];
+    for (int64_t e = 0; e < d; ++e) out[j * d + e] = (float)codes[e] * scale;
+  }
 }
 
 // sc[j] = dot(q, k[j]) for n keys stored contiguously d apart, 8 independent chains at a time
@@ -434,10 +453,13 @@ static inline void pv_run(const float* w, const float* v, int64_t n, int64_t d_r
 // for the keys j0..j1-1 (none: m = MASKED, l = 0, o = 0).  Keys are taken in runs that are
 // contiguous in the cache (the positions of one block); every score is amxc::dot's, and every
 // P.V sum adds w * v key by key in position order, so the bits do not depend on the runs.
+// With int8 rows (dr = d/4 + 1 words a row) each run is first decoded into float rows, which then
+// take exactly the float path: the reference dequantizes and attends the same way.
 template <int D>
 static inline void chunk_partial_d(const float* qs, const float* kc, const float* vc, const StepArgs* a,
-                                   int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t group,
+                                   int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t dr, int64_t group,
                                    int64_t j0, int64_t j1, float* mine) {
+  const bool kv8 = dr != d;
   for (int64_t g = 0; g < group; ++g) {
     float* pg = mine + g * (d + 2);
     pg[0] = MASKED;
@@ -448,15 +470,18 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
   const int64_t n = j1 - j0, bs = a->block_size;
   // the runs: [j0, next block start), then whole blocks, then the tail
   auto run_end = [&](int64_t p) { return std::min(j1, (p / bs + 1) * bs); };
+  float* rows = kv8 ? scratch(3, bs * d) : nullptr;
   for (int64_t p = j0; p < j1; p = run_end(p)) {
-    const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, d);
+    const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, dr);
     if (run_end(p) < j1) {
-      const int64_t next = kv_slot(a, r, run_end(p), hk, kv_heads, d);
-      prefetch_rows(kc + next, std::min<int64_t>(bs, j1 - run_end(p)) * d);
+      const int64_t next = kv_slot(a, r, run_end(p), hk, kv_heads, dr);
+      prefetch_rows(kc + next, std::min<int64_t>(bs, j1 - run_end(p)) * dr);
     } else {
-      prefetch_rows(vc + kv_slot(a, r, j0, hk, kv_heads, d), std::min<int64_t>(bs - j0 % bs, n) * d);
+      prefetch_rows(vc + kv_slot(a, r, j0, hk, kv_heads, dr), std::min<int64_t>(bs - j0 % bs, n) * dr);
     }
-    for (int64_t g = 0; g < group; ++g) score_run(qs + g * d, kc + off, len, d, sc + g * ATTN_CHUNK + (p - j0));
+    const float* keys = kc + off;
+    if (kv8) { kv8_load(keys, len, d, dr, rows); keys = rows; }
+    for (int64_t g = 0; g < group; ++g) score_run(qs + g * d, keys, len, d, sc + g * ATTN_CHUNK + (p - j0));
   }
   for (int64_t g = 0; g < group; ++g) {
     float* s = sc + g * ATTN_CHUNK;
@@ -470,21 +495,23 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
     mine[g * (d + 2) + 1] = l;
   }
   for (int64_t p = j0; p < j1; p = run_end(p)) {
-    const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, d);
+    const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, dr);
     if (run_end(p) < j1)
-      prefetch_rows(vc + kv_slot(a, r, run_end(p), hk, kv_heads, d), std::min<int64_t>(bs, j1 - run_end(p)) * d);
+      prefetch_rows(vc + kv_slot(a, r, run_end(p), hk, kv_heads, dr), std::min<int64_t>(bs, j1 - run_end(p)) * dr);
+    const float* values = vc + off;
+    if (kv8) { kv8_load(values, len, d, dr, rows); values = rows; }
     for (int64_t g = 0; g < group; ++g)
-      pv_run<D>(sc + g * ATTN_CHUNK + (p - j0), vc + off, len, d, mine + g * (d + 2) + 2);
+      pv_run<D>(sc + g * ATTN_CHUNK + (p - j0), values, len, d, mine + g * (d + 2) + 2);
   }
 }
 
 static inline void chunk_partial(const float* qs, const float* kc, const float* vc, const StepArgs* a,
-                                 int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t group,
+                                 int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t dr, int64_t group,
                                  int64_t j0, int64_t j1, float* mine) {
   switch (d) {                                      // the head sizes of the families we compile
-    case 64: chunk_partial_d<64>(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, mine); break;
-    case 128: chunk_partial_d<128>(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, mine); break;
-    default: chunk_partial_d<0>(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, mine);
+    case 64: chunk_partial_d<64>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine); break;
+    case 128: chunk_partial_d<128>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine); break;
+    default: chunk_partial_d<0>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine);
   }
 }
 
@@ -523,7 +550,7 @@ static inline void scaled_queries(const float* q, int64_t r, int64_t i, int64_t 
 
 // Decode: one query per row; threads take the (row, kv head, chunk) partials, then the merge.
 static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
-                             const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d,
+                             const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d, int64_t dr,
                              float scale, int64_t window, float* out) {
   const int64_t b = a->b, group = heads / kv_heads;
   int64_t chunks = 1;
@@ -537,7 +564,7 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
     chunk_range(pos[r], window, c, &j0, &j1);
     float* qs = scratch(1, group * d);
     scaled_queries(q, r, 0, 1, heads, hk, group, d, scale, qs);
-    chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, P + t * part);
+    chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, P + t * part);
   }
   for (int64_t r = 0; r < b; ++r)                   // merge the chunks, in order
     for (int64_t hk = 0; hk < kv_heads; ++hk)
@@ -594,23 +621,31 @@ static void lf_pairs(const float* x, const int64_t* pos, int64_t b, int64_t n, i
       }
 }
 
+// `kv8`: the cache holds int8 rows (storage=i8) of d/4 + 1 words, written by kv8_store.
 static void attention_cached(const float* q, const float* k, const float* v, const int64_t* pos,
                              const StepArgs* a, int layer, int64_t heads, int64_t kv_heads,
-                             int64_t d, float scale, int64_t window, float* out) {
-  const int64_t b = a->b, s = a->s, bs = a->block_size;
-  const int64_t layer_stride = a->num_blocks * kv_heads * bs * d;
+                             int64_t d, float scale, int64_t window, float* out, bool kv8 = false) {
+  const int64_t b = a->b, s = a->s, bs = a->block_size, dr = kv8 ? d / 4 + 1 : d;
+  const int64_t layer_stride = a->num_blocks * kv_heads * bs * dr;
   float* kc = a->kcache + layer * layer_stride;
   float* vc = a->vcache + layer * layer_stride;
   for (int64_t r = 0; r < b; ++r)
     for (int64_t h = 0; h < kv_heads; ++h)
       for (int64_t i = 0; i < s; ++i) {
         const int64_t p = pos[r * s + i];
-        const int64_t slot = kv_slot(a, r, p, h, kv_heads, d);
-        memcpy(kc + slot, k + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
-        memcpy(vc + slot, v + ((r * kv_heads + h) * s + i) * d, d * sizeof(float));
+        const int64_t slot = kv_slot(a, r, p, h, kv_heads, dr);
+        const float* kr = k + ((r * kv_heads + h) * s + i) * d;
+        const float* vr = v + ((r * kv_heads + h) * s + i) * d;
+        if (kv8) {
+          kv8_store(kr, d, kc + slot);
+          kv8_store(vr, d, vc + slot);
+        } else {
+          memcpy(kc + slot, kr, d * sizeof(float));
+          memcpy(vc + slot, vr, d * sizeof(float));
+        }
       }
   if (s == 1) {
-    attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, scale, window, out);
+    attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, dr, scale, window, out);
     return;
   }
   const int64_t group = heads / kv_heads, tasks = b * s * kv_heads, part = group * (d + 2);
@@ -624,7 +659,7 @@ static void attention_cached(const float* q, const float* k, const float* v, con
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t j0, j1;
       chunk_range(p, window, c, &j0, &j1);
-      chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, group, j0, j1, P + c * part);
+      chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, P + c * part);
     }
     for (int64_t g = 0; g < group; ++g)
       merge_chunks(P + g * (d + 2), chunks, part, d, out + ((r * heads + hk * group + g) * s + i) * d);

@@ -16,12 +16,39 @@ from ._shapes import fail
 from .fused import _attention_infer, attend, position_mask
 
 
+def kv_quantize(x: np.ndarray, storage: str) -> np.ndarray:
+    """Rows [..., head_dim] of f32 as the cache stores them ([..., row] float32 words).  i8: codes
+    rint(x / scale) with scale = absmax / 127 per row (0 for a zero row), the codes' bytes in the
+    first head_dim/4 words, the scale in the last; the native kernels round the same way."""
+    x = np.asarray(x, np.float32)
+    if storage == "f32":
+        return x
+    d = x.shape[-1]
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
+    codes = np.rint(x * inv).astype(np.int8)
+    out = np.empty(x.shape[:-1] + (d // 4 + 1,), np.float32)
+    out[..., :d // 4] = codes.reshape(*x.shape[:-1], d // 4, 4).view(np.float32)[..., 0]
+    out[..., d // 4] = scale[..., 0]
+    return out
+
+
+def kv_dequantize(rows: np.ndarray, storage: str, head_dim: int) -> np.ndarray:
+    """The values stored rows hold: code * scale (float32) for i8."""
+    if storage == "f32":
+        return rows
+    rows = np.ascontiguousarray(rows, np.float32)
+    codes = rows[..., :head_dim // 4].view(np.int8).astype(np.float32)
+    return (codes * rows[..., head_dim // 4:]).astype(np.float32)
+
+
 class DenseKVCache:
-    """Per layer, keys and values [batch, kv_heads, capacity, head_dim], slot = position."""
+    """Per layer, keys and values [batch, kv_heads, capacity, row] (row: head_dim float32, or
+    the packed int8 row of storage=i8), slot = position."""
 
     def __init__(self, type: KVCacheType, batch: int, capacity: int):
         self.type, self.batch, self.capacity = type, batch, capacity
-        shape = (type.physical_layers, batch, type.kv_heads, capacity, type.head_dim)
+        shape = (type.physical_layers, batch, type.kv_heads, capacity, type.row)
         self.k = np.zeros(shape, dtype=type.dtype.storage)
         self.v = np.zeros(shape, dtype=type.dtype.storage)
         self.filled = np.zeros((type.layers, batch, capacity), dtype=bool)
@@ -48,14 +75,17 @@ class DenseKVCache:
             raise IndexError(f"position {int(positions.max())} is outside the KV cache "
                              f"(capacity {self.capacity})")
         rows = np.arange(self.batch)[:, None]
-        self.k[layer, rows, :, positions] = np.swapaxes(k, 1, 2)
-        self.v[layer, rows, :, positions] = np.swapaxes(v, 1, 2)
+        st = self.type.storage
+        self.k[layer, rows, :, positions] = kv_quantize(np.swapaxes(k, 1, 2), st)
+        self.v[layer, rows, :, positions] = kv_quantize(np.swapaxes(v, 1, 2), st)
         self.filled[layer, rows, positions] = True
 
     def read(self, layer: int, upto: int):
         """Keys, values, their positions [b, upto] and which slots hold data."""
         pos = np.broadcast_to(np.arange(upto, dtype=np.int64), (self.batch, upto))
-        return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto], pos, self.filled[layer, :, :upto]
+        st, d = self.type.storage, self.type.head_dim
+        return (kv_dequantize(self.k[layer, :, :, :upto], st, d), kv_dequantize(self.v[layer, :, :, :upto], st, d),
+                pos, self.filled[layer, :, :upto])
 
 
 def _cached_infer(ts, at):
