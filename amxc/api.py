@@ -53,10 +53,13 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
         out += f",shard-tp{{ways={tp}}}"
     if quant == "q8":            # every linear in int8 (0.7 % PPL at 1.06 B/weight): the near-lossless
         quant = 'nf4{keep=".*"}'  # choice for weights that are already 4-bit (ONNX int4 imports)
-    if quant not in (None, "", "none"):
+    if quant is not None and (quant == "w8a8" or quant.startswith("w8a8{")):
+        out += ",quantize-int8" + quant[4:]      # q8 weights, int8 activations, SmoothQuant
+    elif quant not in (None, "", "none"):
         if not (quant == "nf4" or quant.startswith("nf4{")):
             from amxc.passes.quantize_nf4 import QuantizeNF4
-            raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{OPTIONS}}, q8, none; "
+            raise UsageError(f"unknown quantization '{quant}' (known: nf4, nf4{{OPTIONS}}, q8, w8a8, "
+                             f"w8a8{{smooth=A}}, none; "
                              f"quantize-nf4 options: {', '.join(QuantizeNF4.options)})")
         out += f",quantize-{quant}"
     names = [p.split("{")[0] for p in out.split(",")]
@@ -148,9 +151,24 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
     token ids of `text` (default CALIBRATION_TEXT) in the model's tokenizer.  Without a
     tokenizer, or with tensor parallelism, method=auto quantizes round-to-nearest, and says so."""
     from amxc.errors import UsageError
+    from amxc.passes.quantize_int8 import QuantizeInt8
     from amxc.passes.quantize_nf4 import QuantizeNF4
 
     for p in passes:
+        if isinstance(p, QuantizeInt8) and not p.opts["calib"] and p.opts["smooth"] > 0:
+            if tp > 1:
+                _say("w8a8: no SmoothQuant migration with tensor parallelism (it calibrates the "
+                     "unsharded model)", progress)
+                p.opts["smooth"] = 0.0
+                continue
+            try:
+                p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, min(tokens, 2048)))
+            except UsageError:
+                if text:
+                    raise
+                _say(f"w8a8: {model} has no tokenizer to calibrate with: no SmoothQuant migration", progress)
+                p.opts["smooth"] = 0.0
+            continue
         if not isinstance(p, QuantizeNF4) or p.opts["calib"] or p.opts["method"] == "rtn":
             continue
         if tp > 1 and p.opts["method"] == "auto":
@@ -190,7 +208,7 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     manifest."""
     from amxc.passes.quantize_nf4 import format_quant_summary, quant_summary
 
-    runs = [p for p in passes if p.name == "quantize-nf4"]
+    runs = [p for p in passes if p.name in ("quantize-nf4", "quantize-int8")]
     if not runs:
         return {}
     last = runs[-1]

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks, "
                         "GPTQ-calibrated on --calib TEXT or on the text shipped with amxc), "
                         "or 'nf4{method=rtn|gptq,double=bnb|none,block=N,scale_block=N,keep=REGEX,"
-                        "keep_worst=N}' (method=rtn: round to nearest, no calibration); "
+                        "keep_worst=N}' (method=rtn: round to nearest, no calibration); 'w8a8' (or "
+                        "'w8a8{smooth=ALPHA}'): int8 weights and activations with SmoothQuant; "
                         "'q8': every linear in int8 (1.06 bytes/weight), the near-lossless choice "
                         "for weights that are already 4-bit (ONNX int4 files)")
     c.add_argument("--calib", metavar="TEXT", default=None,
@@ -164,8 +165,8 @@ def cmd_compile(args) -> int:
         args.parser.error("compile needs MODEL and -o ART (or --print-pipeline)")
     timing = Timing()
     quant = args.quant
-    if (args.calib or args.calib_tokens) and (not quant or not quant.startswith("nf4") or "rtn" in quant):
-        args.parser.error("--calib and --calib-tokens are for --quant nf4 (not method=rtn)")
+    if (args.calib or args.calib_tokens) and (not quant or not quant.startswith(("nf4", "w8a8")) or "rtn" in quant):
+        args.parser.error("--calib and --calib-tokens are for --quant nf4 (not method=rtn) or w8a8")
     calib = {"calib": args.calib} | ({"calib_tokens": args.calib_tokens} if args.calib_tokens else {})
     compile(args.model, args.output, pipeline=args.pipeline, quant=quant, target=args.target, **calib,
             dump_ir=args.dump_ir,

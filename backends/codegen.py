@@ -313,8 +313,11 @@ class Emitter:
             codes, scales, s2 = self._weight_sections(prod.weight)
             if gemv is not None:
                 quantize, qargs = self._q8(prod)
-                self.lines.append(f"{{ {quantize} {gemv.name}({qargs}, {m}, {codes}, {scales}, {s2}, "
-                                  f"{bias}, {resid}, {out}, nt); }}")
+                call = f"{gemv.name}({qargs}, {m}, {codes}, {scales}, {s2}, {bias}, {resid}, {out}, nt);"
+                if tiles is not None:      # the same bits; its readers may still want the q8 buffer
+                    call = (f"if ({m} {tiles.rows[0]} {tiles.rows[1]}) {tiles.name}({x}, {m}, {codes}, "
+                            f"{scales}, nullptr, {bias}, {resid}, {out}, nt); else {call}")
+                self.lines.append(f"{{ {quantize} {call} }}")
             else:
                 self.lines.append(f"{gemm.name}({x}, {m}, {codes}, {scales}, {bias}, {resid}, {out}, nt);")
         elif prod.weight.type.dtype.name == "nf4":

@@ -385,6 +385,10 @@ class Planner:
             if self.gemv == "int8":
                 rows = max(self.gemv_rows, D.evaluate(env_rows(x), self.env))
                 prod.q8, prod.quantizes = self.quantized(x, node, rows)
+                if self.k.has("gemm_nf4_tiles") and self.tiles == "int8":    # W8A8 prefill on AMX tiles
+                    prod.kernels.append(Kernel("gemm_nf4_tiles", self.k.get(
+                        "gemm_nf4_tiles", N=n_out, K=k_in, scale="f32", scale_block=1, mode="int8",
+                        q8=self.k.get("q8", K=k_in), codes="q8"), "int8", (">=", TILE_ROWS)))
                 prod.kernels.append(Kernel("gemv_q8", self.k.get("gemv_q8", N=n_out, K=k_in), "int8"))
             else:
                 prod.kernels.append(Kernel("gemm_q8", self.k.get("gemm_q8", N=n_out, K=k_in), "fp32"))

@@ -84,6 +84,16 @@ static inline void nf4_block_to_int8_tile(const uint8_t* block, int8_t* tile) {
 #endif
 }
 
+// A q8 weight block (16 rows x 64 K in r16k4 order, codes stored +128: ir/formats/q8.py) as the
+// int8 VNNI4 B tile: tile row q holds k-quad q of the 16 rows, which r16k4 keeps at q*128 (q < 8)
+// and (q-8)*128 + 64; stored code ^ 0x80 is the signed code TDPBSSD multiplies.
+static inline void q8_block_to_int8_tile(const uint8_t* block, int8_t* tile) {
+  for (int q = 0; q < 16; ++q) {
+    const uint8_t* src = block + (q < 8 ? q * 128 : (q - 8) * 128 + 64);
+    for (int i = 0; i < 64; ++i) tile[q * 64 + i] = (int8_t)(src[i] ^ 0x80);
+  }
+}
+
 // acc[r][n] = fma(float(dot[r][n]), (sw[n] * qs[r]) * s2[n], acc[r][n]) for 16 rows: the int8
 // GEMV's block step (s2 null: f32 scales)
 static inline void scale_accumulate(float acc[16][16], const int32_t dot[16][16], const float* sw,

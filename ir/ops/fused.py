@@ -11,7 +11,7 @@ from ..dtypes import bool_, i64
 from ..registry import register_op
 from ._shapes import broadcast_shapes, fail, same_dtype
 from .elementwise import gelu
-from .nn import linear
+from .nn import ACCUMULATE, linear
 from .quant import check_weight, weight_value
 
 
@@ -86,10 +86,11 @@ def position_mask(q_pos, k_pos, causal: bool, window: int):
 
 
 def attend(q, k, v, mask, scale):
-    """softmax(q k^T * scale, masked) v in float64, with grouped kv heads."""
+    """softmax(q k^T * scale, masked) v in float64 (nn.ACCUMULATE), with grouped kv heads."""
     rep = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, rep, axis=1).astype(np.float64), np.repeat(v, rep, axis=1).astype(np.float64)
-    scores = np.matmul(q.astype(np.float64), np.swapaxes(k, -1, -2)) * scale
+    acc = ACCUMULATE["dtype"]
+    k, v = np.repeat(k, rep, axis=1).astype(acc), np.repeat(v, rep, axis=1).astype(acc)
+    scores = np.matmul(q.astype(acc), np.swapaxes(k, -1, -2)) * acc(scale)
     return np.matmul(masked_softmax(scores, mask), v).astype(q.dtype)
 
 

@@ -176,3 +176,35 @@ def test_native_amx_equals_the_emulator_bit_for_bit(scale, n, k, m):
                 assert np.array_equal(hw.view(np.uint32), sw.view(np.uint32)), \
                     (f"{mode} (bias/resid {b is not None}, nt={nt}): native differs from the emulator in "
                      f"{np.mean(d > 0):.1%} of outputs, by up to {d.max()} ULP")
+
+
+@pytest.mark.parametrize("tier", ["amx", isa.EMULATED])
+@pytest.mark.parametrize("n, k, m", [(40, 192, 50), (33, 320, 70)])
+def test_q8_tiles_equal_the_q8_gemv_twin(tier, n, k, m):
+    """W8A8 prefill: q8 weights on int8 tiles (TDPBSSD on the reordered stored codes) give the
+    q8 GEMV twin's bits, with bias and residual, partial row and output groups, 1 and 2 threads."""
+    from amxc.ir.formats import q8
+    native.require_tier(tier)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[0, :64] *= 30
+    flat = q8.Layout((n, k))
+    blob = q8.quantize(w, flat)
+    packed, layout = q8.repack(blob, flat)
+    ks = KernelSet(tier)
+    name = ks.get("gemm_nf4_tiles", N=n, K=k, scale="f32", scale_block=1, mode="int8",
+                  q8=ks.get("q8", K=k), codes="q8")
+    head = "".join(f'#include "{h}"\n' for h in TIER_HEADERS[tier])
+    lib = toolchain.load(toolchain.build(f"{head}\n{ks.source()}\nextern \"C\" void entry({SIG}) "
+                                         f"{{ {name}(x, m, c, s, s2, bias, resid, out, nt); }}\n", tier, "test-q8-tiles"))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    resid = rng.standard_normal((m, n)).astype(np.float32)
+    parts = layout.split(packed)
+    q, qs, qsum = twin.quantize_q8(x)
+    for b, r in ((None, None), (bias, resid)):
+        for nt in (1, 2):
+            out = np.full((m, n), np.nan, np.float32)
+            lib.entry(ptr(x), ctypes.c_int64(m), ptr(parts["codes"]), ptr(parts["scales"]), None, ptr(b), ptr(r),
+                      ptr(out), nt)
+            assert np.array_equal(out, twin.gemv_q8_q8(q, qs, qsum, flat, blob, b, r)), (b is None, nt)
