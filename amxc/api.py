@@ -382,10 +382,6 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, t
             from amxc.errors import UsageError
             raise UsageError(f"{path} is already compiled; quantization is chosen at compile time "
                              f"(amxc compile MODEL --quant {quant})")
-        if kv != "f32":
-            from amxc.errors import UsageError
-            raise UsageError(f"{path} is already compiled; the KV cache's storage is chosen at compile "
-                             f"time (amxc compile MODEL --kv {kv})")
         if tp > 1:
             from amxc.errors import UsageError
             raise UsageError(f"{path} is already compiled; tensor parallelism is chosen at compile time "
@@ -402,11 +398,16 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, t
     return art
 
 
-def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, kv: str = "f32",
+def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, kv: str | None = None,
          **engine_options):
     """An inference Engine for an artifact directory, or for a model (compiled on first use,
-    quantized if `quant` says so: 'nf4'; sharded `tp` ways).  A sharded artifact starts its rank
+    quantized if `quant` says so: 'nf4'; sharded `tp` ways; `kv`: the KV cache's storage, f32 or
+    i8, a run option on an artifact).  A sharded artifact starts its rank
     processes; `Engine.close()` stops them."""
     from amxc.runtime.engine import Engine
 
-    return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp, kv=kv), **engine_options)
+    if (Path(model) / "manifest.json").is_file():       # an artifact: `kv` overrides its KV storage
+        return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp), kv_storage=kv,
+                           **engine_options)
+    return Engine.load(ensure_artifact(model, quant=quant, progress=progress, tp=tp, kv=kv or "f32"),
+                       **engine_options)

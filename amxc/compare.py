@@ -19,7 +19,8 @@ import numpy as np
 class Row:
     model: str
     engine: str
-    bytes_per_param: float
+    bytes_per_param: float          # the whole model as stored
+    bytes_per_layer_weight: float   # the matrices inside the transformer layers: the format itself
     perplexity: float
     tokens_scored: int
     decode_tok_s: float
@@ -30,7 +31,8 @@ class Row:
 
 def side_by_side(models: list, text: str, *, window: int = 512, stride: int | None = None,
                  max_tokens: int | None = None, decode_tokens: int = 64, threads: int | None = None,
-                 progress: bool = False) -> list[Row]:
+                 kv: str | None = None, progress: bool = False) -> list[Row]:
+    """`kv` ("f32" | "i8"): the KV storage of every amxc model (default: each artifact's own)."""
     from amxc.api import load
     from amxc.errors import UsageError
     from amxc.runtime.perplexity import perplexity
@@ -40,7 +42,7 @@ def side_by_side(models: list, text: str, *, window: int = 512, stride: int | No
     first = next((m for m in models if not str(m).endswith(".gguf")), None)
     if first is None:
         raise UsageError("--compare needs an amxc model or artifact first: its tokenizer scores every model")
-    engine0 = load(first)
+    engine0 = load(first, kv=kv)
     if engine0.tokenizer is None:
         raise UsageError(f"{first}: no tokenizer, so no text to score")
     ids = engine0.tokenizer.encode(text, add_special_tokens=True)[:max_tokens]
@@ -51,20 +53,23 @@ def side_by_side(models: list, text: str, *, window: int = 512, stride: int | No
         t0 = time.perf_counter()
         if str(m).endswith(".gguf"):
             runner = _LlamaCpp(Path(m), window, threads)
-            size, params = runner.size()
+            size, params, layer_bytes, layer_params = runner.size()
             ppl = perplexity(runner.logits, ids, window, stride, progress)
             rate = runner.decode_rate(prompt, decode_tokens)
             name, kind = Path(m).name, "llama.cpp"
         else:
-            engine = engine0 if m == first else load(m)
+            engine = engine0 if m == first else load(m, kv=kv)
             if engine.tokenizer is not None and engine.config.get("vocab_size") != engine0.config.get("vocab_size"):
                 raise UsageError(f"{m}: vocabulary {engine.config.get('vocab_size')} differs from {first}'s")
-            size, params = _artifact_size(engine)
+            size, params, layer_bytes, layer_params = _artifact_size(engine)
             ppl = perplexity(engine.logits, ids, window, stride, progress)
             engine.generate(prompt, max_new_tokens=decode_tokens, ignore_eos=True)
             rate = engine.last_timings.decode_tokens_per_s
             name, kind = Path(str(m)).name, engine.program.name
-        rows.append(Row(name, kind, size / params, ppl.perplexity, ppl.tokens_scored, round(rate, 2)))
+            if engine.program.cache_type.storage != "f32":
+                name += f" (KV {engine.program.cache_type.storage})"
+        rows.append(Row(name, kind, size / params, layer_bytes / max(layer_params, 1), ppl.perplexity,
+                        ppl.tokens_scored, round(rate, 2)))
         if progress:
             import sys
             print(f"{name}: perplexity {ppl.perplexity:.4f}, {rows[-1].bytes_per_param:.4f} B/param, "
@@ -74,16 +79,22 @@ def side_by_side(models: list, text: str, *, window: int = 512, stride: int | No
 
 def format_rows(rows: list[Row]) -> str:
     base = rows[0].perplexity
-    out = ["| model | engine | bytes/param | perplexity | vs first | decode tok/s |", "|---|---|---|---|---|---|"]
+    out = ["| model | engine | bytes/param | bytes/layer weight | perplexity | vs first | decode tok/s |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r.model} | {r.engine} | {r.bytes_per_param:.4f} | {r.perplexity:.4f} | "
+        out.append(f"| {r.model} | {r.engine} | {r.bytes_per_param:.4f} | {r.bytes_per_layer_weight:.4f} | "
+                   f"{r.perplexity:.4f} | "
                    f"{100 * (r.perplexity / base - 1):+.2f} % | {r.decode_tok_s:.1f} |")
     return "\n".join(out)
 
 
-def _artifact_size(engine) -> tuple[int, int]:
-    params = engine.module.params.values()
-    return sum(p.type.nbytes() for p in params), sum(p.type.numel() for p in params)
+def _artifact_size(engine) -> tuple[int, int, int, int]:
+    """(bytes, parameters) of the whole model and of the 2-D weights inside its layers."""
+    from amxc.passes.quantize_nf4 import layer_of
+    params = list(engine.module.params.values())
+    layer = [p for p in params if p.type.rank == 2 and layer_of(p.name) != "other"]
+    return (sum(p.type.nbytes() for p in params), sum(p.type.numel() for p in params),
+            sum(p.type.nbytes() for p in layer), sum(p.type.numel() for p in layer))
 
 
 class _LlamaCpp:
@@ -101,10 +112,12 @@ class _LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(window, 128) + 128, logits_all=True,
                                    n_threads=threads or len(os.sched_getaffinity(0)), verbose=False)
 
-    def size(self) -> tuple[int, int]:
+    def size(self) -> tuple[int, int, int, int]:
         from gguf import GGUFReader
         tensors = GGUFReader(str(self.path)).tensors
-        return sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors)
+        layer = [t for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2 and min(t.shape) > 1]
+        return (sum(int(t.n_bytes) for t in tensors), sum(int(t.n_elements) for t in tensors),
+                sum(int(t.n_bytes) for t in layer), sum(int(t.n_elements) for t in layer))
 
     def logits(self, chunk) -> np.ndarray:
         self.llm.reset()

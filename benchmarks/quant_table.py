@@ -4,7 +4,8 @@
     python benchmarks/quant_table.py [--models stories260K,SmolLM2-135M] [--max-tokens N] [--out DIR]
 
 amxc rows: fp32, NF4 round-to-nearest (nf4{method=rtn}), NF4 default (GPTQ calibrated on the
-corpus shipped in amxc/data/calibration: no user text), NF4 default + keep_worst=N.  llama.cpp
+corpus shipped in amxc/data/calibration: no user text), NF4 default + keep_worst=N, W8A8 (with
+and without SmoothQuant), each again with the int8 KV cache (a run option: --kv i8).  llama.cpp
 rows: Q4_0, IQ4_NL, Q4_K_M made by llama.cpp's own quantizer from an F16 GGUF of the same
 weights (llama.cpp's defaults: its head in a higher-precision type).  Every row scores the same
 token ids in the same windows (window 512, stride 512, the first --max-tokens tokens of each
@@ -26,7 +27,7 @@ MODELS = {"stories260K": SHARED / "models" / "stories260K",
           "SmolLM2-135M": SHARED / "models" / "smollm2-135m-instruct-q4_1"}
 TEXTS = {"tinystories": SHARED / "eval" / "tinystories_dev.txt", "botchan": SHARED / "eval" / "botchan.txt"}
 AMXC = {"fp32": None, "nf4-rtn": "nf4{method=rtn}", "nf4-default": "nf4",
-        "nf4-keep4": "nf4{keep_worst=4}"}
+        "nf4-keep4": "nf4{keep_worst=4}", "w8a8": "w8a8", "w8a8-nosmooth": "w8a8{smooth=0}"}
 LLAMA = ("q4_0", "iq4_nl", "q4_k_m")
 
 
@@ -72,9 +73,12 @@ def main() -> int:
     results = {}
     for model in args.models.split(","):
         paths = build(model, MODELS[model], args.out)
+        amxc_paths = [p for p in paths if not p.endswith(".gguf")]
         for text, path in TEXTS.items():
             rows = side_by_side(paths, path.read_text(), window=512, stride=512, max_tokens=args.max_tokens,
                                 progress=True)
+            rows += side_by_side(amxc_paths, path.read_text(), window=512, stride=512, max_tokens=args.max_tokens,
+                                 kv="i8", progress=True)           # every amxc row again on an int8 KV cache
             results[f"{model}/{text}"] = [r.to_json() for r in rows]
             print(f"\n{model}, {text} (first {args.max_tokens} tokens, window 512):\n{format_rows(rows)}", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -121,10 +121,14 @@ class Engine:
         self.last_timings = Timings()
 
     @classmethod
-    def load(cls, path: str | Path, **kwargs) -> "Engine":
-        """An artifact directory (verified, weights memory-mapped) and its tokenizer."""
+    def load(cls, path: str | Path, *, kv_storage: str | None = None, **kwargs) -> "Engine":
+        """An artifact directory (verified, weights memory-mapped) and its tokenizer.
+        `kv_storage` ("f32" | "i8") overrides how the KV cache stores keys and values (a run
+        option: the cache's type changes, the weights do not; single-process artifacts)."""
         from .tokenizer import Tokenizer
         module, manifest = load_artifact(path)
+        if kv_storage is not None:
+            with_kv_storage(module, kv_storage)
         tok_dir = Path(path) / "tokenizer"
         tokenizer = Tokenizer.from_dir(tok_dir) if (tok_dir / "tokenizer.json").exists() else None
         return cls(module, manifest, tokenizer, artifact=path, **kwargs)
@@ -348,3 +352,21 @@ def _context_length(config: dict) -> int | None:
         raise ArtifactError(f"config: max_position_embeddings must be a positive integer, got {value!r}")
     return value
 
+
+def with_kv_storage(module, storage: str) -> None:
+    """Make the module's KV cache store `storage` ("f32" or "i8"), in place: the one cache
+    argument of @prefill and @decode (the attention ops read its type from there)."""
+    from dataclasses import replace
+
+    from amxc.ir.types import KVCacheType
+    if storage not in KVCacheType.STORAGES:
+        raise RequestError(f"KV storage {storage!r} is not one of {', '.join(KVCacheType.STORAGES)}")
+    if module.attrs.get("tp", 1) > 1:
+        raise RequestError("a sharded artifact's ranks load their own modules: choose the KV storage "
+                           "at compile time (amxc compile --kv)")
+    for name in ("prefill", "decode"):
+        cache = module.functions[name].args[-1]
+        t = cache.type
+        if storage == "i8" and (t.state or t.head_dim % 4):
+            raise RequestError(f"an int8 KV cache needs head_dim a multiple of 4 and no state slots ({t})")
+        cache.type = replace(t, storage=storage)

@@ -75,8 +75,9 @@ def test_eval_compare_scores_every_model_on_the_same_tokens(stories_art, stories
         alone = json.loads(amxc("eval", art, "--text", text, *window, "--json").stdout)
         assert row["perplexity"] == alone["perplexity"]
     assert rows[0]["bytes_per_param"] == 4.0 and rows[1]["bytes_per_param"] < 2.0
+    assert rows[0]["bytes_per_layer_weight"] == 4.0 and rows[1]["bytes_per_layer_weight"] < 2.0   # stories260K: down (K=172) stays f32
     assert all(r["decode_tok_s"] > 0 for r in rows)
     if len(rows) == 3:                                 # llama.cpp on f16 weights: close to fp32
         assert abs(rows[2]["perplexity"] / rows[0]["perplexity"] - 1) < 0.01
     table = amxc("eval", stories_art, "--text", text, *window, "--compare", rtn).stdout
-    assert "| model | engine | bytes/param | perplexity |" in table
+    assert "| model | engine | bytes/param | bytes/layer weight | perplexity |" in table

@@ -105,10 +105,19 @@ def test_a_kv_budget_holds_more_tokens_in_int8(stories_i8, stories_art):
     assert t8 >= 2.5 * t32
 
 
+def test_int8_storage_as_a_run_option_equals_compiling_it(stories_art, stories_i8):
+    """`amxc run ART --kv i8` on an f32-cache artifact: the cache type changes at load, and the
+    engine computes exactly what an artifact compiled with --kv i8 computes."""
+    from amxc.api import load
+    ids = list(range(3, 60))
+    run_option, compiled = load(stories_art, kv="i8"), load(stories_i8)
+    assert run_option.program.cache_type.storage == "i8"
+    assert np.array_equal(run_option.logits(ids), compiled.logits(ids))
+    assert np.array_equal(load(stories_i8, kv="f32").logits(ids), load(stories_art).logits(ids))
+
+
 def test_int8_storage_is_refused_where_it_cannot_work(stories_i8, stories_dir):
-    from amxc.api import compile_pipeline, load, optimize, trace
-    with pytest.raises(UsageError, match="storage is chosen at compile time"):
-        load(stories_i8, kv="i8")
+    from amxc.api import compile_pipeline, optimize, trace
     with pytest.raises(UsageError, match="f32 or i8"):
         compile_pipeline(kv="fp8")
     with pytest.raises(PassError, match="storage='i4' is not one of f32, i8"):
