@@ -149,24 +149,26 @@ class QuantizeNF4(Pass):
         self._module_params = module.params
         wanted = {p.name for p in todo}
         blobs: dict[str, np.ndarray] = {}
-        decoded: dict[str, np.ndarray] = {}
+        layouts: dict[str, fmt.Layout] = {}
         last: list = [None, None]                      # (activation array, its InputStats)
         progress = _Progress(len(wanted), ids.size)
 
         def quantized(name: str, w: np.ndarray, x: np.ndarray, x_float: np.ndarray | None) -> np.ndarray:
-            if name not in wanted or name in decoded:
-                return decoded.get(name, w)
+            if name not in wanted:
+                return w
+            if name in blobs:                          # read again: decode the bytes (no f32 copy kept)
+                return layouts[name].dequantize(blobs[name])
             if last[0] is not x:                       # q/k/v and gate/up share their input's stats
                 last[:] = [x, input_stats(x, x_float if amount > 0 else None,
                                           act_order=self.opts["act_order"])]
             stats = last[1]
             target = toward_float(w, stats, amount=amount) if amount > 0 else w
-            lay = fmt.Layout(tuple(module.params[name].type.shape), **enc)
+            lay = layouts[name] = fmt.Layout(tuple(module.params[name].type.shape), **enc)
             blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"])
-            decoded[name] = lay.dequantize(blobs[name])
-            self.errors[name] = output_error(w, decoded[name], stats)
+            decoded = lay.dequantize(blobs[name])
+            self.errors[name] = output_error(w, decoded, stats)
             progress.step(name)
-            return decoded[name]
+            return decoded
 
         _calibration_run(module, ids, quantized, with_float=amount > 0)
         progress.close()
