@@ -24,11 +24,14 @@ PROMPTS = ["Once upon a time", "The little dog"]
 AFFINITY = os.sched_getaffinity(0)
 
 
+NF4 = "nf4{double=none, method=rtn}"      # round to nearest: GPTQ calibrates only the unsharded model
+
+
 @pytest.fixture(scope="module")
 def arts(stories_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     out = {}
-    for quant in (None, "nf4{double=none}"):
+    for quant in (None, NF4):
         for tp in (1, 2, 4):
             out[quant, tp] = compile(stories_dir, root / f"s-{tp}-{bool(quant)}.amxc", tp=tp, quant=quant,
                                      progress=False)
@@ -70,8 +73,8 @@ def test_ranks_give_the_unsharded_tokens(arts, tp):
 def test_nf4_ranks_match_their_lockstep_oracle(arts):
     """The NF4 ranks against the reference interpreter running the same ranks in lockstep;
     native fp32 arithmetic (gemv=exact) for a 1e-4 bound."""
-    want, want_logits, _ = _run(arts["nf4{double=none}", 2], n=8, interpreter=True)
-    got, logits, _ = _run(arts["nf4{double=none}", 2], n=8, gemv="exact")
+    want, want_logits, _ = _run(arts[NF4, 2], n=8, interpreter=True)
+    got, logits, _ = _run(arts[NF4, 2], n=8, gemv="exact")
     assert got == want
     assert np.abs(logits - want_logits).max() < 1e-4
 
@@ -217,8 +220,8 @@ def test_stories_nf4_ranks_give_the_unsharded_tokens_bit_for_bit(arts, tp):
     """stories260K's heads are 8 wide, so a rank's heads are narrower than a 64 block: shard-tp
     gathers them and splits o_proj by rows (whole blocks), and its f32 down_proj (K=172) sums
     in float64 like the NF4 row-parallel products; the int8 path then gives TP=1's floats."""
-    want, want_logits, _ = _run(arts["nf4{double=none}", 1])
-    got, logits, _ = _run(arts["nf4{double=none}", tp])
+    want, want_logits, _ = _run(arts[NF4, 1])
+    got, logits, _ = _run(arts[NF4, tp])
     assert got == want
     assert np.abs(logits - want_logits).max() <= 1e-5
 
