@@ -30,12 +30,15 @@ step, streams 0.52 instead of 4 bytes per weight.  Opt-in: a 4-bit output head c
 (SmolLM2-135M perplexity +41 % over fp32 against +25 % with the head in f32).  Each quantized parameter records
 its error (relative RMS, max abs) in its attributes, so the IR dump shows where precision went.
 
-    method=rtn   round to nearest, bitsandbytes' rule (the default)
+    method=auto  gptq when calibration tokens are given (`calib`; amxc compile supplies them:
+                 --calib TEXT, or the corpus in amxc/data/calibration), rtn otherwise (the default)
+    method=rtn   round to nearest, bitsandbytes' rule
     method=gptq  GPTQ error compensation (passes/gptq.py) on calibration token ids: `calib`,
-                 a .npy of int64 [sequences, tokens] (amxc compile --calib TEXT writes one with
-                 the model's tokenizer).  The model runs once on them through the reference
-                 interpreter; each layer is quantized when reached, from its inputs, and the
-                 rest of the run sees it quantized (sequential GPTQ).  fp8 and none only.
+                 a .npy of int64 [sequences, tokens].  The model runs once on them through the
+                 reference interpreter, float and quantized side by side; each layer is quantized
+                 when reached, from its inputs, and the rest of the run sees it quantized
+                 (sequential GPTQ).  fp8 and none only.  keep_worst=N then stores the N weights
+                 of the largest output error on those inputs (|dW X| / |W X|) in q8 instead.
                  act_order=true visits columns by input energy; toward_float=0.5 aims each
                  layer halfway at the float model's outputs (passes/gptq.py).  Both measured
                  on SmolLM2-135M and stories260K (issue #5 note); toward_float=0 saves
@@ -114,7 +117,7 @@ class QuantizeNF4(Pass):
                                 f"already sharded {module.attrs['tp']} ways: quantize before shard-tp, or "
                                 f"use method=rtn with tensor parallelism")
             blobs = self._gptq(module, todo, layout)
-            for name in self._worst(self.opts["keep_worst"]):
+            for name in self._worst(module, self.opts["keep_worst"]):
                 p = module.params[name]
                 todo.remove(p)
                 eight_bit.append(p)
@@ -146,7 +149,6 @@ class QuantizeNF4(Pass):
         if not 0.0 <= amount <= 1.0:
             raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
         ids = self._calibration_ids()
-        self._module_params = module.params
         wanted = {p.name for p in todo}
         blobs: dict[str, np.ndarray] = {}
         layouts: dict[str, fmt.Layout] = {}
@@ -187,10 +189,10 @@ class QuantizeNF4(Pass):
                             "inputs; it needs method=gptq with calib")
         return method
 
-    def _worst(self, count: int) -> list[str]:
+    def _worst(self, module: Module, count: int) -> list[str]:
         """The `count` weights of the largest relative output error on the calibration inputs
         that q8 can store (input size a multiple of 64)."""
-        fits = [n for n in self.errors if self._module_params[n].type.shape[1] % q8fmt.BLOCK == 0]
+        fits = [n for n in self.errors if module.params[n].type.shape[1] % q8fmt.BLOCK == 0]
         return sorted(fits, key=lambda n: -self.errors[n])[:count]
 
     def _calibration_ids(self) -> np.ndarray:
