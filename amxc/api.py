@@ -41,8 +41,9 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     from amxc.passes import DEFAULT_PIPELINE
 
     out = DEFAULT_PIPELINE if pipeline is None else pipeline
-    if kv not in ("f32", "i8"):
-        raise UsageError(f"--kv {kv}: the KV cache stores f32 or i8")
+    from amxc.ir.types import KVCacheType
+    if kv not in KVCacheType.STORAGES:
+        raise UsageError(f"--kv {kv}: the KV cache stores {' or '.join(KVCacheType.STORAGES)}")
     if kv != "f32":                 # the KV cache's storage (kv-cache{storage=i8}: int8 rows + scales)
         if "kv-cache{" in out:
             raise UsageError("--kv: the pipeline already configures kv-cache; set storage= there")
@@ -147,41 +148,37 @@ def compile(model, output: str | os.PathLike, *, pipeline: str | None = None, qu
 
 
 def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: bool) -> None:
-    """Give each quantize-nf4 that calibrates (method auto or gptq, no calib= of its own) the
-    token ids of `text` (default CALIBRATION_TEXT) in the model's tokenizer.  Without a
-    tokenizer, or with tensor parallelism, method=auto quantizes round-to-nearest, and says so."""
+    """Give each pass that calibrates and has no calib= of its own (quantize-nf4 with method auto
+    or gptq; quantize-int8 with smooth > 0, on at most 2,048 tokens) the token ids of `text`
+    (default CALIBRATION_TEXT) in the model's tokenizer.  Where it cannot (tensor parallelism:
+    calibration sees the unsharded model; no tokenizer) a pass that may go uncalibrated does
+    (nf4 auto: round to nearest; int8: no migration), and says so."""
     from amxc.errors import UsageError
     from amxc.passes.quantize_int8 import QuantizeInt8
     from amxc.passes.quantize_nf4 import QuantizeNF4
 
     for p in passes:
-        if isinstance(p, QuantizeInt8) and not p.opts["calib"] and p.opts["smooth"] > 0:
-            if tp > 1:
-                _say("w8a8: no SmoothQuant migration with tensor parallelism (it calibrates the "
-                     "unsharded model)", progress)
-                p.opts["smooth"] = 0.0
-                continue
-            try:
-                p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, min(tokens, 2048)))
-            except UsageError:
-                if text:
-                    raise
-                _say(f"w8a8: {model} has no tokenizer to calibrate with: no SmoothQuant migration", progress)
-                p.opts["smooth"] = 0.0
+        if isinstance(p, QuantizeNF4) and p.opts["method"] != "rtn":
+            count, required, what = tokens, p.opts["method"] == "gptq", "quantizing round-to-nearest"
+            uncalibrated = lambda p: None                  # method=auto without calib is rtn
+        elif isinstance(p, QuantizeInt8) and p.opts["smooth"] > 0:
+            count, required, what = min(tokens, 2048), False, "no SmoothQuant migration"
+            uncalibrated = lambda p: p.opts.__setitem__("smooth", 0.0)
+        else:
             continue
-        if not isinstance(p, QuantizeNF4) or p.opts["calib"] or p.opts["method"] == "rtn":
+        if p.opts["calib"]:
             continue
-        if tp > 1 and p.opts["method"] == "auto":
-            _say("nf4: tensor-parallel weights are quantized round-to-nearest (GPTQ calibrates the "
-                 "unsharded model)", progress)
+        if tp > 1 and not required:
+            _say(f"{p.name}: tensor-parallel weights: {what} (calibration sees the unsharded model)", progress)
+            uncalibrated(p)
             continue
         try:
-            p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, tokens))
+            p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, count))
         except UsageError:
-            if p.opts["method"] == "gptq" or text:
+            if required or text:
                 raise
-            _say(f"nf4: {model} has no tokenizer to calibrate with: quantizing round-to-nearest",
-                 progress)
+            _say(f"{p.name}: {model} has no tokenizer to calibrate with: {what}", progress)
+            uncalibrated(p)
 
 
 def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:
@@ -218,7 +215,7 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     if errors:               # calibrated: each weight's measured output error, the worst first
         summary["output_error"] = {n: round(e, 6) for n, e in sorted(errors.items(), key=lambda kv: -kv[1])}
         summary["kept_q8_for_error"] = {n: round(e, 6) for n, e in getattr(last, "kept_for_error", {}).items()}
-    _say(f"nf4 weights ({summary['method']}):\n" + format_quant_summary(summary), progress)
+    _say(f"quantized weights ({summary['method']}):\n" + format_quant_summary(summary), progress)
     return summary
 
 

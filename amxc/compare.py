@@ -53,6 +53,9 @@ def side_by_side(models: list, text: str, *, window: int = 512, stride: int | No
         t0 = time.perf_counter()
         if str(m).endswith(".gguf"):
             runner = _LlamaCpp(Path(m), window, threads)
+            if runner.llm.n_vocab() != engine0.config.get("vocab_size", runner.llm.n_vocab()):
+                raise UsageError(f"{m}: vocabulary {runner.llm.n_vocab()} differs from {first}'s "
+                                 f"{engine0.config.get('vocab_size')}: the same token ids cannot score it")
             size, params, layer_bytes, layer_params = runner.size()
             ppl = perplexity(runner.logits, ids, window, stride, progress)
             rate = runner.decode_rate(prompt, decode_tokens)

@@ -286,10 +286,7 @@ class _Parser:
         want = ("layers", "kv_heads", "head_dim", "dtype")
         state, storage = 0, "f32"
         if tuple(fields)[-1:] == ("storage",):
-            t = fields.pop("storage")
-            if t.text not in KVCacheType.STORAGES:
-                raise self.error(f"kv_cache storage must be one of {', '.join(KVCacheType.STORAGES)}", t)
-            storage = t.text
+            storage = fields.pop("storage").text
         if tuple(fields)[-1:] == ("state",):
             t = fields.pop("state")
             if t.kind != "int" or len(t.text) > 9:
@@ -306,9 +303,10 @@ class _Parser:
             ints.append(int(t.text))
         if fields["dtype"].text not in DTYPES:
             raise self.error(f"unknown dtype '{fields['dtype'].text}'", fields["dtype"])
-        if storage == "i8" and (ints[2] % 4 or state):
-            raise self.error("kv_cache storage=i8 needs head_dim a multiple of 4 and no state slots", tok)
-        return KVCacheType(*ints, DTYPES[fields["dtype"].text], state, storage)
+        try:
+            return KVCacheType(*ints, DTYPES[fields["dtype"].text], state, storage)
+        except ValueError as e:
+            raise self.error(f"kv_cache: {e}", tok) from None
 
     # -- structure -----------------------------------------------------------------------------
     def module(self) -> Module:

@@ -123,6 +123,13 @@ class KVCacheType:
 
     STORAGES = ("f32", "i8")
 
+    def __post_init__(self):
+        if self.storage not in self.STORAGES:
+            raise ValueError(f"KV storage {self.storage!r} is not one of {', '.join(self.STORAGES)}")
+        if self.storage == "i8" and (self.head_dim % 4 or self.state):
+            raise ValueError(f"an int8 KV cache needs head_dim a multiple of 4 (got {self.head_dim}) and no "
+                             f"state slots (Localized Filtering inputs must be kept exactly)")
+
     @property
     def row(self) -> int:
         """float32 words per (position, head) row of the K and V arrays."""

@@ -42,13 +42,11 @@ class KVCache(Pass):
         k = attn[0].inputs[1].type
         slots = self._lf_slots(fn, k.shape[1] * k.shape[3])
         filters = sum(1 for n in fn.nodes if n.op == "localized_filter")
-        storage = self.opts["storage"]
-        if storage not in KVCacheType.STORAGES:
-            raise PassError(f"kv-cache: storage={storage!r} is not one of {', '.join(KVCacheType.STORAGES)}")
-        if storage == "i8" and (filters or k.shape[3] % 4):
-            raise PassError("kv-cache: storage=i8 needs head_dim a multiple of 4 and no Localized "
-                            "Filtering state (its inputs must be kept exactly)")
-        cache_type = KVCacheType(len(attn), k.shape[1], k.shape[3], k.dtype, filters * slots, storage)
+        try:
+            cache_type = KVCacheType(len(attn), k.shape[1], k.shape[3], k.dtype, filters * slots,
+                                     self.opts["storage"])
+        except ValueError as e:
+            raise PassError(f"kv-cache: {e}") from None
         prefill = clone_function(fn, "prefill")
         cache = Value("kv", cache_type)
         prefill.args.append(cache)

@@ -358,15 +358,12 @@ def with_kv_storage(module, storage: str) -> None:
     argument of @prefill and @decode (the attention ops read its type from there)."""
     from dataclasses import replace
 
-    from amxc.ir.types import KVCacheType
-    if storage not in KVCacheType.STORAGES:
-        raise RequestError(f"KV storage {storage!r} is not one of {', '.join(KVCacheType.STORAGES)}")
     if module.attrs.get("tp", 1) > 1:
         raise RequestError("a sharded artifact's ranks load their own modules: choose the KV storage "
                            "at compile time (amxc compile --kv)")
     for name in ("prefill", "decode"):
         cache = module.functions[name].args[-1]
-        t = cache.type
-        if storage == "i8" and (t.state or t.head_dim % 4):
-            raise RequestError(f"an int8 KV cache needs head_dim a multiple of 4 and no state slots ({t})")
-        cache.type = replace(t, storage=storage)
+        try:
+            cache.type = replace(cache.type, storage=storage)
+        except ValueError as e:
+            raise RequestError(f"{e} ({cache.type})") from None

@@ -11,6 +11,13 @@ import math
 
 import numpy as np
 
+from ..attrs import Attr
+from ..dtypes import bool_, i32, i64
+from ..registry import register_op
+from ..types import TensorType
+from ._shapes import broadcast_shapes, fail, same_dtype
+
+
 #: the accumulation dtype of linear, matmul and attention (module state: the interpreter runs in
 #: one thread; only calibration changes it, through accumulate_in)
 ACCUMULATE = {"dtype": np.float64}
@@ -24,12 +31,6 @@ def accumulate_in(dtype):
         yield
     finally:
         ACCUMULATE["dtype"] = old
-
-from ..attrs import Attr
-from ..dtypes import bool_, i32, i64
-from ..registry import register_op
-from ..types import TensorType
-from ._shapes import broadcast_shapes, fail, same_dtype
 
 
 def _linear_infer(ts, at):
