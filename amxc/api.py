@@ -166,6 +166,8 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
             uncalibrated = lambda p: p.opts.__setitem__("smooth", 0.0)
         else:
             continue
+        if isinstance(p, QuantizeNF4):
+            p.sweep = _native_gptq_sweep(progress)
         if p.opts["calib"]:
             continue
         if tp > 1 and not required:
@@ -179,6 +181,18 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
                 raise
             _say(f"{p.name}: {model} has no tokenizer to calibrate with: {what}", progress)
             uncalibrated(p)
+
+
+def _native_gptq_sweep(progress: bool):
+    """GPTQ's column sweep in native code, or None (numpy's) where no compiler can build it."""
+    from amxc.backends.calibrate import native_gptq_sweep
+    from amxc.backends.toolchain import BuildError, CacheError
+
+    try:
+        return native_gptq_sweep()
+    except (BuildError, CacheError, OSError) as e:
+        _say(f"quantize-nf4: native GPTQ sweep unavailable ({str(e).splitlines()[0]}); using numpy's", progress)
+        return None
 
 
 def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:

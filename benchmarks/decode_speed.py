@@ -6,7 +6,8 @@ memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measur
 
 Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
 ../shared/models.  Systems (each measurement a fresh process; peak RSS = its VmHWM):
-  amxc NF4      artifacts compiled with --quant nf4 (lm_head in q8, its default, as llama.cpp's
+  amxc NF4      artifacts compiled with --quant 'nf4{method=rtn}' (speed does not depend on how
+                the codes were chosen, and calibration would dominate the run; lm_head in q8, its default, as llama.cpp's
                 4-bit files keep it in Q6_K or Q8_0), with lm_head in NF4 too:
                 nf4{keep="", skip=embed_tokens} for TinyLlama, nf4{keep="", skip=embed|wte|wpe,
                 untie=true} for SmolLM2, whose lm_head is the embedding table, and in f32
@@ -184,13 +185,15 @@ def prepare(model: str, work: Path, llamacpp: bool) -> dict:
         if not (ckpt / "config.json").exists():
             trace_memory.write_checkpoint(ckpt)
         source, out["torch"] = ckpt, str(ckpt)
-        variants = {"nf4 (lm_head q8)": "nf4", "nf4 (lm_head NF4)": 'nf4{keep="", skip=embed_tokens}',
-                    "nf4 (lm_head f32)": 'nf4{keep=""}'}
+        variants = {"nf4 (lm_head q8)": "nf4{method=rtn}",
+                    "nf4 (lm_head NF4)": 'nf4{method=rtn, keep="", skip=embed_tokens}',
+                    "nf4 (lm_head f32)": 'nf4{method=rtn, keep=""}'}
     else:
         source, out["torch"] = SMOLLM2, str(SMOLLM2)
         # the embedding is tied to lm_head: untie=true gives the head an NF4 copy
-        variants = {"nf4 (lm_head q8)": "nf4", "nf4 (lm_head NF4)": 'nf4{keep="", skip=embed|wte|wpe, untie=true}',
-                    "nf4 (lm_head f32)": 'nf4{keep=""}'}
+        variants = {"nf4 (lm_head q8)": "nf4{method=rtn}",
+                    "nf4 (lm_head NF4)": 'nf4{method=rtn, keep="", skip=embed|wte|wpe, untie=true}',
+                    "nf4 (lm_head f32)": 'nf4{method=rtn, keep=""}'}
     for label, quant in variants.items():
         art = work / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant).strip('_')}.amxc"
         if not (art / "manifest.json").exists():

@@ -75,9 +75,24 @@ def stats_from_hessian(hessian: np.ndarray, cross: np.ndarray | None = None, *, 
     # U with U^T U = H^-1 (perm order) without forming H^-1: with J the reversal and
     # L = chol(J H J), U = J L^-1 J (upper), since (J L^-1 J)^T (J L^-1 J) = J (J H J)^-1 J.
     rev = perm[::-1]
-    inv_low = np.linalg.inv(np.linalg.cholesky(hd[np.ix_(rev, rev)]))
+    inv_low = inverse_lower(np.linalg.cholesky(hd[np.ix_(rev, rev)]))
     u = np.ascontiguousarray(np.triu(inv_low[::-1, ::-1]))
     return InputStats(h, dead, perm, u, to_float)
+
+
+def inverse_lower(low: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix by halves, [[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]: matrix products instead of LAPACK's general inverse,
+    2.8x faster at K = 5632 (TinyLlama's down projection) and as accurate (|L^-1 L - I| ~ 6e-15)."""
+    k = low.shape[0]
+    if k <= 256:
+        return np.linalg.inv(low)
+    m = k // 2
+    a_inv, c_inv = inverse_lower(low[:m, :m]), inverse_lower(low[m:, m:])
+    out = np.zeros_like(low)
+    out[:m, :m], out[m:, m:] = a_inv, c_inv
+    out[m:, :m] = -(c_inv @ (low[m:, :m] @ a_inv))
+    return out
 
 
 def toward_float(weight: np.ndarray, stats_or_hessian, cross: np.ndarray | None = None,
@@ -124,10 +139,11 @@ def _block_scales(w: np.ndarray, s2_row: np.ndarray | None, h_diag: np.ndarray, 
 
 
 def quantize_gptq(weight: np.ndarray, stats_or_hessian, layout: nf4.Layout, *, damp: float = 0.01,
-                  search: int = 10, act_order: bool = True, lazy: int = 128) -> np.ndarray:
+                  search: int = 10, act_order: bool = True, lazy: int = 128, sweep=None) -> np.ndarray:
     """The nf4 parameter bytes of `weight` [N, K] (K % 64 == 0) quantized with GPTQ;
     `stats_or_hessian`: the InputStats of its input, or H = X^T X (damp and act_order then
-    apply)."""
+    apply).  `sweep`: the column sweep to use (a function like `sweep_numpy`; amxc.api passes
+    the native one, backends/calibrate.py), numpy's by default."""
     if layout.block != 64 or layout.scale not in ("fp8_e4m3", "f32"):
         raise ValueError("GPTQ quantizes block 64 with fp8_e4m3 or f32 scales")
     stats = stats_or_hessian if isinstance(stats_or_hessian, InputStats) else \
@@ -145,8 +161,24 @@ def quantize_gptq(weight: np.ndarray, stats_or_hessian, layout: nf4.Layout, *, d
         s2_row = np.repeat(s2, g)[:absmax0.size].reshape(n, nb)
     stored, scale = _block_scales(w, s2_row, np.where(stats.dead, 1.0, stats.diag), search)
     perm, u = stats.perm, stats.u
-    w = w[:, perm]
-    d = scale[:, perm // 64]                              # each column's (fixed) block scale
+    column_block = (perm // 64).astype(np.int32)          # each column's (fixed) block scale
+    codes = (sweep or sweep_numpy)(np.ascontiguousarray(w[:, perm]), u, np.ascontiguousarray(scale),
+                                   column_block, lazy)
+    out = np.empty_like(codes)
+    out[:, perm] = codes
+    return layout.join(out.reshape(-1), stored.reshape(-1), s2)
+
+
+def sweep_numpy(w: np.ndarray, u: np.ndarray, scale: np.ndarray, column_block: np.ndarray,
+                lazy: int = 128) -> np.ndarray:
+    """GPTQ's column sweep: NF4 codes [n, k] (uint8, in sweep order) of `w` [n, k] (float64,
+    columns already in sweep order), each column j rounded against its fixed block scale
+    scale[:, column_block[j]] and its error spread over the columns after it by `u` (the upper
+    Cholesky factor of the damped H^-1, sweep order), `lazy` columns at a time.  Rows are
+    independent of each other, which is what lets the native sweep run them in parallel."""
+    w = np.array(w, np.float64)
+    n, k = w.shape
+    d = scale.astype(np.float64)[:, column_block]
     inv_d = np.where(d > 0, 1.0 / np.where(d > 0, d, 1), 0.0)
     codes = np.zeros((n, k), np.uint8)
     for c0 in range(0, k, lazy):
@@ -160,9 +192,7 @@ def quantize_gptq(weight: np.ndarray, stats_or_hessian, layout: nf4.Layout, *, d
             w1[:, i:] -= np.outer(e, u[j, j:c1])
             err[:, i] = e
         w[:, c1:] -= err @ u[c0:c1, c1:]
-    out = np.empty_like(codes)
-    out[:, perm] = codes
-    return layout.join(out.reshape(-1), stored.reshape(-1), s2)
+    return codes
 
 
 def output_error(weight: np.ndarray, decoded: np.ndarray, stats: InputStats) -> float:

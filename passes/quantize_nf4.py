@@ -83,6 +83,10 @@ class QuantizeNF4(Pass):
                                      "are stored q8 instead (mixed precision)"),
     }
 
+    #: GPTQ's column sweep (passes/gptq.sweep_numpy's contract); amxc.api sets the native one
+    #: (backends/calibrate.py), a pass run on its own uses numpy's
+    sweep = None
+
     def run(self, module: Module) -> bool:
         layout = self._layout()
         self.errors: dict[str, float] = {}          # gptq: relative output error per weight
@@ -166,10 +170,12 @@ class QuantizeNF4(Pass):
             stats = last[1]
             target = toward_float(w, stats, amount=amount) if amount > 0 else w
             lay = layouts[name] = fmt.Layout(tuple(module.params[name].type.shape), **enc)
-            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"])
+            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"], sweep=self.sweep)
             decoded = lay.dequantize(blobs[name])
             self.errors[name] = output_error(w, decoded, stats)
             progress.step(name)
+            if len(blobs) == len(wanted):
+                raise CalibrationDone            # what is left (the logits head) changes nothing
             return decoded
 
         _calibration_run(module, ids, quantized, with_float=amount > 0)
@@ -370,6 +376,10 @@ def load_calibration_ids(path: str, pass_name: str) -> np.ndarray:
     return ids
 
 
+class CalibrationDone(Exception):
+    """Raised by a calibration run's observer once it has seen every weight it wanted."""
+
+
 def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False) -> None:
     """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight an op
     reads (its `weights`) goes through `weight_for(name, weight, its input, the float model's
@@ -391,7 +401,10 @@ def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bo
                 args[i] = weight_for(node.inputs[i].name, args[i], x, xf)
         return streams[:-1] + [args]
 
-    run_calibration_streams(module, ids, 2 if with_float else 1, observe)
+    try:
+        run_calibration_streams(module, ids, 2 if with_float else 1, observe)
+    except CalibrationDone:
+        pass
 
 
 def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe) -> None:

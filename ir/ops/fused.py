@@ -85,8 +85,25 @@ def position_mask(q_pos, k_pos, causal: bool, window: int):
     return mask
 
 
+#: batch rows attend in slices whose score matrices stay under this many elements: a
+#: calibration run's 32 x 512-token batch would otherwise hold several 300 MB temporaries
+ATTEND_SLICE_ELEMENTS = 1 << 24
+
+
 def attend(q, k, v, mask, scale):
-    """softmax(q k^T * scale, masked) v in float64 (nn.ACCUMULATE), with grouped kv heads."""
+    """softmax(q k^T * scale, masked) v in float64 (nn.ACCUMULATE), with grouped kv heads; batch
+    rows in slices (each row is computed alone either way, so slicing changes no bit)."""
+    b = q.shape[0]
+    per_row = max(1, q.shape[1] * q.shape[2] * k.shape[2])
+    step = max(1, ATTEND_SLICE_ELEMENTS // per_row)
+    if b > step:
+        mask = np.broadcast_to(mask, (b, *mask.shape[1:]))
+        return np.concatenate([_attend(q[i:i + step], k[i:i + step], v[i:i + step], mask[i:i + step], scale)
+                               for i in range(0, b, step)])
+    return _attend(q, k, v, mask, scale)
+
+
+def _attend(q, k, v, mask, scale):
     rep = q.shape[1] // k.shape[1]
     acc = ACCUMULATE["dtype"]
     k, v = np.repeat(k, rep, axis=1).astype(acc), np.repeat(v, rep, axis=1).astype(acc)

@@ -255,3 +255,17 @@ def test_streams_run_in_lockstep_and_observe_may_replace_one_stream():
     (ra2,), (rb2,) = run_streams(m, [[a], [a]], observe=zero_second_weight)
     assert seen == [("linear", 2), ("relu", 2)]
     assert np.array_equal(ra2, run(m, [a])[0]) and not rb2.any()
+
+
+def test_attention_in_batch_slices_changes_no_bit(monkeypatch):
+    """A large batch attends in slices of rows (memory of a calibration run); each row is
+    computed alone either way."""
+    from amxc.ir.ops import fused
+    rng = np.random.default_rng(0)
+    b, h, kv, s, d = 7, 4, 2, 9, 8
+    q, k, v = (rng.standard_normal((b, hh, s, d)).astype(np.float32) for hh in (h, kv, kv))
+    pos = np.broadcast_to(np.arange(s), (b, s)).copy()
+    whole = fused.attention(q, k, v, pos, scale=0.3, causal=True, window=0)
+    monkeypatch.setattr(fused, "ATTEND_SLICE_ELEMENTS", 2 * h * s * s)      # two rows a slice
+    sliced = fused.attention(q, k, v, pos, scale=0.3, causal=True, window=0)
+    assert np.array_equal(whole, sliced)

@@ -168,3 +168,14 @@ def test_auto_method_without_calibration_or_with_tp_is_round_to_nearest(stories_
     assert p.method == "rtn" and p.errors == {}
     with pytest.raises(PassError, match="method='fast' is not auto, rtn or gptq"):
         QuantizeNF4(method="fast").run(import_hf_checkpoint(stories_dir))
+
+
+@pytest.mark.parametrize("k", [200, 300, 700])
+def test_inverse_lower_inverts_by_halves(k):
+    from amxc.passes.gptq import inverse_lower
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((2 * k, k))
+    low = np.linalg.cholesky(x.T @ x + np.eye(k))
+    inv = inverse_lower(low)
+    assert np.allclose(np.triu(inv, 1), 0)
+    assert np.abs(inv @ low - np.eye(k)).max() < 1e-10
