@@ -18,6 +18,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     r.add_argument("--timing", action="store_true", help="print the prefill/decode/sampling breakdown")
     _sampling_args(r)
+    _speculate_arg(r)
 
     c = sub.add_parser("chat", help="interactive chat using the model's chat template",
                        description="Talk to an instruct model. Commands: /reset clears the "
@@ -25,6 +26,7 @@ def add_parsers(sub) -> None:
     _model_arg(c)
     c.add_argument("--system", default=None, help="a system message to start the conversation with")
     _sampling_args(c)
+    _speculate_arg(c)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text file",
                        description="Sliding-window perplexity: the text is one token stream read in "
@@ -50,6 +52,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     s.add_argument("--max-queue", type=at_least(1), default=256, help="waiting requests before 429 (default 256)")
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: the model's)")
+    _speculate_arg(s)
 
     b = sub.add_parser("bench", help="measure prefill and decode speed and peak memory")
     _model_arg(b)
@@ -92,6 +95,25 @@ def _sampling_args(p) -> None:
     g.add_argument("--seed", type=int, default=None)
 
 
+def _speculate_arg(p) -> None:
+    p.add_argument("--speculate", type=_speculation, default=None, metavar="ngram[:K]",
+                   help="speculative decoding: draft up to K tokens (default 4) by looking the text's "
+                        "last tokens up earlier in the prompt and output, and verify them in one step; "
+                        "the same tokens, faster where the output copies its input")
+
+
+def _speculation(text: str) -> str:
+    """An argparse type: a --speculate spec that Speculation.parse accepts."""
+    import argparse
+
+    from amxc.runtime.speculate import Speculation
+    try:
+        Speculation.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -106,7 +128,8 @@ def _engine(args):
         tokens, nbytes = (value, None) if kind == "tokens" else (None, value)
     import atexit
     engine = load(args.model, quant=args.quant, progress=True, tp=args.tp or 1, kv=args.kv, kv_tokens=tokens,
-                  kv_bytes=nbytes, bind=args.bind, transport=args.transport)
+                  kv_bytes=nbytes, bind=args.bind, transport=args.transport,
+                  speculate=getattr(args, "speculate", None))
     atexit.register(engine.close)          # a sharded artifact's rank processes stop with us
     return engine
 
@@ -147,6 +170,10 @@ def cmd_run(args) -> int:
     _warn_cut(reason, args)
     if args.timing:
         print(engine.last_timings.summary(), file=sys.stderr)
+        stats = engine.scheduler.stats
+        if stats.drafted_tokens:
+            print(f"speculation: {stats.accepted_tokens} of {stats.drafted_tokens} drafted tokens accepted "
+                  f"({stats.accepted_tokens / stats.drafted_tokens:.0%})", file=sys.stderr)
     return 0
 
 

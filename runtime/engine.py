@@ -64,6 +64,12 @@ class Generation:
     cached_tokens: int = 0                             # prompt tokens the prefix cache supplied
     preemptions: int = 0
     ttft: float | None = None                          # seconds from queueing to the first token
+    drafted_tokens: int = 0                            # speculative decoding: tokens drafted ...
+    accepted_tokens: int = 0                           # ... and taken
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
 
 @dataclass
@@ -262,13 +268,14 @@ class Engine:
             timings.prefill_tokens += step.prefill_tokens
         else:
             timings.decode.append(step.seconds)
-            timings.decode_tokens += step.decode_rows
+            timings.decode_tokens += step.decoded_tokens
         self.scheduler.last_step = None
 
     @staticmethod
     def _generation(req: Request) -> Generation:
         return Generation(req.prompt_ids, list(req.output_ids), req.text, req.finish_reason,
-                          req.stats.cached_tokens, req.stats.preemptions, req.stats.ttft)
+                          req.stats.cached_tokens, req.stats.preemptions, req.stats.ttft,
+                          req.stats.drafted_tokens, req.stats.accepted_tokens)
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

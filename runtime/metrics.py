@@ -56,5 +56,8 @@ class _SchedulerCollector:
                 ("amxc_preemptions", "Requests preempted for KV-cache room (recomputed later)",
                  s.stats.preemptions),
                 ("amxc_prompt_tokens", "Prompt tokens admitted", s.stats.prompt_tokens),
-                ("amxc_generation_tokens", "Tokens generated", s.stats.generated_tokens)):
+                ("amxc_generation_tokens", "Tokens generated", s.stats.generated_tokens),
+                ("amxc_spec_decode_draft_tokens", "Speculative decoding: tokens drafted", s.stats.drafted_tokens),
+                ("amxc_spec_decode_accepted_tokens", "Speculative decoding: drafted tokens accepted",
+                 s.stats.accepted_tokens)):
             yield CounterMetricFamily(name, doc, value=value)

@@ -33,8 +33,9 @@ from .blocks import BlockManager, block_key
 from .errors import RequestError
 from .kv_cache import KVStorage
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, distribution
 from .settings import Settings
+from .speculate import Drafter, accept_or_resample
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 _DECODE_CONTEXT = 4      # prompt tokens the text decoder sees before the first generated one
@@ -48,6 +49,12 @@ class RequestStats:
     cached_tokens: int = 0               # prompt tokens taken from the prefix cache (first admission)
     computed_tokens: int = 0             # tokens run through the model for this request
     preemptions: int = 0
+    drafted_tokens: int = 0              # speculative decoding: tokens drafted ...
+    accepted_tokens: int = 0             # ... and how many of them were right
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     @property
     def ttft(self) -> float | None:
@@ -78,6 +85,9 @@ class Request:
     emitted: int = 0                      # characters of `text` already handed out
     decoder: object = None
     sampler: Sampler | None = None
+    # speculative decoding
+    drafter: Drafter | None = None
+    draft: list[int] = field(default_factory=list)    # this step's drafted tokens
 
     @property
     def tokens(self) -> list[int]:
@@ -116,10 +126,12 @@ class Event:
 
 @dataclass
 class StepRecord:
-    """One step, for timings: seconds, decode rows, prefill tokens."""
+    """One step, for timings: seconds, decode rows, prefill tokens, tokens the decode rows gave
+    (more than the rows' sequences when drafted tokens were accepted)."""
     seconds: float
     decode_rows: int
     prefill_tokens: int
+    decoded_tokens: int = 0
 
 
 @dataclass
@@ -128,6 +140,8 @@ class SchedulerStats:
     preemptions: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 class Scheduler:
@@ -140,6 +154,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.stats = SchedulerStats()
         self.last_step: StepRecord | None = None
+        self.speculation = settings.speculation
         self._next_id = 0
 
     # -- requests --------------------------------------------------------------------------------
@@ -177,6 +192,8 @@ class Scheduler:
                       tuple(s for s in stop_strings if s), logprobs, prompt_logprobs)
         req.stats.arrival = time.perf_counter()
         req.sampler = Sampler(req.params)
+        if self.speculation is not None:
+            req.drafter = Drafter(self.speculation)
         if prompt_logprobs is not None:
             req.prompt_lps.append(None)           # the first token has no context to be scored in
         # the prompt's last tokens as context, so the text joins on as the prompt left it
@@ -221,9 +238,12 @@ class Scheduler:
         logits = self._execute(plan)
         seconds = time.perf_counter() - t0
         self.stats.steps += 1
-        self.last_step = StepRecord(seconds, sum(1 for _, n in plan if n == 1),
-                                    sum(n for _, n in plan if n > 1))
+        decoded = 0
         for (req, n), row in zip(plan, logits):
+            if n == 1 and req.draft:                      # a decode row and its drafted tokens
+                decoded += self._verify(req, row, events)
+                continue
+            decoded += n == 1
             req.num_computed += n
             req.stats.computed_tokens += n
             self._register_full_blocks(req)
@@ -234,7 +254,35 @@ class Scheduler:
                 events.append(self._finish(req, "length"))
             else:                                         # its last token was computed: sample
                 events.append(self._sample(req, row))
+        self.last_step = StepRecord(seconds, sum(1 for _, n in plan if n == 1),
+                                    sum(n for _, n in plan if n > 1), decoded)
         return events
+
+    def _verify(self, req: Request, rows: np.ndarray, events: list[Event]) -> int:
+        """Take tokens from the rows of a drafted decode step (speculate.py): row j follows the
+        last token and the first j drafted ones; walk them while the drafted token is what the
+        row gives.  Returns how many tokens were taken."""
+        draft, req.draft = req.draft, []
+        taken = 0
+        for j, row in enumerate(rows):
+            guess = draft[j] if j < len(draft) else None
+            event = self._sample(req, row, guess)
+            events.append(event)
+            req.num_computed += 1
+            req.stats.computed_tokens += 1
+            taken += 1
+            if event.finish_reason is not None or guess is None or event.token != guess:
+                break
+        req.stats.computed_tokens += len(rows) - taken    # every row ran, taken or not
+        accepted = sum(1 for j in range(min(taken, len(draft))) if req.output_ids[-taken + j] == draft[j])
+        req.drafter.record(len(draft), accepted)
+        req.stats.drafted_tokens += len(draft)
+        req.stats.accepted_tokens += accepted
+        self.stats.drafted_tokens += len(draft)
+        self.stats.accepted_tokens += accepted
+        if not req.finished:
+            self._register_full_blocks(req)
+        return taken
 
     def _schedule(self, events: list[Event]) -> list[tuple[Request, int]]:
         budget = self.settings.max_batch_tokens
@@ -257,6 +305,8 @@ class Scheduler:
                 continue
             plan.append((req, n))
             budget -= n
+            if n == 1 and req in decoding:
+                budget -= self._draft(req, len(decoding), budget)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.settings.max_seqs:
             req = self.waiting[0]
             tokens = req.tokens
@@ -282,6 +332,27 @@ class Scheduler:
             plan.append((req, n))
             budget -= n
         return plan
+
+    def _draft(self, req: Request, decoding: int, budget: int) -> int:
+        """Draft tokens for a decoding request (speculate.py) where they can pay: few sequences
+        decoding, room in the budget, the context, max_tokens and free KV blocks (drafts never
+        preempt).  Returns how many were drafted (req.draft)."""
+        req.draft = []
+        spec = self.speculation
+        if spec is None or req.drafter is None or decoding > spec.max_batch or req.scoring_prompt:
+            return 0
+        room = min(budget, req.max_tokens - len(req.output_ids) - 1,
+                   (self.context or 1 << 30) - req.num_tokens)
+        draft = req.drafter.propose(req.tokens, room)
+        if not draft:
+            return 0
+        missing = self.blocks.blocks_for(req.num_computed + 1 + len(draft)) - len(req.blocks)
+        if missing > self.blocks.num_free:
+            return 0
+        if missing > 0:
+            req.blocks += self.blocks.allocate(missing)
+        req.draft = draft
+        return len(draft)
 
     def _grow(self, req: Request, tokens: int, events: list[Event]) -> bool:
         """Blocks for `tokens` positions of a running request, preempting the most recently
@@ -317,14 +388,20 @@ class Scheduler:
         decode = [i for i, (_, n) in enumerate(plan) if n == 1]
         if decode:
             reqs = [plan[i][0] for i in decode]
-            batch = StepBatch("decode", [r.span(r.num_computed, r.num_computed + 1) for r in reqs],
-                              [[r.num_computed] for r in reqs], _tables([r.blocks for r in reqs]),
-                              [r.id for r in reqs])
-            logits = self.program.run(batch, k, v)
-            for row, i in enumerate(decode):
-                out[i] = logits[row]
-                if reqs[row].scoring_prompt:          # a one-token chunk of a prompt being scored
-                    self._score_prompt(reqs[row], reqs[row].num_computed, logits[row:row + 1])
+            # a request with drafted tokens has a row for each (speculate.py), on its own blocks
+            ids, positions, tables, seqs, first = [], [], [], [], []
+            for r in reqs:
+                first.append(len(ids))
+                for j, token in enumerate(r.span(r.num_computed, r.num_computed + 1) + r.draft):
+                    ids.append([token])
+                    positions.append([r.num_computed + j])
+                    tables.append(r.blocks)
+                    seqs.append(r.id)
+            logits = self.program.run(StepBatch("decode", ids, positions, _tables(tables), seqs), k, v)
+            for row, i, r in zip(first, decode, reqs):
+                out[i] = logits[row:row + 1 + len(r.draft)] if r.draft else logits[row]
+                if r.scoring_prompt:                  # a one-token chunk of a prompt being scored
+                    self._score_prompt(r, r.num_computed, logits[row:row + 1])
         for i, (req, n) in enumerate(plan):
             if n > 1:
                 start = req.num_computed
@@ -358,9 +435,14 @@ class Scheduler:
             req.keys.append(prev)
             self.blocks.register(req.blocks[i], prev)
 
-    def _sample(self, req: Request, logits: np.ndarray) -> Event:
+    def _sample(self, req: Request, logits: np.ndarray, guess: int | None = None) -> Event:
+        """Choose the next token (or, for a drafted `guess`, keep it or draw its replacement by
+        the rejection rule: speculate.py) and append it."""
         history = req.tokens if req.params.repetition_penalty != 1.0 else ()   # only the penalty reads it
-        token = req.sampler(logits, history)
+        if guess is None or req.params.greedy:
+            token = req.sampler(logits, history)
+        else:
+            token = accept_or_resample(distribution(logits, req.params, history), guess, req.sampler.rng)
         req.output_ids.append(token)
         lp = None if req.logprobs is None else token_logprob(logits, token, req.logprobs)
         self.stats.generated_tokens += 1

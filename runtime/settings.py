@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, replace
 
 from amxc.backends.program import NativeOptions
 
+from .speculate import Speculation
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -23,18 +25,24 @@ class Settings:
     bind: str | None = None          # CPUs per rank, "0-27|28-55|..." (default: NUMA nodes, else an even split)
     transport: str = "shm"           # "shm": ranks on this host; "mpi": ranks started by mpiexec
     comm_timeout: float = 30.0       # seconds a rank may wait on a silent peer before giving up
+    speculate: str | None = None     # "ngram[:K]": speculative decoding by prompt lookup (speculate.py)
 
     def __post_init__(self):
         if self.transport not in ("shm", "mpi"):
             raise ValueError(f"settings: transport must be 'shm' or 'mpi', got {self.transport!r}")
         if not (isinstance(self.comm_timeout, (int, float)) and 0 < self.comm_timeout <= 3600):
             raise ValueError(f"settings: comm_timeout must be 0 < seconds <= 3600, got {self.comm_timeout!r}")
+        Speculation.parse(self.speculate)            # a bad spec fails here, before any load
         for name in ("kv_tokens", "block_size", "max_batch_tokens", "max_seqs", "kv_bytes"):
             value = getattr(self, name)
             if name == "kv_bytes" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"settings: {name} must be a positive integer, got {value!r}")
+
+    @property
+    def speculation(self) -> Speculation | None:
+        return Speculation.parse(self.speculate)
 
     @property
     def num_blocks(self) -> int:

@@ -68,6 +68,15 @@ def smollm2_art(tmp_path_factory, smollm2_gguf) -> Path:
     return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2.amxc", progress=False)
 
 
+@pytest.fixture(scope="session")
+def smollm2_nf4_art(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2 with NF4 round-to-nearest weights (tests about kernels and scheduling: the codes'
+    choice does not matter to them, and calibration takes minutes)."""
+    from amxc.api import compile
+    return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2-nf4.amxc",
+                   quant="nf4{method=rtn}", progress=False)
+
+
 @pytest.fixture
 def tier(request) -> str:
     """A native ISA tier, for `parametrize("tier", support.native.ALL_TIERS, indirect=True)`:

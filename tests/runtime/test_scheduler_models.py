@@ -31,13 +31,6 @@ NEAR_TIE = 2 * 3.0
 
 
 @pytest.fixture(scope="module")
-def smollm2_nf4_art(tmp_path_factory, smollm2_gguf):
-    from amxc.api import compile
-    return compile(smollm2_gguf.parent, tmp_path_factory.mktemp("art") / "smollm2-nf4.amxc", quant="nf4{method=rtn}",
-                   progress=False)
-
-
-@pytest.fixture(scope="module")
 def text_ids(shared_eval, smollm2_art):
     tok = Tokenizer.from_dir(smollm2_art / "tokenizer")
     return tok.encode((shared_eval / "botchan.txt").read_text(encoding="utf-8")[:20000], add_special_tokens=False)
