@@ -10,6 +10,7 @@ CHOICES = {
     "AMXC_GEMV": (("int8", "exact"), "int8"),
     "AMXC_TILES": (("int8", "bf16", "off"), "int8"),
     "AMXC_PROFILE": (("0", "1"), "0"),
+    "AMXC_VERIFY": (("remember", "always"), "remember"),    # runtime/verified.py
 }
 
 

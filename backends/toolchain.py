@@ -47,24 +47,26 @@ class CacheError(RuntimeError):
     or a cached library that changed after it was checked."""
 
 
-def cache_dir() -> Path:
-    """$AMXC_CACHE/kernels or ~/.cache/amxc/kernels, created private (0o700).  One another user
-    owns or can write is refused: whoever can write it chooses the code this process loads."""
+def cache_dir(part: str = "kernels") -> Path:
+    """$AMXC_CACHE/<part> or ~/.cache/amxc/<part> (kernels; runtime/verified.py keeps its records
+    in "verified"), created private (0o700).  One another user owns or can write is refused:
+    whoever can write it chooses the code this process loads, or which files it trusts."""
     root = Path(os.environ.get("AMXC_CACHE") or Path.home() / ".cache" / "amxc")
-    path = root / "kernels"
+    path = root / part
+    what = "the kernel cache" if part == "kernels" else f"amxc's cache ({part})"
     for d in (root, path):
         try:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             st = d.stat()
         except OSError as e:
-            raise CacheError(f"cannot use {d} for the kernel cache ({e.strerror or e}); make it a "
+            raise CacheError(f"cannot use {d} for {what} ({e.strerror or e}); make it a "
                              f"directory of yours or set AMXC_CACHE to one") from None
         if st.st_uid != os.getuid() or st.st_mode & 0o022:
-            raise CacheError(f"refusing the kernel cache {d}: it is owned by uid {st.st_uid} with mode "
+            raise CacheError(f"refusing {what} {d}: it is owned by uid {st.st_uid} with mode "
                              f"{st.st_mode & 0o777:o}, so others could plant code that amxc loads; "
                              f"`chmod go-w {d}` if it is yours, or set AMXC_CACHE to a private directory")
     if not os.access(path, os.W_OK | os.X_OK):
-        raise CacheError(f"cannot write the kernel cache {path}; make it writable or set AMXC_CACHE")
+        raise CacheError(f"cannot write {what} {path}; make it writable or set AMXC_CACHE")
     return path
 
 
