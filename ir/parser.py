@@ -90,6 +90,22 @@ def tokenize(source: str, filename: str = "<ir>") -> list[Token]:
     return tokens
 
 
+class _Depth:
+    """`with parser.nested():` counts nesting, so hostile text cannot recurse without bound."""
+    __slots__ = ("parser",)
+
+    def __init__(self, parser):
+        self.parser = parser
+
+    def __enter__(self):
+        self.parser.depth += 1
+        if self.parser.depth > _MAX_DEPTH:
+            raise self.parser.error(f"nesting deeper than {_MAX_DEPTH} levels")
+
+    def __exit__(self, *exc):
+        self.parser.depth -= 1
+
+
 class _Parser:
     def __init__(self, source: str, filename: str):
         self.source, self.filename = source, filename
@@ -134,18 +150,8 @@ class _Parser:
             raise self.error(f"expected {what} but found {self.describe(self.tok)}")
         return self.next()
 
-    def nested(self):
-        parser = self
-
-        class _Depth:
-            def __enter__(self):
-                parser.depth += 1
-                if parser.depth > _MAX_DEPTH:
-                    raise parser.error(f"nesting deeper than {_MAX_DEPTH} levels")
-
-            def __exit__(self, *exc):
-                parser.depth -= 1
-        return _Depth()
+    def nested(self) -> "_Depth":
+        return _Depth(self)
 
     # -- values --------------------------------------------------------------------------------
     def value(self) -> Any:
