@@ -376,6 +376,30 @@ def format_stats(module: Module) -> str:
     return "\n".join(lines)
 
 
+def prebuild_kernels(art: str | os.PathLike, progress: bool = False) -> str | None:
+    """Build the native library this machine will run artifact `art` with into the kernel
+    cache, so that its first `amxc run` starts without g++ (seconds; `amxc compile` does it
+    unless --no-prebuild).  Returns the tier, or None where nothing is built here: the
+    interpreter executor, a sharded artifact (its ranks build theirs), a tier this CPU lacks."""
+    from amxc.backends.isa import ISAError
+    from amxc.backends.program import NativeOptions, NativeProgram
+    from amxc.runtime.artifact import load_artifact
+
+    options = NativeOptions.from_env()
+    module, _ = load_artifact(art, check_hashes=False)       # compiled just now, by us
+    if options.executor != "native" or options.tier == "interpreter" or module.attrs.get("tp", 1) > 1:
+        return None
+    t0 = time.perf_counter()
+    try:
+        program = NativeProgram(module, options)
+    except ISAError as e:
+        _say(f"kernels not built here: {e}", progress)
+        return None
+    _say(f"built the {program.tier} kernels in {time.perf_counter() - t0:.1f} s (kernel cache: the first "
+         f"run starts without compiling)", progress)
+    return program.tier
+
+
 def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, tp: int = 1,
                     kv: str = "f32") -> Path:
     """`model` if it is an artifact directory; otherwise its compiled artifact in the cache

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", nargs="?")
     c.add_argument("-o", "--output", metavar="ART", help="artifact directory to write (required)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("--no-prebuild", action="store_true",
+                   help="do not build this machine's kernels for the artifact now (by default they are "
+                        "built into the kernel cache, so the first run starts without g++)")
     c.add_argument("--quant", metavar="SPEC", default=None,
                    help="quantize weights: 'nf4' (NF4, block 64, E4M3 scales + fp32 per 256 blocks, "
                         "GPTQ-calibrated on --calib TEXT or on the text shipped with amxc), "
@@ -173,6 +176,9 @@ def cmd_compile(args) -> int:
             dump_dir=args.dump_dir, dump_diff=args.dump_ir_diff, plugins=args.pass_plugin,
             verify_each=args.verify_each, instruments=[timing], strict_fusion=args.strict_fusion,
             progress=not args.quiet, tp=args.tp, kv=args.kv)
+    if not args.no_prebuild:
+        from amxc.api import prebuild_kernels
+        prebuild_kernels(args.output, progress=not args.quiet)
     _print_timing(timing, args)
     return 0
 

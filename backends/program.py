@@ -49,14 +49,15 @@ class NativeOptions:
     gemv: str = "int8"
     tiles: str = "int8"
     profile: bool = False
+    pin: bool = True              # bind OpenMP threads to cores (env.pin_openmp_threads)
 
     @classmethod
     def from_env(cls, **overrides) -> "NativeOptions":
-        """AMXC_EXECUTOR, AMXC_ISA, AMXC_NUM_THREADS, AMXC_GEMV, AMXC_TILES, AMXC_PROFILE, each
+        """AMXC_EXECUTOR, AMXC_ISA, AMXC_NUM_THREADS, AMXC_GEMV, AMXC_TILES, AMXC_PROFILE, AMXC_PIN, each
         checked; keyword arguments that are not None win."""
         opts = cls(executor=env.choice("AMXC_EXECUTOR"), tier=env.isa_request(), threads=env.threads(),
                    gemv=env.choice("AMXC_GEMV"), tiles=env.choice("AMXC_TILES"),
-                   profile=env.choice("AMXC_PROFILE") == "1")
+                   profile=env.choice("AMXC_PROFILE") == "1", pin=env.choice("AMXC_PIN") == "1")
         return replace(opts, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -182,6 +183,8 @@ class NativeProgram(Program):
         self.profiled = gen.profiled
         self.source = gen.source
         self.library = toolchain.build(gen.source, self.tier, name=_safe(module.name))
+        if self.options.pin:
+            env.pin_openmp_threads()          # before the library brings libgomp in
         lib = toolchain.load(self.library)
         self.entry = {name: getattr(lib, f"amxc_{name}") for name in gen.functions}
         for fn in self.entry.values():

@@ -26,7 +26,7 @@ WIDEST = {"smollm2": 1536, "tinyllama": 5632}
 def compile_cmd(model: str, tokens: int, work: Path) -> tuple[list[str], Path]:
     out = work / f"{model}-{tokens}.amxc"
     if model == "smollm2":
-        return [sys.executable, "-m", "amxc", "compile", str(SMOLLM2), "-o", str(out), "--quant", "nf4",
+        return [sys.executable, "-m", "amxc", "compile", str(SMOLLM2), "-o", str(out), "--quant", "nf4", "--no-prebuild",
                 "--calib-tokens", str(tokens)], out
     sys.path.insert(0, str(HERE))
     import trace_memory
@@ -36,7 +36,7 @@ def compile_cmd(model: str, tokens: int, work: Path) -> tuple[list[str], Path]:
     ids = np.random.default_rng(0).integers(3, 32000, size=(tokens // 512, 512), dtype=np.int64)
     np.save(work / f"ids-{tokens}.npy", ids)
     quant = f"nf4{{method=gptq,calib={work / f'ids-{tokens}.npy'}}}"
-    return [sys.executable, "-m", "amxc", "compile", str(ckpt), "-o", str(out), "--quant", quant], out
+    return [sys.executable, "-m", "amxc", "compile", str(ckpt), "-o", str(out), "--quant", quant, "--no-prebuild"], out
 
 
 def main() -> int:

@@ -43,7 +43,8 @@ GROUNDED = {
     "copy-edit": f"Fix the punctuation of this text and return the whole text:\n\n{NOVEL}",
     "extract": f"List every sentence of this story that mentions a person's name:\n\n{STORY}",
     "continue": f"Repeat this passage word for word, then continue it:\n\n{NOVEL}",
-    "code-edit": f"Add type hints to this Python function and return the full function:\n\n{CODE}",
+    "code-edit": f"Rename the variable total to running_sum in this Python function. Reply with the whole "
+                 f"function in a code block.\n\n```python\n{CODE}```",
 }
 FREE = {
     "poem": "Write a short poem about the sea.",

@@ -141,7 +141,7 @@ def main() -> int:
                           ("trace", [*amxc, "inspect", str(work / "tinyllama-random"), "--stats",
                                       "-o", str(work / "stats.txt")]),
                           ("compile", [*amxc, "compile", str(work / "tinyllama-random"), "-o",
-                                       str(work / "tinyllama.amxc"), "-q"])):
+                                       str(work / "tinyllama.amxc"), "-q", "--no-prebuild"])):
             peak, secs = peak_rss_of(cmd)
             results[step] = peak
             print(f"{step:8s} peak RSS {peak / 1e9:6.2f} GB = {peak / fp32:.2f}x fp32 weights  ({secs:.0f} s)")

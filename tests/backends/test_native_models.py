@@ -7,6 +7,12 @@ the default) on every tier; and native AMX equals the AMX emulator bit for bit o
 Every engine here asserts that it really runs native code (no silent interpreter fallback)."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -316,3 +322,24 @@ def test_loading_native_code_keeps_subnormals(artifacts):
     engine(artifacts["stories", "nf4"]).generate([1, 2, 3], max_new_tokens=2)
     tiny = np.float32(1e-39)                       # subnormal in fp32
     assert tiny * np.float32(1.0) != 0.0 and np.float32(1e-38) / np.float32(100.0) != 0.0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding threads needs 2 CPUs to show")
+@pytest.mark.parametrize("pin", ["1", "0"])
+def test_openmp_threads_are_pinned_to_cores_unless_asked_not_to(stories_art, pin):
+    """NativeOptions.pin (AMXC_PIN): the kernels' threads run one to a core."""
+    code = ("import glob, json, sys\n"
+            "from amxc.runtime.engine import Engine\n"
+            "Engine.load(sys.argv[1]).generate([1, 2, 3], max_new_tokens=2)\n"
+            "print(json.dumps(sorted(open(f).read().split('Cpus_allowed_list:')[1].split()[0]\n"
+            "                        for f in glob.glob('/proc/self/task/*/status'))))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env.update(AMXC_PIN=pin, AMXC_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code, str(stories_art)], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    allowed = json.loads(out.splitlines()[-1])
+    single = [a for a in allowed if re.fullmatch(r"\d+", a)]
+    if pin == "1":
+        assert len(set(single)) >= 2, allowed       # the two OpenMP threads, each on its own CPU
+    else:
+        assert not single, allowed

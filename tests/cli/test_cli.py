@@ -146,3 +146,17 @@ def test_tampered_artifact_is_rejected(stories_art, tmp_path):
         load_artifact(art)
     proc = amxc("inspect", art, check=False)
     assert proc.returncode == 2 and "weights.bin" in proc.stderr
+
+
+def test_compile_prebuilds_the_kernels_the_first_run_needs(tmp_path, stories_dir, monkeypatch):
+    """`amxc compile` leaves this machine's kernels in the cache: `amxc run` builds nothing."""
+    monkeypatch.setenv("AMXC_CACHE", str(tmp_path / "cache"))
+    art = tmp_path / "s.amxc"
+    proc = amxc("compile", stories_dir, "-o", art, "--quant", "nf4{method=rtn}")
+    assert re.search(r"built the \w+ kernels in", proc.stderr)
+    libraries = sorted((tmp_path / "cache" / "kernels").glob("*.so"))
+    assert len(libraries) == 1
+    amxc("run", art, "-p", "Once upon", "-n", "3")
+    assert sorted((tmp_path / "cache" / "kernels").glob("*.so")) == libraries
+    amxc("compile", stories_dir, "-o", tmp_path / "t.amxc", "--quant", "nf4{method=rtn}", "--no-prebuild")
+    assert sorted((tmp_path / "cache" / "kernels").glob("*.so")) == libraries
