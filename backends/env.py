@@ -11,7 +11,7 @@ CHOICES = {
     "AMXC_TILES": (("int8", "bf16", "off"), "int8"),
     "AMXC_PROFILE": (("0", "1"), "0"),
     "AMXC_VERIFY": (("remember", "always"), "remember"),    # runtime/verified.py
-    "AMXC_PIN": (("1", "0"), "1"),                          # NativeOptions.pin
+    "AMXC_PIN": (("0", "1"), "0"),                          # NativeOptions.pin
 }
 
 
@@ -54,12 +54,15 @@ def threads() -> int:
 
 def pin_openmp_threads() -> bool:
     """Bind the kernels' OpenMP threads one to a core (OMP_PROC_BIND=close, OMP_PLACES=cores,
-    within this process's CPU mask) unless the user set either variable (NativeOptions.pin,
-    AMXC_PIN=0, skips the call).  Called
-    before the first kernel library loads libgomp, which reads them once.  Measured on a 2-vCPU
-    Zen 4 VM: with another busy process on the machine, SmolLM2 decode 16-21 tok/s unpinned
-    against 74-79 pinned (threads that migrate keep landing behind each other and every
-    barrier waits); on a quiet machine pinning costs nothing (issue 20 note).  True if it set them."""
+    within this process's CPU mask) unless the user set either variable; called before the first
+    kernel library brings libgomp in, which reads them once.  True if it set them.
+
+    Opt-in (AMXC_PIN=1, NativeOptions.pin): measured on a 2-vCPU Zen 4 VM, pinned threads keep
+    decoding at speed beside another busy process (SmolLM2 74-79 tok/s against 16-21 unpinned)
+    and prefill faster on a quiet one, but libgomp binds the calling thread too, and every
+    thread the process starts afterwards inherits that one-core mask: a second engine loaded in
+    the same process (or a library pool started later) then shares one core with the kernels'
+    main thread, and decoding ran 1.75x slower.  Pin where one engine owns the process."""
     if "OMP_PROC_BIND" in os.environ or "OMP_PLACES" in os.environ:
         return False
     os.environ["OMP_PROC_BIND"] = "close"

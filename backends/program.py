@@ -49,7 +49,7 @@ class NativeOptions:
     gemv: str = "int8"
     tiles: str = "int8"
     profile: bool = False
-    pin: bool = True              # bind OpenMP threads to cores (env.pin_openmp_threads)
+    pin: bool = False             # bind OpenMP threads to cores (env.pin_openmp_threads: AMXC_PIN=1)
 
     @classmethod
     def from_env(cls, **overrides) -> "NativeOptions":
