@@ -57,7 +57,7 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
 
 
 @pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
-@pytest.mark.parametrize("m", [2, 11])       # 11: a batched decode step (weights looked up once, 3 chunks)
+@pytest.mark.parametrize("m", [2, 11, 37])   # 11: a decode batch (3 row chunks); 37: a prefill chunk (weights looked up once, 10 chunks)
 def test_gemv_nf4_q8_swiglu_pair(tier, m):
     n, k = 40, 256
     gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)
