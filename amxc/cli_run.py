@@ -97,7 +97,7 @@ def _sampling_args(p) -> None:
 
 def _speculate_arg(p) -> None:
     p.add_argument("--speculate", type=_speculation, default=None, metavar="ngram[:K]",
-                   help="speculative decoding: draft up to K tokens (default 3) by looking the text's "
+                   help="speculative decoding: draft up to K tokens (default 4) by looking the text's "
                         "last tokens up earlier in the prompt and output, and verify them in one step; "
                         "the same tokens, faster where the output copies its input")
 

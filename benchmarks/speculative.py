@@ -2,7 +2,7 @@
 on input-grounded prompts (rewrite, extract, continue, edit a given text) and on free-form ones,
 against plain decoding of the same artifact in the same process.  A measurement, not a test.
 
-    python benchmarks/speculative.py [--art ART] [--k 3] [--new-tokens 128] [--reps 3]
+    python benchmarks/speculative.py [--art ART] [--k 4] [--new-tokens 128] [--reps 3]
 
 Default model: SmolLM2-135M-Instruct (../shared/models) compiled NF4 round-to-nearest, prompts
 through its chat template, greedy, stopping at its end of turn.  Each prompt runs plain and
@@ -63,7 +63,7 @@ def run(engine, prompt: str, new_tokens: int):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--art", default=None, help="an artifact (default: SmolLM2 NF4, compiled once)")
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()

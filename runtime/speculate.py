@@ -35,14 +35,13 @@ MAX_DRAFT = 15        # drafted tokens per step: with the row of the last token,
 
 @dataclass(frozen=True)
 class Speculation:
-    """`amxc run|serve --speculate ngram[:K]`: draft up to K tokens (default 3) by prompt
-    lookup, while at most `max_batch` sequences decode.  K = 3 keeps a sequence's rows within
-    one row chunk of the int8 GEMV (GEMV_ROWS = 4, backends/plan.py); a fifth row switches it to
-    the group-decoding path, and measured on SmolLM2 (Zen 4, 2 threads) a 5-row decode step
-    took 9.9 ms against 6.8 at 4 rows and 4.1 at 1: K = 3 gave a 1.58x median on input-grounded
-    prompts, K = 4 1.44x (benchmarks/speculative.py)."""
+    """`amxc run|serve --speculate ngram[:K]`: draft up to K tokens (default 4) by prompt
+    lookup, while at most `max_batch` sequences decode.  Measured on SmolLM2 NF4 (Zen 4, 2
+    threads, benchmarks/speculative.py): K = 4 gave a 1.72x median on input-grounded prompts
+    and 1.07x on free-form ones, K = 3 1.68x and 1.04x; a 5-row decode step costs 8.0 ms against
+    6.5 at 4 rows and 3.2-4.5 at 1 (the GEMV reads the weights once for all rows)."""
     kind: str = "ngram"
-    tokens: int = 3
+    tokens: int = 4
     n_max: int = 3
     n_min: int = 2
     max_batch: int = 4

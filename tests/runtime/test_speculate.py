@@ -27,7 +27,7 @@ def test_prompt_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
 
 
 def test_speculation_spec_is_checked():
-    assert Speculation.parse("ngram").tokens == 3
+    assert Speculation.parse("ngram").tokens == 4
     assert Speculation.parse("ngram:7").tokens == 7
     assert Speculation.parse(None) is None and Speculation.parse("off") is None
     for bad in ("ngram:0", "ngram:99", "draft", "ngram:x", "ngram 3"):
