@@ -263,18 +263,17 @@ class Scheduler:
         last token and the first j drafted ones; walk them while the drafted token is what the
         row gives.  Returns how many tokens were taken."""
         draft, req.draft = req.draft, []
-        taken = 0
+        taken = accepted = 0
         for j, row in enumerate(rows):
             guess = draft[j] if j < len(draft) else None
             event = self._sample(req, row, guess)
             events.append(event)
             req.num_computed += 1
-            req.stats.computed_tokens += 1
             taken += 1
-            if event.finish_reason is not None or guess is None or event.token != guess:
+            accepted += guess is not None and event.token == guess
+            if event.finish_reason is not None or event.token != guess:
                 break
-        req.stats.computed_tokens += len(rows) - taken    # every row ran, taken or not
-        accepted = sum(1 for j in range(min(taken, len(draft))) if req.output_ids[-taken + j] == draft[j])
+        req.stats.computed_tokens += len(rows)            # every row ran, taken or not
         req.drafter.record(len(draft), accepted)
         req.stats.drafted_tokens += len(draft)
         req.stats.accepted_tokens += accepted
@@ -305,8 +304,6 @@ class Scheduler:
                 continue
             plan.append((req, n))
             budget -= n
-            if n == 1 and req in decoding:
-                budget -= self._draft(req, len(decoding), budget)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.settings.max_seqs:
             req = self.waiting[0]
             tokens = req.tokens
@@ -331,12 +328,17 @@ class Scheduler:
             self.running.append(req)
             plan.append((req, n))
             budget -= n
+        if self.speculation is not None:     # last: drafts take only what nothing else needs
+            for req, n in plan:
+                if n == 1 and req in decoding:
+                    budget -= self._draft(req, len(decoding), budget)
         return plan
 
     def _draft(self, req: Request, decoding: int, budget: int) -> int:
         """Draft tokens for a decoding request (speculate.py) where they can pay: few sequences
-        decoding, room in the budget, the context, max_tokens and free KV blocks (drafts never
-        preempt).  Returns how many were drafted (req.draft)."""
+        decoding, room in what the step's budget, the context and max_tokens leave, and free KV
+        blocks that the step's other requests did not need (drafts never preempt).  Returns how
+        many were drafted (req.draft)."""
         req.draft = []
         spec = self.speculation
         if spec is None or req.drafter is None or decoding > spec.max_batch or req.scoring_prompt:
@@ -347,8 +349,8 @@ class Scheduler:
         if not draft:
             return 0
         missing = self.blocks.blocks_for(req.num_computed + 1 + len(draft)) - len(req.blocks)
-        if missing > self.blocks.num_free:
-            return 0
+        if missing > 0 and missing > self.blocks.num_free - len(self.running):
+            return 0        # keep a block for each running sequence's next token: no later preemption
         if missing > 0:
             req.blocks += self.blocks.allocate(missing)
         req.draft = draft

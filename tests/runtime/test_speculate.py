@@ -119,3 +119,20 @@ def test_no_drafts_when_many_sequences_decode(stories_art):
     few = spec.generate([prompt] * 2, max_new_tokens=16, ignore_eos=True)
     assert all(g.drafted_tokens > 0 for g in few)
     assert [g.ids for g in few] == [many[0].ids] * 2
+
+
+def test_drafts_never_cause_a_preemption(stories_art):
+    """A KV cache with room for just the two sequences: drafting (which takes blocks only when
+    a block per running sequence stays free) neither preempts nor changes a token."""
+    prompts = ["Tom said: the cat sat. the cat sat. the cat sat. the cat",
+               "Lily saw a dog. Lily saw a dog. Lily saw a dog. Lily"]
+    kw = dict(kv_tokens=16 * 12, block_size=16)
+    plain = Engine.load(stories_art, **kw)
+    spec = Engine.load(stories_art, speculate="ngram:8", **kw)
+    new = 60                                 # each sequence ends inside its sixth block
+    want = plain.generate(prompts, max_new_tokens=new, ignore_eos=True)
+    got = spec.generate(prompts, max_new_tokens=new, ignore_eos=True)
+    assert [g.ids for g in got] == [g.ids for g in want]
+    assert sum(g.drafted_tokens for g in got) > 0
+    assert plain.scheduler.stats.preemptions == 0
+    assert spec.scheduler.stats.preemptions == 0
