@@ -166,21 +166,21 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
             uncalibrated = lambda p: p.opts.__setitem__("smooth", 0.0)
         else:
             continue
-        if isinstance(p, QuantizeNF4):
+        if not p.opts["calib"]:
+            if tp > 1 and not required:
+                _say(f"{p.name}: tensor-parallel weights: {what} (calibration sees the unsharded model)", progress)
+                uncalibrated(p)
+                continue
+            try:
+                p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, count))
+            except UsageError:
+                if required or text:
+                    raise
+                _say(f"{p.name}: {model} has no tokenizer to calibrate with: {what}", progress)
+                uncalibrated(p)
+                continue
+        if isinstance(p, QuantizeNF4):                     # it calibrates: GPTQ's sweep in native code
             p.sweep = _native_gptq_sweep(progress)
-        if p.opts["calib"]:
-            continue
-        if tp > 1 and not required:
-            _say(f"{p.name}: tensor-parallel weights: {what} (calibration sees the unsharded model)", progress)
-            uncalibrated(p)
-            continue
-        try:
-            p.opts["calib"] = str(calibration_file(model, text or CALIBRATION_TEXT, count))
-        except UsageError:
-            if required or text:
-                raise
-            _say(f"{p.name}: {model} has no tokenizer to calibrate with: {what}", progress)
-            uncalibrated(p)
 
 
 def _native_gptq_sweep(progress: bool):
