@@ -380,21 +380,23 @@ def prebuild_kernels(art: str | os.PathLike, progress: bool = False) -> str | No
     """Build the native library this machine will run artifact `art` with into the kernel
     cache, so that its first `amxc run` starts without g++ (seconds; `amxc compile` does it
     unless --no-prebuild).  Returns the tier, or None where nothing is built here: the
-    interpreter executor, a sharded artifact (its ranks build theirs), a tier this CPU lacks,
-    no usable compiler or cache (a warning: the artifact itself is fine)."""
+    interpreter executor, a sharded artifact (its ranks build theirs), a module that does not
+    run step by step (no @prefill/@decode), a tier this CPU lacks, no usable compiler or cache
+    (a warning: the artifact itself is fine)."""
     from amxc.backends.isa import ISAError
-    from amxc.backends.program import NativeOptions, NativeProgram
+    from amxc.backends.program import NativeOptions, NativeProgram, ProgramError
     from amxc.backends.toolchain import BuildError, CacheError
     from amxc.runtime.artifact import load_artifact
 
     options = NativeOptions.from_env()
     module, _ = load_artifact(art, check_hashes=False)       # compiled just now, by us
-    if options.executor != "native" or options.tier == "interpreter" or module.attrs.get("tp", 1) > 1:
+    if options.executor != "native" or options.tier == "interpreter" or module.attrs.get("tp", 1) > 1 \
+            or not {"prefill", "decode"} <= set(module.functions):      # a pipeline without the kv-cache form
         return None
     t0 = time.perf_counter()
     try:
         program = NativeProgram(module, options)
-    except (ISAError, BuildError, CacheError) as e:      # the artifact is written; running it will say more
+    except (ISAError, BuildError, CacheError, ProgramError) as e:   # the artifact is written; running it says more
         print(f"amxc: warning: kernels not built now: {str(e).splitlines()[0]}", file=sys.stderr)
         return None
     _say(f"built the {program.tier} kernels in {time.perf_counter() - t0:.1f} s (kernel cache: the first "
