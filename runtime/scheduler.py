@@ -328,8 +328,8 @@ class Scheduler:
             self.running.append(req)
             plan.append((req, n))
             budget -= n
-        if self.speculation is not None:     # last: drafts take only what nothing else needs
-            for req, n in plan:
+        if self.speculation is not None and len(decoding) <= self.speculation.max_batch:
+            for req, n in plan:              # last: drafts take only what nothing else needs
                 if n == 1 and req in decoding:
                     budget -= self._draft(req, len(decoding), budget)
         return plan
