@@ -50,11 +50,7 @@ class RequestStats:
     computed_tokens: int = 0             # tokens run through the model for this request
     preemptions: int = 0
     drafted_tokens: int = 0              # speculative decoding: tokens drafted ...
-    accepted_tokens: int = 0             # ... and how many of them were right
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+    accepted_tokens: int = 0             # ... and how many of them were right (Generation.acceptance)
 
     @property
     def ttft(self) -> float | None:

@@ -40,7 +40,6 @@ class Speculation:
     threads, benchmarks/speculative.py): K = 4 gave a 1.72x median on input-grounded prompts
     and 1.07x on free-form ones, K = 3 1.68x and 1.04x; a 5-row decode step costs 8.0 ms against
     6.5 at 4 rows and 3.2-4.5 at 1 (the GEMV reads the weights once for all rows)."""
-    kind: str = "ngram"
     tokens: int = 4
     n_max: int = 3
     n_min: int = 2

@@ -58,8 +58,6 @@ def check(path: Path, digest: str, hash_file) -> bool:
             try:
                 fd = os.open(records / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 os.close(fd)
-            except FileExistsError:
+            except OSError:              # there already, or unwritable: the next load hashes again
                 pass
-            except OSError:
-                pass                     # no record: the next load hashes again
     return True
