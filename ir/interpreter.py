@@ -78,11 +78,17 @@ def run(module: Module, inputs: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     return _run(module, [inputs], function, one)[0]
 
 
+class Computed(list):
+    """What a run_streams `observe` returns to give a node's results itself (one per stream)
+    instead of its inputs: a calibration run that has computed them on its way."""
+
+
 def run_streams(module: Module, streams: Sequence, function: str | None = None,
                 observe=None) -> list[list[np.ndarray]]:
     """Run one unsharded function on several input sets in lockstep, node by node (GPTQ's
     float and quantized models side by side, each holding one layer's activations at a time).
-    `observe(node, [input arrays per stream])` may return replacements for all streams.
+    `observe(node, [input arrays per stream])` may return replacements for all streams, or the
+    node's results for all streams as `Computed`.
     Returns one result list per stream."""
     if module.attrs.get("tp", 1) > 1:
         raise InterpreterError(f"@{module.name} is sharded {module.attrs['tp']} ways")
@@ -118,7 +124,9 @@ def _run(module: Module, rank_inputs: list, function: str | None, observe,
         if observe is not None:
             args = observe(node, args) or args
         try:
-            if op.name in COLLECTIVES:
+            if isinstance(args, Computed):
+                per_rank = [out if isinstance(out, tuple) else (out,) for out in args]
+            elif op.name in COLLECTIVES:
                 outs = op.reference(*[a[0] for a in args], **reference_kwargs(node, env))
                 per_rank = [(o,) for o in outs]
             else:

@@ -13,6 +13,9 @@ keyed by op name in each layer (ir may not import them; they read these fields):
   weight_input  ``(position, *inputs, **attrs, types) -> array``: the activation the weight at
                 `position` multiplies, computed from the op's inputs (calibration; default:
                 the first input)
+  weight_output ``(activation, *inputs, **attrs, types) -> result``: the op's result from the
+                activation of its last weight (an op whose result is that weight's product), so
+                a calibration run that computed the activation does not compute it twice
   nf4_variant   the op a node becomes when its weights turn nf4 (linear -> linear_nf4); ops
                 without one take float or nf4 weights alike
   q8_variant    likewise for q8 weights (linear -> linear_q8)
@@ -86,6 +89,7 @@ class OpDef:
     kind: str | None = None
     native: Native | None = None
     q8_variant: str | None = None
+    weight_output: Callable[..., Any] | None = None
 
     def variant_for(self, dtype_name: str) -> str | None:
         """The op a node becomes when its weights turn `dtype_name` (nf4, q8), if another."""
@@ -137,7 +141,7 @@ def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] |
                 infer: Infer, side_effects: bool = False, commutative: bool = False,
                 weights: Sequence[int] = (), weight_input: Callable[..., Any] | None = None,
                 nf4_variant: str | None = None, kind: str | None = None, native: str | None = None,
-                q8_variant: str | None = None):
+                q8_variant: str | None = None, weight_output: Callable[..., Any] | None = None):
     """Decorator on the numpy reference implementation of op `name`; the keyword facts are
     described in the module docstring."""
     if isinstance(inputs, str):
@@ -146,6 +150,8 @@ def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] |
         raise ValueError(f"op '{name}': weights={tuple(weights)} are not positions of its inputs {inputs}")
     if (weight_input or nf4_variant or q8_variant) and not weights:
         raise ValueError(f"op '{name}': weight_input, nf4_variant and q8_variant need weights=")
+    if weight_output and not weight_input:
+        raise ValueError(f"op '{name}': weight_output needs weight_input=")
 
     def wrap(reference: Reference) -> Reference:
         if name in _OPS:
@@ -153,7 +159,8 @@ def register_op(name: str, inputs: Sequence[str] | str, attrs: dict[str, Attr] |
         _OPS[name] = OpDef(name, tuple(inputs), dict(attrs or {}), infer, reference,
                            side_effects, commutative, (reference.__doc__ or "").strip(),
                            tuple(weights), weight_input, nf4_variant, kind,
-                           Native.parse(native) if native is not None else None, q8_variant)
+                           Native.parse(native) if native is not None else None, q8_variant,
+                           weight_output)
         return reference
     return wrap
 

@@ -388,18 +388,28 @@ def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bo
     and each one's input comes from the op's own `weight_input` over the weights returned so
     far, so a fused MLP's down projection sees the hidden layer its just-quantized gate and up
     produce."""
+    from amxc.ir.interpreter import Computed
+
     def observe(node, streams):
         op = node.opdef
         if not op.weights:
             return None
         args, types = list(streams[-1]), [v.type for v in node.inputs]
         floats = streams[0] if with_float else None
+        x = xf = None
         for i in op.weights:
             if i < len(args):
                 x = op.activation_of(i, args, node.attrs, types)
                 xf = None if floats is None else op.activation_of(i, floats, node.attrs, types)
                 args[i] = weight_for(node.inputs[i].name, args[i], x, xf)
-        return streams[:-1] + [args]
+        if op.weight_output is None or op.weights[-1] >= len(args):
+            return streams[:-1] + [args]
+        # the activations of the last weight are at hand: finish the op from them (a fused MLP's
+        # gate and up products are not computed a second time)
+        outs = [op.weight_output(x, *args, **node.attrs, types=types)]
+        if floats is not None:
+            outs.insert(0, op.weight_output(xf, *floats, **node.attrs, types=types))
+        return Computed(outs)
 
     try:
         run_calibration_streams(module, ids, 2 if with_float else 1, observe)
@@ -420,11 +430,11 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
 
 def _run_streams(module: Module, ids, pos, count: int, observe) -> None:
     from amxc.ir.interpreter import run_streams
-    from amxc.ir.ops.cache import DenseKVCache
+    from amxc.ir.ops.cache import OneLayerKVCache
 
     if "prefill" in module.functions:
         kv = module.functions["prefill"].args[-1].type
-        streams = [[ids, pos, DenseKVCache(kv, ids.shape[0], ids.shape[1])] for _ in range(count)]
+        streams = [[ids, pos, OneLayerKVCache(kv, ids.shape[0], ids.shape[1])] for _ in range(count)]
         run_streams(module, streams, function="prefill", observe=observe)
     else:
         run_streams(module, [{"input_ids": ids, "position_ids": pos}] * count, observe=observe)

@@ -107,18 +107,20 @@ def _attend(q, k, v, mask, scale):
     rep = q.shape[1] // k.shape[1]
     acc = ACCUMULATE["dtype"]
     k, v = np.repeat(k, rep, axis=1).astype(acc), np.repeat(v, rep, axis=1).astype(acc)
-    scores = np.matmul(q.astype(acc), np.swapaxes(k, -1, -2)) * acc(scale)
+    scores = np.matmul(q.astype(acc), np.swapaxes(k, -1, -2))
+    np.multiply(scores, acc(scale), out=scores)
     return np.matmul(masked_softmax(scores, mask), v).astype(q.dtype)
 
 
 def masked_softmax(scores, mask):
     """softmax over the last axis where `mask`; a row with no visible key gives zeros (not NaN),
     the convention of flash-attention kernels, so padded queries stay finite."""
-    scores = np.where(mask, scores, -np.inf)
-    top = np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(scores - np.where(np.isfinite(top), top, 0))
+    e = np.where(mask, scores, -np.inf)               # one buffer, worked in place from here
+    top = np.max(e, axis=-1, keepdims=True)
+    np.subtract(e, np.where(np.isfinite(top), top, 0), out=e)
+    np.exp(e, out=e)
     total = np.sum(e, axis=-1, keepdims=True)
-    return e / np.where(total > 0, total, 1)
+    return np.divide(e, np.where(total > 0, total, 1), out=e)
 
 
 @register_op("attention", "q k v positions key_valid?",
@@ -150,11 +152,16 @@ def _swiglu_input(position, x, w_gate, w_up, w_down, *, types):
     return (g / (1.0 + np.exp(-g))) * linear(x, weight_value(w_up, types[2]))
 
 
+def _swiglu_output(hidden, x, w_gate, w_up, w_down, *, types):
+    return linear(hidden, weight_value(w_down, types[3]))
+
+
 @register_op("mlp_swiglu", "x w_gate w_up w_down", infer=_mlp_swiglu_infer, weights=(1, 2, 3),
-             weight_input=_swiglu_input, kind="mlp", native="linear")
+             weight_input=_swiglu_input, weight_output=_swiglu_output, kind="mlp", native="linear")
 def mlp_swiglu(x, w_gate, w_up, w_down, *, types):
     """down(silu(gate(x)) * up(x)); weights f32 or nf4"""
-    return linear(_swiglu_input(3, x, w_gate, w_up, w_down, types=types), weight_value(w_down, types[3]))
+    args = (x, w_gate, w_up, w_down)
+    return _swiglu_output(_swiglu_input(3, *args, types=types), *args, types=types)
 
 
 def _mlp_gelu_infer(ts, at):
@@ -178,12 +185,17 @@ def _gelu_mlp_input(position, x, w_fc, w_proj, b_fc=None, b_proj=None, *, approx
     return gelu(linear(x, weight_value(w_fc, types[1]), b_fc), approximate)
 
 
+def _gelu_mlp_output(hidden, x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate, types):
+    return linear(hidden, weight_value(w_proj, types[2]), b_proj)
+
+
 @register_op("mlp_gelu", "x w_fc w_proj b_fc? b_proj?", {"approximate": Attr("str", "none")},
-             infer=_mlp_gelu_infer, weights=(1, 2), weight_input=_gelu_mlp_input, kind="mlp",
-             native="linear")
+             infer=_mlp_gelu_infer, weights=(1, 2), weight_input=_gelu_mlp_input,
+             weight_output=_gelu_mlp_output, kind="mlp", native="linear")
 def mlp_gelu(x, w_fc, w_proj, b_fc=None, b_proj=None, *, approximate, types):
     """proj(gelu(fc(x))); weights f32 or nf4"""
-    h = _gelu_mlp_input(2, x, w_fc, w_proj, b_fc, b_proj, approximate=approximate, types=types)
-    return linear(h, weight_value(w_proj, types[2]), b_proj)
+    args = (x, w_fc, w_proj, b_fc, b_proj)
+    h = _gelu_mlp_input(2, *args, approximate=approximate, types=types)
+    return _gelu_mlp_output(h, *args, approximate=approximate, types=types)
 
 

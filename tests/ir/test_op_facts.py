@@ -45,6 +45,7 @@ def test_declared_facts_are_consistent():
     ({"native": "kernel:X"}, "expected kernel"),
     ({"weights": (2,)}, "not positions of its inputs"),
     ({"nf4_variant": "linear_nf4"}, "need weights="),
+    ({"weights": (1,), "weight_output": lambda h, x, w, types: h}, "weight_output needs weight_input"),
 ])
 def test_bad_declarations_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -65,6 +66,7 @@ def test_weight_input_is_the_mlps_own_math():
     hidden = op.activation_of(3, args, {}, types)
     np.testing.assert_array_equal(hidden, (g / (1.0 + np.exp(-g))) * linear(x, wu))
     np.testing.assert_array_equal(op.reference(*args, types=types), linear(hidden, wd))
+    np.testing.assert_array_equal(op.weight_output(hidden, *args, types=types), op.reference(*args, types=types))
     with pytest.raises(ValueError, match="reads no weight at input 0"):
         op.activation_of(0, args, {}, types)
 
@@ -74,6 +76,8 @@ def test_weight_input_is_the_mlps_own_math():
     types = [TensorType(f32, a.shape) for a in args]
     hidden = gelu_op.activation_of(2, args, {"approximate": "tanh"}, types)
     np.testing.assert_array_equal(hidden, gelu(linear(x, wg, b), "tanh"))
+    np.testing.assert_array_equal(gelu_op.weight_output(hidden, *args, approximate="tanh", types=types),
+                                  gelu_op.reference(*args, approximate="tanh", types=types))
     assert get_op("linear_nf4").activation_of(1, [x, None], {}, []) is x
 
 

@@ -232,7 +232,7 @@ def test_lf_over_the_cache_equals_the_whole_sequence():
 def test_streams_run_in_lockstep_and_observe_may_replace_one_stream():
     """run_streams (GPTQ's float and quantized models side by side): each stream equals its own
     run, and a replacement the observer makes reaches only its stream."""
-    from amxc.ir.interpreter import run, run_streams
+    from amxc.ir.interpreter import Computed, run, run_streams
     m = ir.parse_module("""module @m {
   param @w : f32[4, 3]
   func @main(%x: f32[2, 3]) -> (f32[2, 4]) {
@@ -255,6 +255,32 @@ def test_streams_run_in_lockstep_and_observe_may_replace_one_stream():
     (ra2,), (rb2,) = run_streams(m, [[a], [a]], observe=zero_second_weight)
     assert seen == [("linear", 2), ("relu", 2)]
     assert np.array_equal(ra2, run(m, [a])[0]) and not rb2.any()
+
+    def give_results(node, streams):      # Computed: the observer supplies the node's results
+        if node.op == "linear":
+            return Computed([np.full((2, 4), -1.0, np.float32), np.full((2, 4), 2.0, np.float32)])
+    (ra3,), (rb3,) = run_streams(m, [[a], [b]], observe=give_results)
+    assert not ra3.any() and (rb3 == 2).all()          # relu of what was given, per stream
+
+
+def test_one_layer_cache_attends_as_the_dense_cache():
+    """The calibration cache holds only the layer being run: a prefill through it gives the
+    dense cache's bits, layer after layer, and it refuses to read a layer it no longer holds."""
+    from amxc.ir.ops.cache import DenseKVCache, OneLayerKVCache
+    from amxc.ir.types import KVCacheType
+    b, hq, hk, s, d = 2, 4, 2, 7, 8
+    kv = KVCacheType(3, hk, d, T.f32)
+    dense, one = DenseKVCache(kv, b, capacity=8), OneLayerKVCache(kv, b, capacity=8)
+    assert one.k.nbytes * 3 == dense.k.nbytes
+    pos = np.broadcast_to(np.arange(s), (b, s)).copy()
+    attend = ir.get_op("attention_cached").reference
+    for layer in range(3):
+        q = rng.standard_normal((b, hq, s, d)).astype(np.float32)
+        k, v = (rng.standard_normal((b, hk, s, d)).astype(np.float32) for _ in range(2))
+        want = attend(q, k, v, pos, dense, layer=layer, scale=0.3, window=0)
+        assert np.array_equal(attend(q, k, v, pos, one, layer=layer, scale=0.3, window=0), want)
+    with pytest.raises(IndexError, match="holds layer 2's keys, not layer 0's"):
+        one.read(0, s)
 
 
 def test_attention_in_batch_slices_changes_no_bit(monkeypatch):
