@@ -179,20 +179,21 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
                 _say(f"{p.name}: {model} has no tokenizer to calibrate with: {what}", progress)
                 uncalibrated(p)
                 continue
-        if isinstance(p, QuantizeNF4):                     # it calibrates: GPTQ's sweep in native code
-            p.sweep = _native_gptq_sweep(progress)
+        if isinstance(p, QuantizeNF4):                     # it calibrates: GPTQ's loops in native code
+            p.sweep, p.block_scales = _native_gptq(progress)
 
 
-def _native_gptq_sweep(progress: bool):
-    """GPTQ's column sweep in native code, or None (numpy's) where no compiler can build it."""
-    from amxc.backends.calibrate import native_gptq_sweep
+def _native_gptq(progress: bool):
+    """GPTQ's column sweep and block-scale search in native code, or (None, None) (numpy's)
+    where no compiler can build them."""
+    from amxc.backends.calibrate import native_block_scales, native_gptq_sweep
     from amxc.backends.toolchain import BuildError, CacheError
 
     try:
-        return native_gptq_sweep()
+        return native_gptq_sweep(), native_block_scales()
     except (BuildError, CacheError, OSError) as e:
-        _say(f"quantize-nf4: native GPTQ sweep unavailable ({str(e).splitlines()[0]}); using numpy's", progress)
-        return None
+        _say(f"quantize-nf4: native GPTQ loops unavailable ({str(e).splitlines()[0]}); using numpy's", progress)
+        return None, None
 
 
 def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:

@@ -1,11 +1,16 @@
 """Native pieces of calibration, handed to the passes by amxc.api (passes import no backend).
 
-`native_gptq_sweep()` is passes/gptq.sweep_numpy in C++ (templates/gptq_sweep.cpp.j2), built
-for this host's best tier through the kernel cache: the sweep visits every column of every
-weight in turn, which numpy runs as one Python iteration per column (about 45 s of SmolLM2's
-calibration, 8 minutes of TinyLlama's) and the native code as a 16-row-wide triangular update
-on all threads.  It works in float32 (as GPTQ's reference does on the GPU) where numpy's works
-in float64: codes agree to well over 99 %, output errors to 1 % (tests/backends/test_calibrate.py).
+Both are passes/gptq.py's numpy references in C++ (templates/gptq.cpp.j2), built for this host's
+best tier through the kernel cache:
+
+`native_gptq_sweep()` (sweep_numpy) visits every column of every weight in turn, which numpy
+runs as one Python iteration per column (about 45 s of SmolLM2's calibration, 8 minutes of
+TinyLlama's) and the native code as 16-row-wide updates on all threads, 8 columns at a time.
+It works in float32 (as GPTQ's reference does on the GPU) where numpy's works in float64: codes
+agree to well over 99 %, output errors to 1 % (tests/backends/test_calibrate.py).
+
+`native_block_scales()` (block_scales_numpy) tries each E4M3 scale candidate of each block in
+float64 as numpy does, one block at a time instead of 11 passes over whole-matrix temporaries.
 """
 from __future__ import annotations
 
@@ -14,30 +19,35 @@ from functools import lru_cache
 
 import numpy as np
 
-from amxc.ir.formats import nf4
+from amxc.ir.formats import e4m3, nf4
 
 from . import isa, toolchain
 from .cxx import c_float
 from .kernels import render
 
-_f32p, _i32p, _u8p = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS") for t in (np.float32, np.int32, np.uint8))
+_f32p, _f64p, _i32p, _u8p = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS")
+                             for t in (np.float32, np.float64, np.int32, np.uint8))
 
 
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     tier = isa.best_tier()
-    source = render("gptq_sweep.cpp.j2", table=[c_float(float(v)) for v in nf4.TABLE],
-                    midpoints=[c_float(float(v)) for v in nf4.MIDPOINTS])
-    lib = toolchain.load(toolchain.build(source, "avx512" if tier == "amx" else tier, name="gptq_sweep"))
-    fn = lib.amxc_gptq_sweep
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, _f32p, _f32p, _f32p, ctypes.c_int64, _i32p, _u8p]
+    source = render("gptq.cpp.j2", table=[c_float(float(v)) for v in nf4.TABLE],
+                    midpoints=[c_float(float(v)) for v in nf4.MIDPOINTS],
+                    below=[int(v) for v in nf4._BELOW])
+    lib = toolchain.load(toolchain.build(source, "avx512" if tier == "amx" else tier, name="gptq"))
+    lib.amxc_gptq_sweep.restype = ctypes.c_int
+    lib.amxc_gptq_sweep.argtypes = [ctypes.c_int64, ctypes.c_int64, _f32p, _f32p, _f32p, ctypes.c_int64,
+                                    _i32p, _u8p]
+    lib.amxc_gptq_block_scales.restype = ctypes.c_int
+    lib.amxc_gptq_block_scales.argtypes = [ctypes.c_int64, ctypes.c_int64, _f64p, _f32p, _u8p, _f64p,
+                                           ctypes.c_int32, _f32p, _u8p, _f64p]
     return lib
 
 
 def native_gptq_sweep():
     """The native column sweep, built (or taken from the cache) now; same contract as
-    passes/gptq.sweep_numpy (its `lazy` argument is ignored: the native sweep needs no batching)."""
+    passes/gptq.sweep_numpy (its `lazy` argument is ignored: the native sweep batches its own)."""
     fn = _library().amxc_gptq_sweep
 
     def sweep(w: np.ndarray, u: np.ndarray, scale: np.ndarray, column_block: np.ndarray,
@@ -55,3 +65,33 @@ def native_gptq_sweep():
         return codes
 
     return sweep
+
+
+def native_block_scales():
+    """The native block-scale search, built (or taken from the cache) now; same contract as
+    passes/gptq.block_scales_numpy (f32 scales, which need no search, go to numpy's)."""
+    from amxc.passes.gptq import block_scales_numpy
+
+    fn = _library().amxc_gptq_block_scales
+    values = np.ascontiguousarray(e4m3.DECODE[:e4m3.NAN_CODE], np.float32)
+
+    def block_scales(w: np.ndarray, s2_row: np.ndarray | None, h_diag: np.ndarray, search: int):
+        if s2_row is None:
+            return block_scales_numpy(w, s2_row, h_diag, search)
+        n, k = w.shape
+        nb = k // 64
+        if k % 64 or s2_row.shape != (n, nb) or h_diag.shape != (k,) or search < 0:
+            raise ValueError(f"gptq block scales: w {w.shape}, s2 {s2_row.shape}, h {h_diag.shape} "
+                             f"and search {search} do not agree")
+        s2 = np.ascontiguousarray(s2_row, np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            absmax = np.abs(w.reshape(n, nb, 64)).max(axis=2).astype(np.float32)
+            q0 = e4m3.encode(np.where(s2 > 0, absmax / s2, 0).astype(np.float32))
+        best_q, best_d = np.empty((n, nb), np.uint8), np.empty((n, nb), np.float64)
+        rc = fn(n, nb, np.ascontiguousarray(w, np.float64), s2, np.ascontiguousarray(q0, np.uint8),
+                np.ascontiguousarray(h_diag, np.float64), search, values, best_q, best_d)
+        if rc != 0:
+            raise ValueError(f"gptq block scales: the native search refused its arguments (code {rc})")
+        return best_q, best_d
+
+    return block_scales

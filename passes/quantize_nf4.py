@@ -83,9 +83,10 @@ class QuantizeNF4(Pass):
                                      "are stored q8 instead (mixed precision)"),
     }
 
-    #: GPTQ's column sweep (passes/gptq.sweep_numpy's contract); amxc.api sets the native one
-    #: (backends/calibrate.py), a pass run on its own uses numpy's
-    sweep = None
+    #: GPTQ's column sweep and block-scale search (passes/gptq.sweep_numpy's and
+    #: block_scales_numpy's contracts); amxc.api sets native ones (backends/calibrate.py), a pass
+    #: run on its own uses numpy's
+    sweep = block_scales = None
 
     def run(self, module: Module) -> bool:
         layout = self._layout()
@@ -170,7 +171,8 @@ class QuantizeNF4(Pass):
             stats = last[1]
             target = toward_float(w, stats, amount=amount) if amount > 0 else w
             lay = layouts[name] = fmt.Layout(tuple(module.params[name].type.shape), **enc)
-            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"], sweep=self.sweep)
+            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"],
+                                       sweep=self.sweep, block_scales=self.block_scales)
             decoded = lay.dequantize(blobs[name])
             self.errors[name] = output_error(w, decoded, stats)
             progress.step(name)
