@@ -62,7 +62,7 @@ from .base import Option, Pass, PassError, register_pass
 SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
 
 
-@register_pass("quantize-nf4")
+@register_pass("quantize-nf4", version=2)   # 2: calibration statistics computed faster (rounding may differ)
 class QuantizeNF4(Pass):
     options = {
         "block": Option(int, 64, "elements per block scale (32 ... 4096)"),
