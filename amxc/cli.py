@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for weights that are already 4-bit (ONNX int4 files)")
     c.add_argument("--calib", metavar="TEXT", default=None,
                    help="calibration text for --quant nf4 (tokenized with the model's tokenizer; the "
-                        "first --calib-tokens tokens are used; default: amxc/data/calibration)")
+                        "first --calib-tokens tokens are used; default: the corpus in amxc/data/calibration)")
     c.add_argument("--calib-tokens", type=at_least(1), default=None,
                    help="calibration tokens (default 8192)")
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],

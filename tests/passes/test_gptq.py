@@ -121,11 +121,14 @@ def test_default_nf4_calibrates_on_the_shipped_corpus(stories_dir, shared_eval, 
     """`--quant nf4` with no calibration text: GPTQ on the text packaged with amxc, which is
     public domain and disjoint from the evaluation texts; lower held-out perplexity than
     round-to-nearest, which stays one option away."""
-    from amxc.api import CALIBRATION_TEXT
-    corpus = CALIBRATION_TEXT.read_text()
-    assert len(corpus) > 100_000 and (CALIBRATION_TEXT.parent / "README.md").is_file()
+    from amxc.api import CALIBRATION_CORPUS, CALIBRATION_TEXT
+    novel = CALIBRATION_TEXT.read_text()
+    assert len(novel) > 100_000 and (CALIBRATION_TEXT.parent / "README.md").is_file()
     evaluation = (shared_eval / "botchan.txt").read_text()
-    assert corpus[:300] not in evaluation and evaluation[-300:] not in corpus
+    assert novel[:300] not in evaluation and evaluation[-300:] not in novel
+    everyday = CALIBRATION_CORPUS[0].read_text()
+    for held_out in (evaluation, (shared_eval / "tinystories_dev.txt").read_text()):
+        assert not any(everyday[i:i + 80] in held_out for i in range(0, len(everyday) - 80, 40))
     default, rtn = tmp_path / "default.amxc", tmp_path / "rtn.amxc"
     assert main(["compile", str(stories_dir), "-o", str(default), "--quant", "nf4", "-q"]) == 0
     assert main(["compile", str(stories_dir), "-o", str(rtn), "--quant", "nf4{method=rtn}", "-q"]) == 0
@@ -138,6 +141,31 @@ def test_default_nf4_calibrates_on_the_shipped_corpus(stories_dir, shared_eval, 
                         for a in (default, rtn))
     print(f"stories260K held-out perplexity: rtn {p_rtn:.3f}, default (calibrated) {p_default:.3f}")
     assert p_default < p_rtn
+
+
+def test_calibration_windows_take_the_corpus_files_in_turn(stories_dir, tmp_path):
+    """The default corpus is several files: calibration_file takes their windows in turn, so
+    any token count samples every file, and a file that runs out drops out."""
+    from amxc.api import calibration_file
+    from amxc.frontend import write_tokenizer
+    from amxc.runtime.tokenizer import Tokenizer
+    assert write_tokenizer(stories_dir, tmp_path / "tok")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("Once upon a time a cat sat on a mat. " * 4)
+    b.write_text("The rain in the valley fell all night long, and the river rose. " * 40)
+    tok = Tokenizer.from_dir(tmp_path / "tok")
+    ids_a, ids_b = (tok.encode(p.read_text(), add_special_tokens=False) for p in (a, b))
+    n = 16
+    assert 2 <= len(ids_a) // n <= 4 and len(ids_b) // n >= 10
+    rows = np.load(calibration_file(stories_dir, [a, b], tokens=10 * n, length=n))
+    assert rows.shape == (10, n)
+    first_a, first_b = ids_a[:n], ids_b[:n]
+    assert rows[0].tolist() == first_a and rows[1].tolist() == first_b
+    assert rows[2].tolist() == ids_a[n:2 * n] and rows[3].tolist() == ids_b[n:2 * n]
+    runs_out = len(ids_a) // n                               # then only b's windows follow
+    assert rows[-1].tolist() == ids_b[(10 - runs_out - 1) * n:(10 - runs_out) * n]
+    one = np.load(calibration_file(stories_dir, b, tokens=3 * n, length=n))
+    assert one.tolist() == [ids_b[i * n:(i + 1) * n] for i in range(3)]
 
 
 def test_keep_worst_stores_the_matrices_of_largest_measured_error_in_q8(stories_dir, tmp_path):
