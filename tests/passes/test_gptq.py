@@ -207,3 +207,46 @@ def test_inverse_lower_inverts_by_halves(k):
     inv = inverse_lower(low)
     assert np.allclose(np.triu(inv, 1), 0)
     assert np.abs(inv @ low - np.eye(k)).max() < 1e-10
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])          # mlp_swiglu, mlp_gelu
+def test_calibration_run_computes_what_the_model_computes(random_models, family, monkeypatch):
+    """The calibration run finishes a fused MLP from the activation it computed for the down
+    projection (weight_output) instead of running the op again: with weights left as they are,
+    both streams must still give the plain prefill's logits, and every weight is offered once,
+    with an input of its width."""
+    from amxc.api import optimize
+    from amxc.ir import interpreter
+    from amxc.ir.ops.cache import DenseKVCache
+    from amxc.ir.ops.nn import accumulate_in
+    from amxc.passes import quantize_nf4
+
+    module = import_hf_checkpoint(random_models[family])
+    optimize(module)
+    prefill = module.functions["prefill"]
+    assert any(n.opdef.weight_output for n in prefill.nodes)
+    ids = np.random.default_rng(0).integers(3, 250, size=(2, 24)).astype(np.int64)
+    pos = np.broadcast_to(np.arange(24), ids.shape).copy()
+    with accumulate_in(np.float32):
+        want = interpreter.run_streams(module, [[ids, pos, DenseKVCache(prefill.args[-1].type, 2, 24)]],
+                                       function="prefill")[0][0]
+    seen, results = [], []
+
+    def same(name, w, x, xf):
+        seen.append(name)
+        assert x.shape[-1] == w.shape[1] and xf is not None and xf.shape == x.shape
+        return w
+
+    def keep_results(*args, **kwargs):
+        out = run_streams(*args, **kwargs)
+        results.extend(r[0] for r in out)
+        return out
+
+    run_streams = interpreter.run_streams
+    monkeypatch.setattr(interpreter, "run_streams", keep_results)
+    quantize_nf4._calibration_run(module, ids, same, with_float=True)
+    weights = [n.inputs[i].name for n in prefill.nodes for i in n.opdef.weights if i < len(n.inputs)]
+    assert sorted(seen) == sorted(weights)
+    assert len(results) == 2
+    for got in results:
+        np.testing.assert_array_equal(got, want)
