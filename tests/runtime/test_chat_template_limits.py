@@ -80,7 +80,10 @@ def hostile(template: str, messages=CONVERSATION) -> str:
     # 2**40 macro calls
     "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
 ], ids=["nested-range", "long-list", "macro-tree"])
-def test_endless_work_stops_at_the_step_budget(template):
+def test_endless_work_stops_at_the_step_budget(template, monkeypatch):
+    # the clock (its own test below) must not win on a loaded machine: a macro-tree step is
+    # slow enough that 5 M of them passed 5 s beside another test worker
+    monkeypatch.setattr(sandbox, "_MAX_SECONDS", 300.0)
     assert "chat template stopped: ran past 5000000 steps" in hostile(template, LONG)
 
 
