@@ -70,7 +70,7 @@ def native_gptq_sweep():
 def native_block_scales():
     """The native block-scale search, built (or taken from the cache) now; same contract as
     passes/gptq.block_scales_numpy (f32 scales, which need no search, go to numpy's)."""
-    from amxc.passes.gptq import block_scales_numpy
+    from amxc.passes.gptq import absmax_codes, block_scales_numpy
 
     fn = _library().amxc_gptq_block_scales
     values = np.ascontiguousarray(e4m3.DECODE[:e4m3.NAN_CODE], np.float32)
@@ -84,9 +84,7 @@ def native_block_scales():
             raise ValueError(f"gptq block scales: w {w.shape}, s2 {s2_row.shape}, h {h_diag.shape} "
                              f"and search {search} do not agree")
         s2 = np.ascontiguousarray(s2_row, np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            absmax = np.abs(w.reshape(n, nb, 64)).max(axis=2).astype(np.float32)
-            q0 = e4m3.encode(np.where(s2 > 0, absmax / s2, 0).astype(np.float32))
+        q0 = absmax_codes(w, s2)
         best_q, best_d = np.empty((n, nb), np.uint8), np.empty((n, nb), np.float64)
         rc = fn(n, nb, np.ascontiguousarray(w, np.float64), s2, np.ascontiguousarray(q0, np.uint8),
                 np.ascontiguousarray(h_diag, np.float64), search, values, best_q, best_d)

@@ -114,6 +114,15 @@ def toward_float(weight: np.ndarray, stats_or_hessian, cross: np.ndarray | None 
     return (1.0 - amount) * w + amount * w_star
 
 
+def absmax_codes(w: np.ndarray, s2_row: np.ndarray) -> np.ndarray:
+    """The E4M3 code of each 64-block's absmax over its second-level scale (0 where that is 0):
+    where the block-scale search starts (uint8 [n, K/64])."""
+    n, k = w.shape
+    absmax = np.abs(w.reshape(n, k // 64, 64)).max(axis=2).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return e4m3.encode(np.where(s2_row > 0, absmax / s2_row, 0).astype(np.float32))
+
+
 def block_scales_numpy(w: np.ndarray, s2_row: np.ndarray | None, h_diag: np.ndarray, search: int):
     """Per block of 64 in w [n, K] (float64): (stored scale -- E4M3 code or f32 -- and decoded
     f64 scale), each [n, K/64]; the E4M3 code is the one of the `search` + 1 at and below the
@@ -122,11 +131,10 @@ def block_scales_numpy(w: np.ndarray, s2_row: np.ndarray | None, h_diag: np.ndar
     n, k = w.shape
     wb = w.reshape(n, k // 64, 64)
     hb = h_diag.reshape(1, k // 64, 64)
-    absmax = np.abs(wb).max(axis=2).astype(np.float32)
     if s2_row is None:                                   # f32 scales
+        absmax = np.abs(wb).max(axis=2).astype(np.float32)
         return absmax, absmax.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q0 = e4m3.encode(np.where(s2_row > 0, absmax / s2_row, 0).astype(np.float32)).astype(np.int64)
+    q0 = absmax_codes(w, s2_row).astype(np.int64)
     best_q, best_err = None, None
     for step in range(search + 1):
         q = np.clip(q0 - step, 0, 126).astype(np.uint8)
