@@ -85,9 +85,14 @@ def position_mask(q_pos, k_pos, causal: bool, window: int):
     return mask
 
 
-#: batch rows attend in slices whose score matrices stay under this many elements: a
-#: calibration run's 32 x 512-token batch would otherwise hold several 300 MB temporaries
-ATTEND_SLICE_ELEMENTS = 1 << 24
+#: batch rows attend in slices whose score matrices stay under this many elements (8 MB of f32
+#: scores: one 512-token row of SmolLM2 at a time, which stays in cache; a calibration run's
+#: 32 x 512-token batch would otherwise sweep several 300 MB temporaries through memory)
+ATTEND_SLICE_ELEMENTS = 1 << 21
+
+#: queries attend in blocks of this many, each over the keys up to the last one its mask shows:
+#: a causal prefill skips the upper triangle's products and exps (about 40 % of the work)
+ATTEND_QUERY_BLOCK = 128
 
 
 def attend(q, k, v, mask, scale):
@@ -104,23 +109,42 @@ def attend(q, k, v, mask, scale):
 
 
 def _attend(q, k, v, mask, scale):
-    rep = q.shape[1] // k.shape[1]
-    acc = ACCUMULATE["dtype"]
-    k, v = np.repeat(k, rep, axis=1).astype(acc), np.repeat(v, rep, axis=1).astype(acc)
-    scores = np.matmul(q.astype(acc), np.swapaxes(k, -1, -2))
-    np.multiply(scores, acc(scale), out=scores)
-    return np.matmul(masked_softmax(scores, mask), v).astype(q.dtype)
+    """The query heads sharing a kv head go through one product ([rep * queries, d] x [d, keys])
+    instead of repeating k and v per head; masked keys get exactly zero weight, so cutting the
+    keys a block cannot see changes only the length of zero runs in the sums."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    rep = hq // hk
+    acc, dtype = ACCUMULATE["dtype"], q.dtype
+    q, k, v = (t.astype(acc, copy=False) for t in (q, k, v))
+    out = np.empty((b, hk, rep, s, v.shape[-1]), acc)
+    hidden = ~mask
+    for i0 in range(0, s, ATTEND_QUERY_BLOCK):
+        i1 = min(s, i0 + ATTEND_QUERY_BLOCK)
+        shown = np.flatnonzero(mask[..., i0:i1, :].any(axis=tuple(range(mask.ndim - 1))))
+        n = int(shown[-1]) + 1 if shown.size else 1
+        scores = np.matmul(q[:, :, i0:i1].reshape(b, hk, rep, i1 - i0, d),
+                           np.swapaxes(k[:, :, None, :n], -1, -2))          # [b, hk, rep, block, n]
+        np.multiply(scores, acc(scale), out=scores)
+        np.copyto(scores, -np.inf, where=hidden[:, :, None, i0:i1, :n])
+        np.matmul(_softmax_in_place(scores), v[:, :, None, :n], out=out[:, :, :, i0:i1])
+    return out.reshape(b, hq, s, -1).astype(dtype, copy=False)
 
 
-def masked_softmax(scores, mask):
-    """softmax over the last axis where `mask`; a row with no visible key gives zeros (not NaN),
-    the convention of flash-attention kernels, so padded queries stay finite."""
-    e = np.where(mask, scores, -np.inf)               # one buffer, worked in place from here
+def _softmax_in_place(e):
+    """softmax over the last axis of scores whose hidden entries are -inf; a row with no visible
+    key gives zeros (not NaN), the convention of flash-attention kernels."""
     top = np.max(e, axis=-1, keepdims=True)
     np.subtract(e, np.where(np.isfinite(top), top, 0), out=e)
     np.exp(e, out=e)
     total = np.sum(e, axis=-1, keepdims=True)
     return np.divide(e, np.where(total > 0, total, 1), out=e)
+
+
+def masked_softmax(scores, mask):
+    """softmax over the last axis where `mask`; a row with no visible key gives zeros (not NaN),
+    the convention of flash-attention kernels, so padded queries stay finite."""
+    return _softmax_in_place(np.where(mask, scores, -np.inf))   # one buffer, worked in place
 
 
 @register_op("attention", "q k v positions key_valid?",

@@ -295,3 +295,24 @@ def test_attention_in_batch_slices_changes_no_bit(monkeypatch):
     monkeypatch.setattr(fused, "ATTEND_SLICE_ELEMENTS", 2 * h * s * s)      # two rows a slice
     sliced = fused.attention(q, k, v, pos, scale=0.3, causal=True, window=0)
     assert np.array_equal(whole, sliced)
+
+
+def test_attention_query_blocks_cut_only_keys_no_query_sees(monkeypatch):
+    """Queries attend in blocks, each over the keys up to the last one its mask shows; with a
+    sliding window, padding and a query that sees no key, blocks of 3 agree with one block of
+    all queries (float64: only the lengths of runs of exact zeros differ)."""
+    from amxc.ir.ops import fused
+    rng = np.random.default_rng(1)
+    b, h, kv, s, d = 3, 6, 2, 11, 8
+    q, k, v = (rng.standard_normal((b, hh, s, d)) for hh in (h, kv, kv))
+    pos = np.broadcast_to(np.arange(s), (b, s)).copy()
+    valid = np.ones((b, s), bool)
+    valid[1, :4] = False                                   # row 1's first query sees no key
+    whole = fused.attention(q, k, v, pos, valid, scale=0.3, causal=True, window=5)
+    monkeypatch.setattr(fused, "ATTEND_QUERY_BLOCK", 3)
+    blocked = fused.attention(q, k, v, pos, valid, scale=0.3, causal=True, window=5)
+    np.testing.assert_allclose(blocked, whole, rtol=1e-13, atol=1e-15)
+    assert np.all(blocked[1, :, 0] == 0)
+    ref = fused.masked_softmax(np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, 3, axis=1)) * 0.3,
+                               fused.position_mask(pos, pos, True, 5) & valid[:, None, None, :])
+    np.testing.assert_allclose(blocked, ref @ np.repeat(v, 3, axis=1), rtol=1e-12, atol=1e-14)
