@@ -35,7 +35,8 @@ def rel_rms(a, b):
 @pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
                                             (16, 64, 4, "bnb_dynamic8"), (96, 576, 16, "fp8_e4m3"),
-                                            (33, 128, 9, "bnb_dynamic8")])
+                                            (33, 128, 9, "bnb_dynamic8"),
+                                            (40, 64 * 300, 37, "fp8_e4m3")])   # avx2: 3 row slabs
 def test_gemv_nf4_q8(tier, n, k, m, scale):
     wt = nf4_weight(n, k, scale, seed=n + k)
     blob, layout = wt.blob, wt.layout

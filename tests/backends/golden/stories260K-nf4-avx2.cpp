@@ -169,24 +169,110 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
   }
 }
 
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_MC = std::max<int64_t>(gemv_nf4_avx2_64_64_fp8_e4m3_256_RC, (262144 / 64) / gemv_nf4_avx2_64_64_fp8_e4m3_256_RC * gemv_nf4_avx2_64_64_fp8_e4m3_256_RC);
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_RC, W = 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16;
+  amxc::GroupScales s2v(s2, g, N, NB, 256);
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) float sums[W][RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v.at(b);
+    const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                 amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+    const __m256 gs[2] = {s2v.v0, s2v.v1};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        sc = _mm256_mul_ps(sc, gs[h]);
+        float* s = sums[0][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][h]), sc, _mm256_load_ps(s)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const __m256i mask = amxc::mask_first(valid);
+      __m256 y = _mm256_load_ps(sums[0][r] + 8 * h);
+      if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+      if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+      _mm256_maskstore_ps(out + r * N + c0, mask, y);
+    }
+}
+
 static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_RC;
+  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-      default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_nf4_avx2_64_64_fp8_e4m3_256_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_nf4_avx2_64_64_fp8_e4m3_256_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
@@ -336,24 +422,110 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
   }
 }
 
+static constexpr int64_t gemv_nf4_avx2_32_64_fp8_e4m3_256_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_nf4_avx2_32_64_fp8_e4m3_256_MC = std::max<int64_t>(gemv_nf4_avx2_32_64_fp8_e4m3_256_RC, (262144 / 64) / gemv_nf4_avx2_32_64_fp8_e4m3_256_RC * gemv_nf4_avx2_32_64_fp8_e4m3_256_RC);
+static constexpr int64_t gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 32, K = 64, NB = K / 64, RC = gemv_nf4_avx2_32_64_fp8_e4m3_256_RC, W = 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16;
+  amxc::GroupScales s2v(s2, g, N, NB, 256);
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) float sums[W][RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v.at(b);
+    const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                 amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+    const __m256 gs[2] = {s2v.v0, s2v.v1};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        sc = _mm256_mul_ps(sc, gs[h]);
+        float* s = sums[0][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][h]), sc, _mm256_load_ps(s)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const __m256i mask = amxc::mask_first(valid);
+      __m256 y = _mm256_load_ps(sums[0][r] + 8 * h);
+      if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+      if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+      _mm256_maskstore_ps(out + r * N + c0, mask, y);
+    }
+}
+
 static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_32_64_fp8_e4m3_256_RC;
+  if (m < gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-      default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_nf4_avx2_32_64_fp8_e4m3_256_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_nf4_avx2_32_64_fp8_e4m3_256_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
@@ -435,24 +607,113 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
   }
 }
 
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_MC = std::max<int64_t>(gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC, (262144 / 64) / gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC * gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC);
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC, W = 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16;
+  amxc::GroupScales s2v(s2, g, N, NB, 256);
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) double sums[RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v.at(b);
+    const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                 amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+    const __m256 gs[2] = {s2v.v0, s2v.v1};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        sc = _mm256_mul_ps(sc, gs[h]);
+        double* s = sums[r] + 8 * h;
+        _mm256_store_pd(s, _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(dot[0][h])),
+                                           _mm256_cvtps_pd(_mm256_castps256_ps128(sc)), _mm256_load_pd(s)));
+        _mm256_store_pd(s + 4, _mm256_fmadd_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(dot[0][h], 1)),
+                                               _mm256_cvtps_pd(_mm256_extractf128_ps(sc, 1)), _mm256_load_pd(s + 4)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const double* t = sums[r] + 8 * h;
+      for (int64_t i = 0; i < valid; ++i) {
+        const double v = t[i] + (bias ? (double)bias[c0 + i] : 0.0);
+        out[r * N + c0 + i] = resid ? (float)v + resid[r * N + c0 + i] : (float)v;
+      }
+    }
+}
+
 static void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC;
+  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<3>(AMXC_ARGS); break;
-      default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<3>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
@@ -566,25 +827,139 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
   }
 }
 
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_MC = std::max<int64_t>(gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC, (262144 / 64) / gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC * gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC);
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC, W = 2;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16;
+  amxc::GroupScales s2v(s2, g, N, NB, 256);
+  const uint8_t* wsc_u = scales_u + g * NB * 16;
+  amxc::GroupScales s2v_u(s2_u, g, N, NB, 256);
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) float sums[W][RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v.at(b);
+    const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                 amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+    const __m256 gs[2] = {s2v.v0, s2v.v1};
+    {
+      const uint8_t* cb = codes_u + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[1][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[1][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v_u.at(b);
+    const __m256 sw_u[2] = {amxc::decode_e4m3_x8(wsc_u + b * 16),
+                                 amxc::decode_e4m3_x8(wsc_u + b * 16 + 8)};
+    const __m256 gs_u[2] = {s2v_u.v0, s2v_u.v1};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        sc = _mm256_mul_ps(sc, gs[h]);
+        float* s = sums[0][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][h]), sc, _mm256_load_ps(s)));
+      }
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw_u[h], xs);
+        sc = _mm256_mul_ps(sc, gs_u[h]);
+        float* s = sums[1][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[1][h]), sc, _mm256_load_ps(s)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const __m256i mask = amxc::mask_first(valid);
+      __m256 y = _mm256_load_ps(sums[0][r] + 8 * h);
+      y = amxc::silu_mul_x8(y, _mm256_load_ps(sums[1][r] + 8 * h));
+      if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+      if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+      _mm256_maskstore_ps(out + r * N + c0, mask, y);
+    }
+}
+
 static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC;
+  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<3>(AMXC_ARGS); break;
-      default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<3>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, codes_u, scales_u, s2_u, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
@@ -734,24 +1109,110 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
   }
 }
 
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_MC = std::max<int64_t>(gemv_nf4_avx2_172_64_fp8_e4m3_256_RC, (262144 / 64) / gemv_nf4_avx2_172_64_fp8_e4m3_256_RC * gemv_nf4_avx2_172_64_fp8_e4m3_256_RC);
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_RC, W = 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16;
+  amxc::GroupScales s2v(s2, g, N, NB, 256);
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) float sums[W][RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 512;
+      const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i m4 = _mm256_set1_epi8(0x0F);
+      _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
+      _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+        }
+    }
+    s2v.at(b);
+    const __m256 sw[2] = {amxc::decode_e4m3_x8(wsc + b * 16),
+                                 amxc::decode_e4m3_x8(wsc + b * 16 + 8)};
+    const __m256 gs[2] = {s2v.v0, s2v.v1};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        sc = _mm256_mul_ps(sc, gs[h]);
+        float* s = sums[0][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][h]), sc, _mm256_load_ps(s)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const __m256i mask = amxc::mask_first(valid);
+      __m256 y = _mm256_load_ps(sums[0][r] + 8 * h);
+      if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+      if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+      _mm256_maskstore_ps(out + r * N + c0, mask, y);
+    }
+}
+
 static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_RC;
+  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-      default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_nf4_avx2_172_64_fp8_e4m3_256_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_nf4_avx2_172_64_fp8_e4m3_256_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
@@ -833,24 +1294,103 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
   }
 }
 
+static constexpr int64_t gemv_q8_avx2_512_64_RC = 16;          // rows a group's decoded blocks serve in turn
+// rows whose int8 activations (K bytes each) one slab keeps in a 256 KB share of L2 while every
+// group's weights stream past them (all rows at once re-read them from L3 once per group)
+static constexpr int64_t gemv_q8_avx2_512_64_MC = std::max<int64_t>(gemv_q8_avx2_512_64_RC, (262144 / 64) / gemv_q8_avx2_512_64_RC * gemv_q8_avx2_512_64_RC);
+static constexpr int64_t gemv_q8_avx2_512_64_PANEL_ROWS = 8;   // from this many rows on, _panel
+
+static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t* q, const float* qs, const int32_t* qsum,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 512, K = 64, NB = K / 64, RC = gemv_q8_avx2_512_64_RC, W = 1;
+  const __m256i ones = _mm256_set1_epi16(1);
+  (void)qsum;
+  const uint8_t* wsc = scales + g * NB * 16 * 4;
+  alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) float sums[W][RC][16];
+  memset(sums, 0, sizeof(sums));
+  for (int64_t b = 0; b < NB; ++b) {
+    {
+      const uint8_t* cb = codes + (g * NB + b) * 1024;
+      const __m256i flip = _mm256_set1_epi8((char)0x80);
+      _mm_prefetch((const char*)(cb + 2048), _MM_HINT_T0);
+      for (int j = 0; j < 8; ++j)
+        for (int h = 0; h < 2; ++h) {
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + h * 32)), flip));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + 64 + h * 32)), flip));
+        }
+    }
+    const __m256 sw[2] = {_mm256_loadu_ps((const float*)wsc + b * 16),
+                                 _mm256_loadu_ps((const float*)wsc + b * 16 + 8)};
+    for (int64_t r = 0; r < mr; ++r) {
+      const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
+      __m256i dot[W][2];
+      for (int w = 0; w < W; ++w) dot[w][0] = dot[w][1] = _mm256_setzero_si256();
+      #pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+        for (int w = 0; w < W; ++w)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+          }
+      }
+      const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
+      for (int h = 0; h < 2; ++h) {
+        // the AVX-512 kernel's integer dot carries the +128 table offset; this one has none
+        __m256 sc = _mm256_mul_ps(sw[h], xs);
+        float* s = sums[0][r] + 8 * h;
+        _mm256_store_ps(s, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][h]), sc, _mm256_load_ps(s)));
+      }
+    }
+  }
+  const int64_t n0 = g * 16;
+  for (int64_t r = 0; r < mr; ++r)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t c0 = n0 + 8 * h, valid = std::min<int64_t>(8, N - c0);
+      if (valid <= 0) continue;
+      const __m256i mask = amxc::mask_first(valid);
+      __m256 y = _mm256_load_ps(sums[0][r] + 8 * h);
+      if (bias) y = _mm256_add_ps(y, _mm256_maskload_ps(bias + c0, mask));
+      if (resid) y = _mm256_add_ps(y, _mm256_maskload_ps(resid + r * N + c0, mask));
+      _mm256_maskstore_ps(out + r * N + c0, mask, y);
+    }
+}
+
 static void gemv_q8_avx2_512_64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
-  #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t g = 0; g < G; ++g)
-  for (int64_t r = 0; r < m; r += 4) {          // row chunks inside: group g's weights stay in L1
-    const int64_t rows = std::min<int64_t>(4, m - r);
-    const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
-    const float* rr = resid ? resid + r * N : nullptr;
+  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_q8_avx2_512_64_RC;
+  if (m < gemv_q8_avx2_512_64_PANEL_ROWS) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(4, m - r);
+      const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
+      const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
-    switch (rows) {
-      case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
-      case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
-      case 3: gemv_q8_avx2_512_64_rows<3>(AMXC_ARGS); break;
-      default: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
-    }
+      switch (rows) {
+        case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
+        case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
+        case 3: gemv_q8_avx2_512_64_rows<3>(AMXC_ARGS); break;
+        default: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
+      }
 #undef AMXC_ARGS
+    }
+    return;
+  }
+  // rows in slabs of MC whose activations stay in L2 while every group streams past them
+  for (int64_t r0 = 0; r0 < m; r0 += gemv_q8_avx2_512_64_MC) {
+    const int64_t r1 = std::min<int64_t>(m, r0 + gemv_q8_avx2_512_64_MC);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = r0; r < r1; r += RC)
+        gemv_q8_avx2_512_64_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
+                         codes, scales, s2, bias,
+                         resid ? resid + r * N : nullptr, out + r * N);
   }
 }
 
