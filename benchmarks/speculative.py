@@ -1,11 +1,15 @@
-"""Speculative decoding by prompt lookup (`--speculate ngram:K`): acceptance and decode speed-up
-on input-grounded prompts (rewrite, extract, continue, edit a given text) and on free-form ones,
-against plain decoding of the same artifact in the same process.  A measurement, not a test.
+"""Speculative decoding by prompt lookup (`--speculate ngram:K`) and by a draft model
+(`--speculate draft:K:ART`): acceptance and decode speed-up on input-grounded prompts (rewrite,
+extract, continue, edit a given text) and on free-form ones, against plain decoding of the same
+artifact in the same process.  A measurement, not a test.
 
-    python benchmarks/speculative.py [--art ART] [--k 4] [--new-tokens 128] [--reps 3]
+    python benchmarks/speculative.py [--mode ngram|draft|both] [--art ART] [--draft ART]
+                                     [--k 4] [--new-tokens 128] [--reps 3]
 
-Default model: SmolLM2-135M-Instruct (../shared/models) compiled NF4 round-to-nearest, prompts
-through its chat template, greedy, stopping at its end of turn.  Each prompt runs plain and
+Default models: SmolLM2-135M-Instruct (../shared/models); ngram: compiled NF4 round-to-nearest;
+draft: the f32 artifact as target and the NF4 one as its draft (the same weights in 4 bits: it
+reads 1/7 of the target's bytes a token).  Prompts go through the chat template, greedy,
+stopping at the end of turn.  Each prompt runs plain and
 speculative decoding alternately `--reps` times; the figure is the median decode time of each
 (the tokens are checked identical, so both decode the same tokens).  Speed-up = plain / speculative
 decode time; acceptance = accepted / drafted tokens.
@@ -60,27 +64,11 @@ def run(engine, prompt: str, new_tokens: int):
     return g, sum(t.decode), len(t.decode)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--art", default=None, help="an artifact (default: SmolLM2 NF4, compiled once)")
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
-    import amxc
+def measure(plain, spec, title: str, args) -> None:
     from amxc.backends import isa
-    from amxc.runtime.engine import Engine
-
-    art = args.art
-    if art is None:
-        art = Path(tempfile.gettempdir()) / "amxc-bench" / "smollm2-nf4-rtn.amxc"
-        if not (art / "manifest.json").exists():
-            amxc.compile(SMOLLM2, art, quant="nf4{method=rtn}", progress=False)
-    plain, spec = Engine.load(art), Engine.load(art, speculate=f"ngram:{args.k}")
     for e in (plain, spec):
         e.warm_up()
-    print(f"# {Path(art).name}, tier {isa.best_tier()}, ngram:{args.k}, up to {args.new_tokens} new tokens, "
-          f"median of {args.reps}")
+    print(f"\n# {title}, tier {isa.best_tier()}, up to {args.new_tokens} new tokens, median of {args.reps}")
     print("| prompt | kind | tokens | steps plain → spec | acceptance | plain tok/s | spec tok/s | speed-up | same tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratios = {"grounded": [], "free": []}
@@ -101,6 +89,40 @@ def main() -> int:
                   f"{tokens / mp:.1f} | {tokens / ms:.1f} | {mp / ms:.2f}x | {same} |", flush=True)
     for kind, r in ratios.items():
         print(f"{kind}: median speed-up {statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x)")
+    for e in (plain, spec):
+        e.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("ngram", "draft", "both"), default="both")
+    ap.add_argument("--art", default=None, help="ngram: an artifact (default: SmolLM2 NF4, compiled once)")
+    ap.add_argument("--target", default=None, help="draft: the target artifact (default: SmolLM2 f32)")
+    ap.add_argument("--draft", default=None, help="draft: the draft artifact (default: SmolLM2 NF4)")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import amxc
+    from amxc.runtime.engine import Engine
+
+    work = Path(tempfile.gettempdir()) / "amxc-bench"
+
+    def compiled(name: str, quant: str | None) -> Path:
+        art = work / name
+        if not (art / "manifest.json").exists():
+            amxc.compile(SMOLLM2, art, quant=quant, progress=False)
+        return art
+
+    nf4 = None if args.art and args.draft else compiled("smollm2-nf4-rtn.amxc", "nf4{method=rtn}")
+    if args.mode in ("ngram", "both"):
+        art = args.art or nf4
+        measure(Engine.load(art), Engine.load(art, speculate=f"ngram:{args.k}"),
+                f"{Path(art).name}, ngram:{args.k}", args)
+    if args.mode in ("draft", "both"):
+        target, draft = args.target or compiled("smollm2-f32.amxc", None), args.draft or nf4
+        measure(Engine.load(target), Engine.load(target, speculate=f"draft:{args.k}:{draft}"),
+                f"{Path(target).name}, draft:{args.k}:{Path(draft).name}", args)
     return 0
 
 

@@ -35,7 +35,7 @@ from .kv_cache import KVStorage
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
 from .sampling import Sampler, SamplingParams, distribution
 from .settings import Settings
-from .speculate import Drafter, accept_or_resample
+from .speculate import Drafter, ModelDrafter, accept_or_resample
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 _DECODE_CONTEXT = 4      # prompt tokens the text decoder sees before the first generated one
@@ -141,8 +141,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, program, cache_type, settings: Settings, *, tokenizer=None, context: int | None = None):
+    def __init__(self, program, cache_type, settings: Settings, *, tokenizer=None, context: int | None = None,
+                 draft_model=None):
         self.program, self.settings, self.tokenizer, self.context = program, settings, tokenizer, context
+        self.draft_model = draft_model             # speculate.DraftModel for --speculate draft:ART
         self.blocks = BlockManager(settings.num_blocks, settings.block_size, settings.prefix_caching)
         self.storage = KVStorage(cache_type, settings.num_blocks, settings.block_size)
         self.waiting: deque[Request] = deque()
@@ -189,7 +191,8 @@ class Scheduler:
         req.stats.arrival = time.perf_counter()
         req.sampler = Sampler(req.params)
         if self.speculation is not None:
-            req.drafter = Drafter(self.speculation)
+            req.drafter = (ModelDrafter(self.speculation, self.draft_model) if self.draft_model is not None
+                           else Drafter(self.speculation))
         if prompt_logprobs is not None:
             req.prompt_lps.append(None)           # the first token has no context to be scored in
         # the prompt's last tokens as context, so the text joins on as the prompt left it
@@ -227,10 +230,10 @@ class Scheduler:
     # -- one step --------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         events: list[Event] = []
+        t0 = time.perf_counter()            # from scheduling on: a draft model drafts there
         plan = self._schedule(events)
         if not plan:
             return events
-        t0 = time.perf_counter()
         logits = self._execute(plan)
         seconds = time.perf_counter() - t0
         self.stats.steps += 1

@@ -136,3 +136,52 @@ def test_drafts_never_cause_a_preemption(stories_art):
     assert sum(g.drafted_tokens for g in got) > 0
     assert plain.scheduler.stats.preemptions == 0
     assert spec.scheduler.stats.preemptions == 0
+
+
+# -- draft-model drafting (--speculate draft:ART) ---------------------------------------------------
+def test_draft_spec_is_parsed():
+    s = Speculation.parse("draft:/models/small.amxc")
+    assert (s.tokens, s.draft) == (4, "/models/small.amxc")
+    assert Speculation.parse("draft:6:/a:b/c.amxc") == Speculation(tokens=6, draft="/a:b/c.amxc")
+    for bad in ("draft:", "draft:0:/x", "draft:16:/x"):
+        with pytest.raises(ValueError, match="--speculate"):
+            Speculation.parse(bad)
+
+
+@pytest.fixture(scope="module")
+def stories_nf4_draft(tmp_path_factory, stories_dir):
+    """stories260K in NF4: a draft of the same tokenizer for the f32 stories260K target."""
+    from amxc.api import compile
+    return compile(stories_dir, tmp_path_factory.mktemp("draft") / "stories-nf4.amxc",
+                   quant="nf4{method=rtn}", progress=False)
+
+
+def test_greedy_draft_model_gives_plain_decodings_tokens(stories_art, stories_nf4_draft, shared_eval):
+    """Greedy output is plain decoding's whatever the draft proposes; a 4-bit draft of the same
+    model agrees often enough that the sequence takes fewer steps than tokens."""
+    plain = Engine.load(stories_art)
+    spec = Engine.load(stories_art, speculate=f"draft:4:{stories_nf4_draft}")
+    for prompt in ("Once upon a time", _passage(shared_eval, 200)):
+        want = plain.generate(prompt, max_new_tokens=40, ignore_eos=True)
+        got = spec.generate(prompt, max_new_tokens=40, ignore_eos=True)
+        assert got.ids == want.ids, prompt[:30]
+        assert 0 < got.accepted_tokens <= got.drafted_tokens
+        assert len(spec.last_timings.decode) < len(plain.last_timings.decode)
+    want = plain.generate("Once upon a time", max_new_tokens=8, ignore_eos=True)
+    for n in (1, 3, 8):                                # drafts stop at max_new_tokens
+        assert spec.generate("Once upon a time", max_new_tokens=n, ignore_eos=True).ids == want.ids[:n]
+
+
+def test_sampled_draft_model_speculation_is_repeatable(stories_art, stories_nf4_draft):
+    spec = Engine.load(stories_art, speculate=f"draft:{stories_nf4_draft}")
+    a = spec.generate("Once upon a time", max_new_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
+    b = spec.generate("Once upon a time", max_new_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
+    assert a.ids == b.ids and len(a.ids) == 24 and a.drafted_tokens > 0
+
+
+def test_draft_model_of_another_tokenizer_is_refused(stories_art, smollm2_nf4_art, tmp_path):
+    from amxc.runtime.artifact import ArtifactError
+    with pytest.raises(ArtifactError, match="draft.*(vocabulary|tokenizer)"):
+        Engine.load(stories_art, speculate=f"draft:{smollm2_nf4_art}")
+    with pytest.raises(ArtifactError, match="not an amxc artifact"):
+        Engine.load(stories_art, speculate=f"draft:{tmp_path}")
