@@ -331,6 +331,10 @@ class Scheduler:
             for req, n in plan:              # last: drafts take only what nothing else needs
                 if n == 1 and req in decoding:
                     budget -= self._draft(req, len(decoding), budget)
+        if self.draft_model is not None:
+            for req, n in plan:              # a prompt completed by this step: the draft reads it now,
+                if req not in decoding and req.num_computed + n == req.num_tokens:   # in the prefill
+                    self.draft_model.prime(req.tokens)
         return plan
 
     def _draft(self, req: Request, decoding: int, budget: int) -> int:

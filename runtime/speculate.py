@@ -169,6 +169,12 @@ class DraftModel:
             return []
         return list(g.ids[:k])
 
+    def prime(self, prompt: list[int]) -> None:
+        """Compute a prompt's keys and values in the draft while the target prefills it (the
+        scheduler calls this in the step that completes the prompt), so the first drafting call
+        finds them in the draft's prefix cache and the prompt's cost is counted as prefill."""
+        self.propose(prompt, 1)
+
     def close(self) -> None:
         self.engine.close()
 
