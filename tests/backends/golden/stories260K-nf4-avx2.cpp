@@ -217,6 +217,9 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
@@ -470,6 +473,9 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
@@ -655,6 +661,9 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(int64_t g, int64
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
@@ -895,6 +904,9 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
@@ -1157,6 +1169,9 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(int64_t g, int64_t mr
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
@@ -1336,6 +1351,9 @@ static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t
             const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
             const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
+            // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
+            // chunk's products first and spills them to the stack to add up at the end
+            __asm__("" : "+x"(dot[w][h]));
           }
       }
       const __m256 xs = _mm256_set1_ps(qs[r * NB + b]);
