@@ -83,19 +83,26 @@ static void cast_i64_f32(const int64_t* x, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = (float)x[i];
 }
 
-// out = in transposed by perm (out dim d is in dim perm[d]); element size esize bytes
+// out = in transposed by perm (out dim d is in dim perm[d]); element size esize bytes.  When the
+// last dim stays last, each output row of it is one contiguous run in the input too, copied
+// whole ([b, s, heads, d] <-> [b, heads, s, d]: runs of d; element by element took 6.5 % of a
+// SmolLM2 prefill)
 static void permute(const uint8_t* in, uint8_t* out, int esize, int rank, const int64_t* shape,
                     const int* perm) {
   int64_t in_stride[6], out_shape[6], n = 1;
   int64_t st = 1;
   for (int d = rank - 1; d >= 0; --d) { in_stride[d] = st; st *= shape[d]; }
   for (int d = 0; d < rank; ++d) { out_shape[d] = shape[perm[d]]; n *= out_shape[d]; }
+  if (n == 0) return;
+  const bool whole_rows = rank > 0 && perm[rank - 1] == rank - 1;
+  const int outer = whole_rows ? rank - 1 : rank;
+  const int64_t run = whole_rows ? out_shape[rank - 1] : 1, bytes = run * esize;
   int64_t idx[6] = {0, 0, 0, 0, 0, 0};
-  for (int64_t o = 0; o < n; ++o) {
+  for (int64_t o = 0; o < n / run; ++o) {
     int64_t src = 0;
-    for (int d = 0; d < rank; ++d) src += idx[d] * in_stride[perm[d]];
-    memcpy(out + o * esize, in + src * esize, esize);
-    for (int d = rank - 1; d >= 0; --d) { if (++idx[d] < out_shape[d]) break; idx[d] = 0; }
+    for (int d = 0; d < outer; ++d) src += idx[d] * in_stride[perm[d]];
+    memcpy(out + o * bytes, in + src * esize, bytes);
+    for (int d = outer - 1; d >= 0; --d) { if (++idx[d] < out_shape[d]) break; idx[d] = 0; }
   }
 }
 
