@@ -81,6 +81,26 @@ def test_toward_float_target_undoes_input_error():
     assert err(aimed) < 0.9 * err(plain)
 
 
+def test_float_target_per_weight_and_shared_equal_the_direct_solve():
+    """W* = W B^T (H + l I)^-1: a weight under 2/3 of K tall takes it by itself, a taller one
+    forms the shared T first; both equal numpy's solve (float64, act_order's reversal undone)."""
+    from amxc.passes.gptq import float_target, stats_from_hessian
+    rng = np.random.default_rng(4)
+    k = 96
+    x = rng.standard_normal((400, k)) * np.linspace(0.2, 2, k)
+    xf = x + 0.1 * rng.standard_normal(x.shape)
+    h, c = x.T @ x, x.T @ xf
+    stats = stats_from_hessian(h, c, damp=0.01)
+    lam = 0.01 * np.mean(np.diag(h))
+    direct = lambda w: np.linalg.solve(h + lam * np.eye(k), (c + lam * np.eye(k)) @ w.T).T
+    short, tall = rng.standard_normal((40, k)), rng.standard_normal((80, k))
+    np.testing.assert_allclose(float_target(short, stats), direct(short), rtol=1e-9, atol=1e-11)
+    assert stats.to_float is None                      # a short weight forms no K x K matrix
+    np.testing.assert_allclose(float_target(tall, stats), direct(tall), rtol=1e-9, atol=1e-11)
+    assert stats.to_float is not None                  # formed once, then shared
+    np.testing.assert_allclose(float_target(short, stats), direct(short), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_codes_decode_to_weights_near_the_original(act_order):
     rng = np.random.default_rng(2)
