@@ -151,13 +151,15 @@ class DraftModel:
     @staticmethod
     def check_compatible(path: str, vocab: tuple, tokenizers: tuple) -> None:
         """The draft at `path` must share the target's vocabulary: (draft, target) sizes equal,
-        and (draft, target) tokenizer.json bytes equal where both have one; a draft that numbers
-        tokens differently would only ever be rejected.  Raises ValueError naming the difference."""
+        and (draft, target) tokenizer.json files equal where both have one (sizes first, so a
+        huge file is never read); a draft that numbers tokens differently would only ever be
+        rejected.  Raises ValueError naming the difference."""
         where = f"--speculate draft:{path}"
         if None not in vocab and int(vocab[0]) != int(vocab[1]):
             raise ValueError(f"{where}: the draft's vocabulary has {vocab[0]} tokens, the target's "
                              f"{vocab[1]}; a draft model must share the target's tokenizer")
-        if None not in tokenizers and tokenizers[0] != tokenizers[1]:
+        if None not in tokenizers and (tokenizers[0].stat().st_size != tokenizers[1].stat().st_size
+                                       or tokenizers[0].read_bytes() != tokenizers[1].read_bytes()):
             raise ValueError(f"{where}: the draft's tokenizer.json differs from the target's; a draft "
                              f"model must share the target's tokenizer")
 

@@ -191,3 +191,9 @@ def test_draft_model_of_another_tokenizer_is_refused(stories_art, smollm2_nf4_ar
         Engine.load(stories_art, speculate=f"draft:{smollm2_nf4_art}")
     with pytest.raises(ArtifactError, match="not an amxc artifact"):
         Engine.load(stories_art, speculate=f"draft:{tmp_path}")
+    import shutil
+    other = shutil.copytree(stories_art, tmp_path / "other.amxc")        # same vocabulary size,
+    tok = other / "tokenizer" / "tokenizer.json"                          # another tokenizer.json
+    tok.write_text(tok.read_text() + " ")
+    with pytest.raises(ArtifactError, match="tokenizer.json differs"):
+        Engine.load(stories_art, speculate=f"draft:{other}")
