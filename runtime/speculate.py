@@ -143,7 +143,6 @@ class DraftModel:
 
     def __init__(self, engine, path: str):
         self.engine, self.path = engine, path
-        self.context = engine.context
 
     @staticmethod
     def check_compatible(path: str, vocab: tuple, tokenizers: tuple) -> None:
@@ -163,7 +162,8 @@ class DraftModel:
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k greedy tokens after `tokens` ([] where the draft's context ends first)."""
         from .errors import RequestError
-        if self.context is not None and len(tokens) + k > self.context:
+        context = self.engine.context
+        if context is not None and len(tokens) + k > context:
             return []
         try:
             g = self.engine.generate(list(tokens), max_new_tokens=k, ignore_eos=True,
