@@ -356,7 +356,9 @@ def _quantize_q8(old: Param) -> Param:
 def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: list, extra: dict = {}) -> Param:
     """The parameter replacing float `old`: `blobs` (one per rank if `old` is split), its
     quantization error against `weights` in its attributes."""
-    stats = fmt.error_stats(np.concatenate(weights), np.concatenate([layout.dequantize(b) for b in blobs]))
+    pairs = [(w, layout.dequantize(b)) for w, b in zip(weights, blobs)]
+    stats = fmt.error_stats(*pairs[0]) if len(pairs) == 1 else \
+        fmt.error_stats(np.concatenate([w for w, _ in pairs]), np.concatenate([d for _, d in pairs]))
     attrs = {k: round(v, 6) for k, v in stats.items()} | extra
     if old.sharded:
         return Param(old.name, t, attrs=attrs | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {}),

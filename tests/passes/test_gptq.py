@@ -101,6 +101,41 @@ def test_float_target_per_weight_and_shared_equal_the_direct_solve():
     np.testing.assert_allclose(float_target(short, stats), direct(short), rtol=1e-9, atol=1e-11)
 
 
+def test_float32_statistics_agree_with_float64_and_fall_back_when_cholesky_fails(monkeypatch):
+    """Calibration factors in float32 (GPTQ's reference precision); on inputs with outlier
+    channels (activations' massive values) the factor and the float target stay within 1e-4 of
+    float64's, and a damped H whose float32 Cholesky fails is factored in float64 instead."""
+    from amxc.passes import gptq
+    rng = np.random.default_rng(7)
+    k = 320
+    x = (rng.standard_normal((900, k)) * rng.gamma(1.0, 1.0, k)).astype(np.float32)
+    x[:, :4] *= 50.0                                                # outlier channels
+    xf = x + (0.05 * rng.standard_normal(x.shape)).astype(np.float32)
+    w = rng.standard_normal((200, k)) * 0.02
+    s32 = gptq.input_stats(x, xf)
+    h, c = x.astype(np.float64).T @ x, x.astype(np.float64).T @ xf
+    s64 = gptq.stats_from_hessian(h, c)
+    assert s32.u.dtype == np.float32 and s64.u.dtype == np.float64
+    assert np.array_equal(s32.perm, s64.perm)
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel(s32.u, s64.u) < 1e-4
+    t64 = gptq.float_target(w, s64)
+    assert rel(gptq.float_target(w, s32), t64) < 1e-4 * np.linalg.norm(t64) / np.linalg.norm(t64 - w)
+
+    real = np.linalg.cholesky
+
+    def no_float32(a):
+        if a.dtype == np.float32:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real(a)
+
+    monkeypatch.setattr(gptq.np.linalg, "cholesky", no_float32)
+    again = gptq.input_stats(x, xf)
+    assert again.u.dtype == np.float64 and again.h.dtype == np.float64
+    assert again.cross_damped.dtype == np.float64
+    assert rel(again.u, s64.u) < 1e-5
+
+
 @pytest.mark.parametrize("act_order", [True, False])
 def test_gptq_codes_decode_to_weights_near_the_original(act_order):
     rng = np.random.default_rng(2)
