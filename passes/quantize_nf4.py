@@ -174,7 +174,7 @@ class QuantizeNF4(Pass):
             blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"],
                                        sweep=self.sweep, block_scales=self.block_scales)
             decoded = lay.dequantize(blobs[name])
-            self.errors[name] = output_error(w, decoded, stats)
+            self.errors[name] = output_error(w, decoded, stats, x)
             progress.step(name)
             if len(blobs) == len(wanted):
                 raise CalibrationDone            # what is left (the logits head) changes nothing

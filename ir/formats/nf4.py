@@ -333,5 +333,5 @@ def error_stats(weight: np.ndarray, dequantized: np.ndarray, chunk: int = 1 << 2
         sq_w += float(np.dot(wc, wc))
         sq_d += float(np.dot(dc, dc))
         max_abs = max(max_abs, float(np.abs(dc).max()))
-    norm = np.sqrt(sq_w)
+    norm = float(np.sqrt(sq_w))
     return {"rel_rms": float(np.sqrt(sq_d)) / norm if norm else 0.0, "max_abs": max_abs}

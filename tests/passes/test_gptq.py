@@ -122,14 +122,14 @@ def test_float32_statistics_agree_with_float64_and_fall_back_when_cholesky_fails
     t64 = gptq.float_target(w, s64)
     assert rel(gptq.float_target(w, s32), t64) < 1e-4 * np.linalg.norm(t64) / np.linalg.norm(t64 - w)
 
-    real = np.linalg.cholesky
+    import torch
+    real = torch.linalg.cholesky_ex
 
     def no_float32(a):
-        if a.dtype == np.float32:
-            raise np.linalg.LinAlgError("Matrix is not positive definite")
-        return real(a)
+        low, info = real(a)
+        return low, (torch.tensor(3) if a.dtype == torch.float32 else info)
 
-    monkeypatch.setattr(gptq.np.linalg, "cholesky", no_float32)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", no_float32)
     again = gptq.input_stats(x, xf)
     assert again.u.dtype == np.float64 and again.h.dtype == np.float64
     assert again.cross_damped.dtype == np.float64
@@ -170,6 +170,12 @@ def test_input_stats_factor_the_damped_inverse_and_measure_output_error():
     q = w + 0.01 * rng.standard_normal(w.shape)
     direct = np.linalg.norm(x @ (w - q).T) / np.linalg.norm(x @ w.T)
     assert output_error(w, q, st) == pytest.approx(direct, rel=1e-4)
+    assert output_error(w, q, st, x) == pytest.approx(direct, rel=1e-4)     # K under the sample: H
+    # K over the sample: measured on 100 evenly spaced tokens, exactly those tokens' ratio
+    sample = x[::7][:100]
+    on_sample = np.linalg.norm(sample @ (w - q).T) / np.linalg.norm(sample @ w.T)
+    assert output_error(w, q, st, x, tokens=100) == pytest.approx(on_sample, rel=1e-4)
+    assert on_sample == pytest.approx(direct, rel=0.1)
 
 
 def test_default_nf4_calibrates_on_the_shipped_corpus(stories_dir, shared_eval, tmp_path):
@@ -305,3 +311,15 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
     assert len(results) == 2
     for got in results:
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("k", [200, 1024, 1536, 1600])
+def test_gram_from_the_upper_blocks_equals_the_full_product(k):
+    """H from the blocks on and above the diagonal, mirrored: equal to x^T x (float32 sums),
+    with K small (one product), a multiple of the 64-aligned blocks, and not."""
+    from amxc.passes.gptq import gram
+    x = np.random.default_rng(k).standard_normal((300, k)).astype(np.float32)
+    h = gram(x)
+    want = x.astype(np.float64).T @ x.astype(np.float64)
+    np.testing.assert_allclose(h, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    assert np.array_equal(h[:64, -64:], h[-64:, :64].T)
