@@ -120,8 +120,13 @@ def _inverse_factor(h: np.ndarray, dead: np.ndarray, lam: float, rev: np.ndarray
             raise np.linalg.LinAlgError(f"the damped H is not positive definite (minor {int(info)})")
         return _inverse_factor(h.astype(np.float64), dead, lam, rev)
     del hd
-    low = low.numpy()
-    return np.ascontiguousarray(np.triu(inverse_lower(low)[::-1, ::-1]))
+    inv = inverse_lower(low.numpy())
+    del low
+    u = np.ascontiguousarray(inv[::-1, ::-1])
+    del inv
+    for i in range(0, len(u), 512):                  # triu in place, 512 rows at a time
+        u[i:i + 512] = np.triu(u[i:i + 512], i)
+    return u
 
 
 def _inverse_times(stats: InputStats, m: np.ndarray) -> np.ndarray:

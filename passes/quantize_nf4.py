@@ -46,8 +46,10 @@ its error (relative RMS, max abs) in its attributes, so the IR dump shows where 
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+import tempfile
 
 import numpy as np
 
@@ -132,20 +134,21 @@ class QuantizeNF4(Pass):
         from tqdm import tqdm
         for old in tqdm(todo, desc="quantizing nf4", unit="weight", file=sys.stderr, leave=False,
                         delay=1.0, disable=None):          # None: a bar on terminals only, not in logs
-            swap_to_quantized(module, old, self._quantize(old, layout, None if blobs is None else blobs[old.name]))
+            swap_to_quantized(module, old, self._quantize(old, layout, blobs))
             self.quantized.append(old.name)
         for old in eight_bit:
             swap_to_quantized(module, old, _quantize_q8(old))
             self.quantized.append(old.name)
         return bool(todo or eight_bit)
 
-    def _gptq(self, module: Module, todo: list[Param], enc: dict) -> dict[str, np.ndarray]:
+    def _gptq(self, module: Module, todo: list[Param], enc: dict) -> "_BlobSpill":
         """Run @prefill (or @forward) once on the calibration tokens, quantizing every weight in
         `todo` with GPTQ when the run reaches it (sequential GPTQ: later layers see the earlier
-        ones quantized); returns the nf4 bytes by name.  With toward_float > 0 the float model
-        runs beside it in lockstep (interpreter streams), so each weight also sees the inputs
-        the float model gives it.  Memory: the activations of the node being run, per stream
-        (tokens x width x 4 bytes), and one weight at a time."""
+        ones quantized); returns the nf4 bytes by name, spilled to disk.  With toward_float > 0
+        the float model runs beside it in lockstep (interpreter streams), so each weight also
+        sees the inputs the float model gives it.  Memory: the activations of the node being
+        run, per stream (tokens x width x 4 bytes), one weight and one input's K x K statistics
+        at a time."""
         from .gptq import input_stats, output_error, quantize_gptq, toward_float
 
         if enc["scale"] == "bnb_dynamic8":
@@ -155,7 +158,7 @@ class QuantizeNF4(Pass):
             raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
         ids = self._calibration_ids()
         wanted = {p.name for p in todo}
-        blobs: dict[str, np.ndarray] = {}
+        blobs = _BlobSpill()
         layouts: dict[str, fmt.Layout] = {}
         last: list = [None, None]                      # (activation array, its InputStats)
         progress = _Progress(len(wanted), ids.size)
@@ -164,16 +167,18 @@ class QuantizeNF4(Pass):
             if name not in wanted:
                 return w
             if name in blobs:                          # read again: decode the bytes (no f32 copy kept)
-                return layouts[name].dequantize(blobs[name])
+                return layouts[name].dequantize(blobs.get(name))
             if last[0] is not x:                       # q/k/v and gate/up share their input's stats
                 last[:] = [x, input_stats(x, x_float if amount > 0 else None,
                                           act_order=self.opts["act_order"])]
             stats = last[1]
             target = toward_float(w, stats, amount=amount) if amount > 0 else w
             lay = layouts[name] = fmt.Layout(tuple(module.params[name].type.shape), **enc)
-            blobs[name] = quantize_gptq(target, stats, lay, search=self.opts["search"],
-                                       sweep=self.sweep, block_scales=self.block_scales)
-            decoded = lay.dequantize(blobs[name])
+            blob = quantize_gptq(target, stats, lay, search=self.opts["search"],
+                                 sweep=self.sweep, block_scales=self.block_scales)
+            blobs.put(name, blob)
+            decoded = lay.dequantize(blob)
+            del blob
             self.errors[name] = output_error(w, decoded, stats, x)
             progress.step(name)
             if len(blobs) == len(wanted):
@@ -258,11 +263,11 @@ class QuantizeNF4(Pass):
             return f"input size {p.type.shape[1]} is not a multiple of block {block}"
         return None
 
-    def _quantize(self, old: Param, enc: dict, blob: np.ndarray | None = None) -> Param:
+    def _quantize(self, old: Param, enc: dict, spill: "_BlobSpill | None" = None) -> Param:
         t = TensorType(nf4, old.type.shape, fmt.Layout(tuple(old.type.shape), **enc).encoding())
         layout = t.nf4_layout()
         if old.sharded:                  # shard-tp ran first: each rank's slice, scaled as in the whole
-            if blob is not None:
+            if spill is not None:
                 raise PassError(f"quantize-nf4{{method={self.method}}} cannot calibrate a module "
                                 f"sharded for tensor parallelism (@{old.name}); use method=rtn with --tp")
             weights = [old.load(r) for r in range(len(old.shards))]
@@ -276,10 +281,11 @@ class QuantizeNF4(Pass):
                 blobs = [fmt.quantize(w, layout) for w in weights]
             return _quantized_param(old, t, layout, weights, blobs)
         weight = old.load()
-        if blob is None:
-            blob = fmt.quantize(weight, layout)
         extra = {"method": self.method} if self.method != "rtn" else {}
-        return _quantized_param(old, t, layout, [weight], [blob], extra)
+        if spill is None:
+            return _quantized_param(old, t, layout, [weight], [fmt.quantize(weight, layout)], extra)
+        return _quantized_param(old, t, layout, [weight], [spill.get(old.name)], extra,
+                                loader=spill.loader(old.name))
 
 
 def _as_the_whole(p: Param, layout: fmt.Layout) -> tuple[int, list[np.ndarray]] | None:
@@ -353,9 +359,11 @@ def _quantize_q8(old: Param) -> Param:
     return _quantized_param(old, t, layout, weights, [q8fmt.quantize(w, layout) for w in weights])
 
 
-def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: list, extra: dict = {}) -> Param:
+def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: list, extra: dict = {},
+                     loader=None) -> Param:
     """The parameter replacing float `old`: `blobs` (one per rank if `old` is split), its
-    quantization error against `weights` in its attributes."""
+    quantization error against `weights` in its attributes; `loader`: read the one blob from
+    there on use instead of holding it."""
     pairs = [(w, layout.dequantize(b)) for w, b in zip(weights, blobs)]
     stats = fmt.error_stats(*pairs[0]) if len(pairs) == 1 else \
         fmt.error_stats(np.concatenate([w for w, _ in pairs]), np.concatenate([d for _, d in pairs]))
@@ -363,6 +371,8 @@ def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: li
     if old.sharded:
         return Param(old.name, t, attrs=attrs | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {}),
                      shards=[lambda b=b: b for b in blobs])
+    if loader is not None:
+        return Param(old.name, t, attrs=attrs, loader=loader)
     new = Param(old.name, t, attrs=attrs)
     new.set_data(blobs[0])
     return new
@@ -378,6 +388,40 @@ def load_calibration_ids(path: str, pass_name: str) -> np.ndarray:
         raise PassError(f"{pass_name}: calib={path!r} must hold int64 [sequences, tokens], "
                         f"got {ids.dtype}{list(ids.shape)}")
     return ids
+
+
+class _BlobSpill:
+    """Calibrated weights' bytes, written to an unnamed temporary file as each is made and read
+    back on use, so a calibration's memory does not grow with the model: TinyLlama's 0.8 GB of
+    NF4 bytes were otherwise resident beside its last layers' statistics, its peak RSS.  The
+    file lives as long as a parameter that reads it and is gone with the process."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile(prefix="amxc-nf4-")
+        self.at: dict[str, tuple[int, int]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.at
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def put(self, name: str, blob: np.ndarray) -> None:
+        offset = self.file.seek(0, os.SEEK_END)
+        self.file.write(memoryview(np.ascontiguousarray(blob, np.uint8)))
+        self.file.flush()
+        self.at[name] = (offset, blob.size)
+
+    def get(self, name: str) -> np.ndarray:
+        offset, size = self.at[name]
+        out = np.empty(size, np.uint8)
+        if os.preadv(self.file.fileno(), [out], offset) != size:
+            raise PassError(f"quantize-nf4: calibrated bytes of @{name} could not be read back from "
+                            f"{self.file.name} (temporary file truncated?)")
+        return out
+
+    def loader(self, name: str):
+        return lambda: self.get(name)
 
 
 class CalibrationDone(Exception):

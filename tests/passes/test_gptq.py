@@ -323,3 +323,20 @@ def test_gram_from_the_upper_blocks_equals_the_full_product(k):
     want = x.astype(np.float64).T @ x.astype(np.float64)
     np.testing.assert_allclose(h, want, rtol=0, atol=2e-5 * np.abs(want).max())
     assert np.array_equal(h[:64, -64:], h[-64:, :64].T)
+
+
+def test_calibrated_bytes_spill_to_disk_and_read_back_whole_or_fail_by_name():
+    """GPTQ's NF4 bytes wait on disk, not in memory, until a parameter reads them; a truncated
+    spill file is an error naming the weight, never short or stale bytes."""
+    from amxc.passes.quantize_nf4 import _BlobSpill
+    rng = np.random.default_rng(5)
+    a, b = (rng.integers(0, 256, n, dtype=np.uint8) for n in (1000, 777))
+    spill = _BlobSpill()
+    spill.put("a", a)
+    spill.put("b", b)
+    assert "a" in spill and "c" not in spill and len(spill) == 2
+    assert np.array_equal(spill.get("a"), a)
+    assert np.array_equal(spill.loader("b")(), b)
+    spill.file.truncate(1500)
+    with pytest.raises(PassError, match="@b"):
+        spill.get("b")
