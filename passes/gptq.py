@@ -42,12 +42,10 @@ class InputStats:
     dead: np.ndarray              # bool [K]: inputs that are zero on every calibration token
     perm: np.ndarray              # the column order of the sweep
     u: np.ndarray                 # upper Cholesky factor of the damped H^-1, in `perm` order
-    # toward_float, with float inputs (else None): B = C + l I; the damped H^-1 is L^T L in the
-    # reversed sweep order `rev`, L = u reversed on both axes.  T with W* = W T is formed on first
-    # use by a weight at least 2/3 as tall as K (then shared), a shorter one takes W B^T H^-1
-    # by itself (3 N K^2 against 2 K^3: TinyLlama's down projection, N = 2048 of K = 5632)
+    # toward_float, with float inputs (else None): B = C + l I.  T with W* = W T is formed on
+    # first use by a weight at least 2/3 as tall as K (then shared), a shorter one takes
+    # W B^T H^-1 by itself (3 N K^2 against 2 K^3: TinyLlama's down projection, N = 2048 of 5632)
     cross_damped: np.ndarray | None = None
-    rev: np.ndarray | None = None
     to_float: np.ndarray | None = None
 
     @property
@@ -102,7 +100,7 @@ def stats_from_hessian(hessian: np.ndarray, cross: np.ndarray | None = None, *, 
         return InputStats(h, dead, perm, u)
     b = np.asarray(cross).astype(h.dtype, copy=not overwrite_cross)   # W*^T = (H + l I)^-1 (C + l I) W^T
     b[np.diag_indices(k)] += b.dtype.type(lam)
-    return InputStats(h, dead, perm, u, b, rev)
+    return InputStats(h, dead, perm, u, b)
 
 
 def _inverse_factor(h: np.ndarray, dead: np.ndarray, lam: float, rev: np.ndarray) -> np.ndarray:
@@ -130,10 +128,10 @@ def _inverse_factor(h: np.ndarray, dead: np.ndarray, lam: float, rev: np.ndarray
 
 
 def _inverse_times(stats: InputStats, m: np.ndarray) -> np.ndarray:
-    """(H + l I)^-1 m from the factor at hand: 2 GEMMs, faster than a solve."""
-    low = np.ascontiguousarray(stats.u[::-1, ::-1])        # inv_low of stats_from_hessian
+    """(H + l I)^-1 m from the factor at hand, U^T U = P (H + l I)^-1 P^T (P: the sweep order):
+    2 GEMMs, faster than a solve, and U^T is a transposed view (no K x K copy)."""
     out = np.empty_like(m)
-    out[stats.rev] = low.T @ (low @ m[stats.rev])
+    out[stats.perm] = stats.u.T @ (stats.u @ m[stats.perm])
     return out
 
 
@@ -169,13 +167,17 @@ def toward_float(weight: np.ndarray, stats_or_hessian, cross: np.ndarray | None 
                  amount: float = 0.5, damp: float = 0.01) -> np.ndarray:
     """(1 - amount) W + amount W*, W* = W C^T (H + l I)^-1 with C = X^T X_f and the ridge l
     (damp times the mean of diag H) added to C too, so an ill-posed W* stays near W.
-    `stats_or_hessian`: an InputStats made with float inputs, or H (then `cross` is C)."""
-    w = np.asarray(weight, np.float64)
+    `stats_or_hessian`: an InputStats made with float inputs, or H (then `cross` is C).
+    In the statistics' dtype."""
     if amount == 0:
-        return w
+        return np.asarray(weight, np.float64)
     stats = stats_or_hessian if isinstance(stats_or_hessian, InputStats) else \
         stats_from_hessian(stats_or_hessian, cross, damp=damp)
-    return (1.0 - amount) * w + amount * float_target(w, stats)
+    w = np.asarray(weight, stats.h.dtype)
+    out = float_target(w, stats)
+    out *= amount
+    out += (1.0 - amount) * w
+    return out
 
 
 def absmax_codes(w: np.ndarray, s2_row: np.ndarray) -> np.ndarray:
