@@ -112,14 +112,15 @@ def _inverse_factor(h: np.ndarray, dead: np.ndarray, lam: float, rev: np.ndarray
     hd = h[np.ix_(rev, rev)]
     d = np.diag_indices(len(rev))
     hd[d] = np.where(dead[rev], 1.0, hd[d]) + lam
-    low, info = torch.linalg.cholesky_ex(torch.from_numpy(hd))
+    low, info = torch.from_numpy(hd), torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(low, out=(low, info))         # in place: one K x K buffer fewer
     if int(info) != 0:
         if h.dtype == np.float64:
             raise np.linalg.LinAlgError(f"the damped H is not positive definite (minor {int(info)})")
         return _inverse_factor(h.astype(np.float64), dead, lam, rev)
-    del hd
-    inv = inverse_lower(low.numpy())
     del low
+    inv = inverse_lower(hd)
+    del hd
     u = np.ascontiguousarray(inv[::-1, ::-1])
     del inv
     for i in range(0, len(u), 512):                  # triu in place, 512 rows at a time
