@@ -229,7 +229,8 @@ def quantize_gptq(weight: np.ndarray, stats_or_hessian, layout: nf4.Layout, *, d
         raise ValueError("GPTQ quantizes block 64 with fp8_e4m3 or f32 scales")
     stats = stats_or_hessian if isinstance(stats_or_hessian, InputStats) else \
         stats_from_hessian(stats_or_hessian, damp=damp, act_order=act_order)
-    w = np.asarray(weight, np.float64).copy()
+    weight = np.asarray(weight)        # float32 stays float32 (exact for the scale search and
+    w = np.array(weight, np.float64 if weight.dtype == np.float64 else np.float32)   # the sweep)
     n, k = w.shape
     w[:, stats.dead] = 0.0
     nb = k // 64
