@@ -191,9 +191,9 @@ def absmax_codes(w: np.ndarray, s2_row: np.ndarray) -> np.ndarray:
 
 
 def block_scales_numpy(w: np.ndarray, s2_row: np.ndarray | None, h_diag: np.ndarray, search: int):
-    """Per block of 64 in w [n, K] (float64): (stored scale -- E4M3 code or f32 -- and decoded
-    f64 scale), each [n, K/64]; the E4M3 code is the one of the `search` + 1 at and below the
-    absmax code with the least H-diagonal-weighted rounding error (the first on a tie).
+    """Per block of 64 in w [n, K] (float32 or float64): (stored scale -- E4M3 code or f32 --
+    and decoded f64 scale), each [n, K/64]; the E4M3 code is the one of the `search` + 1 at and
+    below the absmax code with the least H-diagonal-weighted rounding error (the first on a tie).
     s2_row [n, K/64]: each block's second-level scale, None for f32 scales."""
     n, k = w.shape
     wb = w.reshape(n, k // 64, 64)
@@ -229,8 +229,9 @@ def quantize_gptq(weight: np.ndarray, stats_or_hessian, layout: nf4.Layout, *, d
         raise ValueError("GPTQ quantizes block 64 with fp8_e4m3 or f32 scales")
     stats = stats_or_hessian if isinstance(stats_or_hessian, InputStats) else \
         stats_from_hessian(stats_or_hessian, damp=damp, act_order=act_order)
-    weight = np.asarray(weight)        # float32 stays float32 (exact for the scale search and
-    w = np.array(weight, np.float64 if weight.dtype == np.float64 else np.float32)   # the sweep)
+    weight = np.asarray(weight)
+    # a float32 weight stays float32: exact for the scale search and the sweep, half the copies
+    w = np.array(weight, np.float64 if weight.dtype == np.float64 else np.float32)
     n, k = w.shape
     w[:, stats.dead] = 0.0
     nb = k // 64

@@ -46,6 +46,7 @@ its error (relative RMS, max abs) in its attributes, so the IR dump shows where 
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -395,18 +396,18 @@ def _trim_heap() -> None:
     """Hand the heap's free memory back to the OS (glibc's malloc_trim; nothing elsewhere).
     glibc keeps freed blocks under its mmap threshold (which grows to 32 MB), and each weight's
     statistics and targets leave such blocks behind: resident memory that nothing uses."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+@functools.cache
+def _libc_malloc_trim():
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 class _BlobSpill:
