@@ -122,16 +122,14 @@ def test_float32_statistics_agree_with_float64_and_fall_back_when_cholesky_fails
     t64 = gptq.float_target(w, s64)
     assert rel(gptq.float_target(w, s32), t64) < 1e-4 * np.linalg.norm(t64) / np.linalg.norm(t64 - w)
 
-    import torch
-    real = torch.linalg.cholesky_ex
+    real = np.linalg.cholesky
 
-    def no_float32(a, *, out=None):
-        low, info = real(a, out=out)
-        if a.dtype == torch.float32:
-            info.fill_(3)
-        return low, info
+    def no_float32(a):
+        if a.dtype == np.float32:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real(a)
 
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", no_float32)
+    monkeypatch.setattr(gptq.np.linalg, "cholesky", no_float32)
     again = gptq.input_stats(x, xf)
     assert again.u.dtype == np.float64 and again.h.dtype == np.float64
     assert again.cross_damped.dtype == np.float64
@@ -342,3 +340,17 @@ def test_calibrated_bytes_spill_to_disk_and_read_back_whole_or_fail_by_name():
     spill.file.truncate(1500)
     with pytest.raises(PassError, match="@b"):
         spill.get("b")
+
+
+@pytest.mark.parametrize("k", [100, 700])
+def test_inverse_cholesky_by_halves_inverts_the_factor_and_refuses_an_indefinite_matrix(k):
+    from amxc.passes.gptq import inverse_cholesky
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((k + 50, k)) * np.linspace(0.1, 3, k)
+    h = x.T @ x + np.eye(k)
+    want = np.linalg.inv(np.linalg.cholesky(h))
+    got = inverse_cholesky(h)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+    h[k - 1, k - 1] = -1.0                         # indefinite in the last leaf
+    with pytest.raises(np.linalg.LinAlgError):
+        inverse_cholesky(h)
