@@ -239,6 +239,9 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     last = runs[-1]
     summary = quant_summary(module, getattr(last, "skipped", {}))
     summary["method"] = getattr(last, "method", "rtn")
+    rotation = getattr(last, "rotation", None)
+    if rotation is not None:  # rotate=true: done, or why the model's graph did not allow it
+        summary["rotated"] = rotation or True
     errors = getattr(last, "errors", {})
     if errors:               # calibrated: each weight's measured output error, the worst first
         summary["output_error"] = {n: round(e, 6) for n, e in sorted(errors.items(), key=lambda kv: -kv[1])}

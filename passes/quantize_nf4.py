@@ -43,6 +43,10 @@ its error (relative RMS, max abs) in its attributes, so the IR dump shows where 
                  layer halfway at the float model's outputs (passes/gptq.py).  Both measured
                  on SmolLM2-135M and stories260K (issue #5 note); toward_float=0 saves
                  the float run and its recorded inputs.
+    rotate=true  run rotate-residual first (passes/rotate_residual.py): outlier channels of the
+                 residual stream are spread over all channels before weights (and, at run time,
+                 activations) are quantized in blocks of 64.  Opt-in: measured in the issue #19
+                 note, it helps a model with outlier channels (SmolLM2) and not one without.
 """
 from __future__ import annotations
 
@@ -84,6 +88,8 @@ class QuantizeNF4(Pass):
                                            "its own outputs toward the float model's (GPTAQ)"),
         "keep_worst": Option(int, 0, "gptq: the N matrices with the largest measured output error "
                                      "are stored q8 instead (mixed precision)"),
+        "rotate": Option(bool, False, "first turn the residual stream by a random rotation folded into "
+                                      "the weights (rotate-residual)"),
     }
 
     #: GPTQ's column sweep and block-scale search (passes/gptq.sweep_numpy's and
@@ -97,6 +103,12 @@ class QuantizeNF4(Pass):
         self.kept_for_error: dict[str, float] = {}  # keep_worst: stored q8 instead, by that error
         self.quantized: list[str] = []
         self.skipped: dict[str, str] = {}
+        self.rotation = None                           # rotate=true: "" if done, else why not
+        if self.opts["rotate"]:
+            from .rotate_residual import RotateResidual
+            rotate = RotateResidual()
+            rotate.run(module)
+            self.rotation = rotate.skipped
         todo, eight_bit = [], []
         for name, uses in weight_uses(module).items():
             if module.params[name].type.is_quantized:
@@ -569,4 +581,7 @@ def format_quant_summary(summary: dict) -> str:
                      f"{float(np.median(list(errors.values()))):.4f}, worst {worst}")
     for name, err in summary.get("kept_q8_for_error", {}).items():
         lines.append(f"  kept q8 for its error: @{name} ({err:.4f} in nf4)")
+    rotated = summary.get("rotated")
+    if rotated is not None:
+        lines.append("  residual stream rotated first" if rotated is True else f"  not rotated: {rotated}")
     return "\n".join(lines)
