@@ -33,9 +33,9 @@ from .blocks import BlockManager, block_key
 from .errors import RequestError
 from .kv_cache import KVStorage
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
-from .sampling import Sampler, SamplingParams, distribution
+from .sampling import Sampler, SamplingParams
 from .settings import Settings
-from .speculate import Drafter, ModelDrafter, accept_or_resample
+from .speculate import Drafter, ModelDrafter, StepCost
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 _DECODE_CONTEXT = 4      # prompt tokens the text decoder sees before the first generated one
@@ -153,6 +153,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self.last_step: StepRecord | None = None
         self.speculation = settings.speculation
+        self.step_cost = StepCost()                 # what a decode step of m rows costs here
         self._next_id = 0
 
     # -- requests --------------------------------------------------------------------------------
@@ -191,8 +192,8 @@ class Scheduler:
         req.stats.arrival = time.perf_counter()
         req.sampler = Sampler(req.params)
         if self.speculation is not None:
-            req.drafter = (ModelDrafter(self.speculation, self.draft_model) if self.draft_model is not None
-                           else Drafter(self.speculation))
+            req.drafter = (ModelDrafter(self.speculation, self.draft_model, self.step_cost)
+                           if self.draft_model is not None else Drafter(self.speculation, self.step_cost))
         if prompt_logprobs is not None:
             req.prompt_lps.append(None)           # the first token has no context to be scored in
         # the prompt's last tokens as context, so the text joins on as the prompt left it
@@ -234,13 +235,17 @@ class Scheduler:
         plan = self._schedule(events)
         if not plan:
             return events
+        rows = [1 + len(req.draft) for req, n in plan if n == 1]
         logits = self._execute(plan)
         seconds = time.perf_counter() - t0
+        alone = len(plan) == len(rows) == 1               # one sequence decoding, alone: its cost
+        if alone:
+            self.step_cost.observe(rows[0], seconds)
         self.stats.steps += 1
         decoded = 0
         for (req, n), row in zip(plan, logits):
             if n == 1 and req.draft:                      # a decode row and its drafted tokens
-                decoded += self._verify(req, row, events)
+                decoded += self._verify(req, row, events, seconds if alone else None)
                 continue
             decoded += n == 1
             req.num_computed += n
@@ -257,15 +262,16 @@ class Scheduler:
                                     sum(n for _, n in plan if n > 1), decoded)
         return events
 
-    def _verify(self, req: Request, rows: np.ndarray, events: list[Event]) -> int:
+    def _verify(self, req: Request, rows: np.ndarray, events: list[Event], seconds: float | None) -> int:
         """Take tokens from the rows of a drafted decode step (speculate.py): row j follows the
         last token and the first j drafted ones; walk them while the drafted token is what the
-        row gives.  Returns how many tokens were taken."""
+        row gives.  Returns how many tokens were taken.  `seconds`: the step's time where it was
+        this sequence's alone (what drafting cost it), else None."""
         draft, req.draft = req.draft, []
         taken = accepted = 0
         for j, row in enumerate(rows):
             guess = draft[j] if j < len(draft) else None
-            event = self._sample(req, row, guess)
+            event = self._sample(req, row)
             events.append(event)
             req.num_computed += 1
             taken += 1
@@ -273,7 +279,7 @@ class Scheduler:
             if event.finish_reason is not None or event.token != guess:
                 break
         req.stats.computed_tokens += len(rows)            # every row ran, taken or not
-        req.drafter.record(len(draft), accepted)
+        req.drafter.record(len(draft), accepted, seconds)
         req.stats.drafted_tokens += len(draft)
         req.stats.accepted_tokens += accepted
         self.stats.drafted_tokens += len(draft)
@@ -440,14 +446,12 @@ class Scheduler:
             req.keys.append(prev)
             self.blocks.register(req.blocks[i], prev)
 
-    def _sample(self, req: Request, logits: np.ndarray, guess: int | None = None) -> Event:
-        """Choose the next token (or, for a drafted `guess`, keep it or draw its replacement by
-        the rejection rule: speculate.py) and append it."""
+    def _sample(self, req: Request, logits: np.ndarray) -> Event:
+        """Choose the next token and append it.  A drafted row is sampled exactly so too, and the
+        caller keeps the draft only where the token equals it (speculate.py: the rejection rule's
+        distribution, and plain decoding's tokens for the same seed)."""
         history = req.tokens if req.params.repetition_penalty != 1.0 else ()   # only the penalty reads it
-        if guess is None or req.params.greedy:
-            token = req.sampler(logits, history)
-        else:
-            token = accept_or_resample(distribution(logits, req.params, history), guess, req.sampler.rng)
+        token = req.sampler(logits, history)
         req.output_ids.append(token)
         lp = None if req.logprobs is None else token_logprob(logits, token, req.logprobs)
         self.stats.generated_tokens += 1

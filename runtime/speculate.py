@@ -7,12 +7,15 @@ attends (ir/ops/cache.py, the native attention kernel), so row j sees the drafte
 it exactly as if they had been decoded one by one; and a decode row's result does not depend on
 how many rows share its step (backends/plan.py), so the logits of each row are, bit for bit,
 the ones plain decoding would have computed had it produced the same tokens.  The scheduler
-then walks the rows (Scheduler._verify): greedy decoding takes each row's argmax and stops at
-the first that differs from the draft, so its output is plain decoding's; sampling accepts
-drafted token d with probability p(d) and otherwise draws from p with d removed (the rejection
-rule of Leviathan et al. 2023 and Chen et al. 2023 for a draft that is one token with
-certainty), which leaves the distribution of the output unchanged.  Either way the row after
-the last accepted token gives one more token, so a step yields 1 to K + 1 tokens.
+then walks the rows (Scheduler._verify): each row's token is chosen exactly as plain decoding
+chooses it (argmax, or one draw from the row's distribution by the sequence's own generator),
+and the walk stops at the first that differs from the draft.  Greedy output is therefore plain
+decoding's.  So is sampled output for the same seed: a token costs one draw whether it was
+drafted or not, and rows after a miss are dropped undrawn.  For a draft that is one token with
+certainty this keeps d with probability p(d) and otherwise gives a draw from p without d: the
+rejection rule of Leviathan et al. 2023 and Chen et al. 2023, so the output's distribution is
+unchanged.  Either way the row after the last accepted token gives one more token, so a step
+yields 1 to K + 1 tokens.
 
 Drafts come from prompt lookup (`ngram`, Saxena 2023; vLLM's `ngram` speculator): the longest
 suffix of the sequence, of `n_max` down to `n_min` tokens, that occurred before; its most
@@ -20,7 +23,9 @@ recent earlier occurrence proposes the tokens that followed it.  It pays where o
 its input (rewriting, extraction, code edits, continuing a quoted passage) and costs nothing to
 draft.  Verification is not free: K + 1 rows take longer than one, so speculation stops when
 the batch is large (`max_batch` sequences decoding: the step is no longer bound by reading the
-weights once) and a sequence whose drafts keep failing drafts less (`Drafter`).
+weights once), a sequence whose drafts keep failing drafts less, and one whose drafted steps
+gave fewer tokens than their measured cost in one-row steps stops for a while (`Drafter`,
+`StepCost`).
 
 Or from a draft model (`draft:ART`, Leviathan et al. 2023): a smaller artifact with the same
 tokenizer, run greedily for K tokens by its own engine in this process (`DraftModel`; its prefix
@@ -87,21 +92,62 @@ def propose_ngram(tokens: np.ndarray, k: int, n_max: int = 3, n_min: int = 2) ->
     return []
 
 
-class Drafter:
-    """One sequence's drafting: prompt lookup, with the draft length adapted to how much of it
-    was accepted lately (a sequence whose drafts fail drafts 1 token, then none for a while,
-    so free-form text pays almost nothing)."""
+class StepCost:
+    """The time of a decode step by its row count, from the steps the scheduler ran: the median
+    of the last `WINDOW` single-sequence, decode-only steps of each count (medians: a VM's stray
+    slow step moves nothing), once `MIN_SEEN` were seen."""
+    WINDOW = 16
+    MIN_SEEN = 3
 
-    def __init__(self, spec: Speculation):
+    def __init__(self):
+        self.seconds: dict[int, list[float]] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        seen = self.seconds.setdefault(rows, [])
+        seen.append(float(seconds))
+        del seen[:-self.WINDOW]
+
+    def median(self, rows: int) -> float | None:
+        seen = self.seconds.get(rows, [])
+        return float(np.median(seen)) if len(seen) >= self.MIN_SEEN else None
+
+    def one_row(self) -> float | None:
+        return self.median(1)
+
+    def ratios(self) -> dict[int, float]:
+        """Each measured count's step time over a one-row step's (for reports)."""
+        one = self.one_row()
+        return {} if not one else {r: m / one for r in sorted(self.seconds)
+                                   if (m := self.median(r)) is not None}
+
+
+class Drafter:
+    """One sequence's drafting: prompt lookup, its length adapted to what was accepted lately
+    (one more after a full hit, halved after a miss, a rest after a miss at length 1), and
+    stopped where drafting has not paid on this host: each drafted step's worth is the tokens it
+    gave over what it cost in one-row steps (`StepCost`, measured), and while the decayed
+    average of that worth is under 1 the sequence rests `REST` steps, then probes with one
+    token.  Acceptance alone cannot say this: a 5-row step costs 1.3x a one-row step where the
+    rows share AMX tiles and 3x on an AVX2 host (issue #20 note)."""
+    REST = 4
+    DECAY = 0.7
+    PRIOR_WORTH = 1.5             # a new sequence drafts: copying prompts pay from the start
+
+    def __init__(self, spec: Speculation, cost: StepCost | None = None):
         self.spec = spec
+        self.cost = cost or StepCost()
         self.length = spec.tokens
         self.pause = 0                # steps left without drafting
+        self.worth = self.PRIOR_WORTH
         self.drafted = 0
         self.accepted = 0
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         if self.pause > 0:
             self.pause -= 1
+            return []
+        if self.worth < 1.0:          # drafting has cost more than it gave: rest, then probe
+            self.pause, self.length, self.worth = self.REST, 1, 1.0
             return []
         k = min(self.length, room)
         if k < 1:
@@ -111,27 +157,31 @@ class Drafter:
     def _proposal(self, tokens: list[int], k: int) -> list[int]:
         return propose_ngram(np.asarray(tokens, np.int64), k, self.spec.n_max, self.spec.n_min)
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """`accepted` of `drafted` tokens were taken: lengthen after a full hit, shorten after a
-        miss, and pause after a miss at length 1.  (Halving also when under half were taken
-        was tried on a Zen 3: no free-form prompt changed, grounded ones lost up to 0.2x.)"""
+    def record(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """`accepted` of `drafted` tokens were taken (a miss ends a draft early), in a step of
+        `seconds` (None: not this sequence's alone, so its cost is not its own)."""
         if drafted == 0:
             return
         self.drafted += drafted
         self.accepted += accepted
+        one = self.cost.one_row()
+        if seconds is not None and one is not None:
+            worth = (accepted + 1) * one / seconds
+            self.worth = self.DECAY * self.worth + (1 - self.DECAY) * worth
         if accepted == drafted:
             self.length = min(self.spec.tokens, self.length + 1)
         elif accepted == 0:
             if self.length == 1:
-                self.pause = 4
+                self.pause = self.REST
             self.length = max(1, self.length // 2)
 
 
 class ModelDrafter(Drafter):
-    """Drafting by a draft model (`DraftModel`), with prompt lookup's adaptive length."""
+    """Drafting by a draft model (`DraftModel`), its length chosen as prompt lookup's; the
+    measured step cost includes the draft's time."""
 
-    def __init__(self, spec: Speculation, model: "DraftModel"):
-        super().__init__(spec)
+    def __init__(self, spec: Speculation, model: "DraftModel", cost: StepCost | None = None):
+        super().__init__(spec, cost)
         self.model = model
 
     def _proposal(self, tokens: list[int], k: int) -> list[int]:
@@ -180,17 +230,3 @@ class DraftModel:
 
     def close(self) -> None:
         self.engine.close()
-
-
-def accept_or_resample(probs: np.ndarray, draft: int, rng: np.random.Generator) -> int:
-    """The rejection rule for a drafted token that was certain: keep `draft` with probability
-    probs[draft], else draw from probs without it.  The result is distributed as probs."""
-    if rng.random() < probs[draft]:
-        return draft
-    rest = probs.copy()
-    rest[draft] = 0.0
-    total = rest.sum()
-    if total <= 0:                     # probs[draft] was 1 up to rounding
-        return draft
-    return int(rng.choice(rest.shape[0], p=rest / total))
-

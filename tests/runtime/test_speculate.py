@@ -10,7 +10,7 @@ import pytest
 
 from amxc.runtime.engine import Engine
 from amxc.runtime.settings import Settings
-from amxc.runtime.speculate import Drafter, Speculation, accept_or_resample, propose_ngram
+from amxc.runtime.speculate import Drafter, Speculation, StepCost, propose_ngram
 
 
 def test_prompt_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
@@ -43,20 +43,53 @@ def test_drafter_shortens_and_pauses_after_misses():
     assert d.length == 2
     d.record(2, 0)
     d.record(1, 0)
-    assert d.length == 1 and d.pause == 4
-    assert [d.propose([1, 2, 1, 2, 1, 2], 8) for _ in range(4)] == [[]] * 4     # paused
+    assert d.length == 1 and d.pause == Drafter.REST
+    assert [d.propose([1, 2, 1, 2, 1, 2], 8) for _ in range(Drafter.REST)] == [[]] * Drafter.REST
     assert d.propose([1, 2, 1, 2, 1, 2], 8) == [1]
     d.record(1, 1)
     assert d.length == 2 and (d.drafted, d.accepted) == (8, 1)
 
 
-def test_rejection_rule_keeps_the_distribution():
-    probs = np.array([0.5, 0.3, 0.15, 0.05])
-    rng = np.random.default_rng(0)
-    for draft in (0, 1, 3):
-        draws = np.bincount([accept_or_resample(probs, draft, rng) for _ in range(20000)], minlength=4) / 20000
-        assert np.abs(draws - probs).max() < 0.015, (draft, draws)
-    assert accept_or_resample(np.array([0.0, 1.0]), 1, rng) == 1
+def _measured(one_row: float) -> StepCost:
+    cost = StepCost()
+    for _ in range(StepCost.MIN_SEEN):
+        cost.observe(1, one_row)
+    return cost
+
+
+def test_drafting_that_costs_more_than_it_gives_rests():
+    """Half the drafted tokens taken is a good rate, but not where a 5-row step costs 4 one-row
+    steps (3 tokens for 4): the sequence rests, then probes with one token."""
+    d = Drafter(Speculation(tokens=4), _measured(0.010))
+    tokens = [1, 2, 1, 2, 1, 2]
+    for _ in range(4):                                       # worth 1.5 (prior) -> 0.93
+        assert len(d.propose(tokens, 8)) >= 1
+        d.record(4, 2, seconds=0.040)
+    assert d.worth < 1
+    assert [d.propose(tokens, 8) for _ in range(1 + Drafter.REST)] == [[]] * (1 + Drafter.REST)
+    assert d.propose(tokens, 8) == [1]
+    # the same acceptance where a 5-row step costs 1.5 one-row steps keeps drafting
+    d = Drafter(Speculation(tokens=4), _measured(0.010))
+    for _ in range(10):
+        d.record(4, 2, seconds=0.015)
+    assert d.worth > 1.5 and len(d.propose(tokens, 8)) >= 1
+    # a step shared with other sequences (seconds=None) says nothing about this one's cost
+    d.record(4, 0, seconds=None)
+    assert d.worth > 1.5
+
+
+def test_step_cost_takes_medians_of_measured_steps():
+    c = StepCost()
+    c.observe(1, 0.010)
+    assert c.one_row() is None and c.ratios() == {}          # too few to say
+    for _ in range(2):
+        c.observe(1, 0.010)
+    for t in (0.030, 0.030, 0.031, 1.0):                     # a stray slow step: the median holds
+        c.observe(5, t)
+    assert c.one_row() == pytest.approx(0.010) and c.ratios()[5] == pytest.approx(3.05)
+    for _ in range(StepCost.WINDOW):
+        c.observe(1, 0.020)
+    assert c.one_row() == pytest.approx(0.020)                # only the last WINDOW count
 
 
 COPY_PROMPT = ("Copy the text exactly.\nText: {0}\nCopy: {1}")
@@ -86,6 +119,7 @@ def test_greedy_speculation_gives_plain_decodings_tokens(art, request, shared_ev
             # the copy runs ahead of plain decoding: fewer steps than tokens
             assert len(spec.last_timings.decode) < len(plain.last_timings.decode)
     assert accepted > 0
+    assert any(rows > 1 for rows in spec.scheduler.step_cost.seconds)   # drafted steps were timed
 
 
 def test_speculation_stops_at_max_tokens_and_stop_ids(stories_art, shared_eval):
@@ -102,13 +136,20 @@ def test_speculation_stops_at_max_tokens_and_stop_ids(stories_art, shared_eval):
     assert got.ids == want.ids[:first + 1] and got.finish_reason == "stop"
 
 
-def test_sampled_speculation_runs_and_is_repeatable(stories_art, shared_eval):
+def test_sampled_speculation_gives_plain_decodings_tokens_for_a_seed(stories_art, shared_eval):
+    """A drafted token is kept only where the row's own draw (one per emitted token, as in plain
+    decoding) equals it: the rejection rule's distribution, and the same tokens for a seed --
+    whatever the drafts were, which depend on measured step times."""
     passage = _passage(shared_eval)
     prompt = COPY_PROMPT.format(passage, passage[:60])
-    spec = Engine.load(stories_art, speculate="ngram:4")
-    a = spec.generate(prompt, max_new_tokens=32, temperature=0.7, seed=3, ignore_eos=True)
-    b = spec.generate(prompt, max_new_tokens=32, temperature=0.7, seed=3, ignore_eos=True)
-    assert a.ids == b.ids and len(a.ids) == 32 and a.drafted_tokens > 0
+    plain, spec = Engine.load(stories_art), Engine.load(stories_art, speculate="ngram:4")
+    for seed, temperature in ((3, 0.7), (4, 1.0)):
+        want = plain.generate(prompt, max_new_tokens=32, temperature=temperature, seed=seed, ignore_eos=True)
+        got = [spec.generate(prompt, max_new_tokens=32, temperature=temperature, seed=seed, ignore_eos=True)
+               for _ in range(2)]
+        assert [g.ids for g in got] == [want.ids] * 2 and len(want.ids) == 32
+        assert all(g.drafted_tokens > 0 for g in got)
+        assert len(set(want.ids)) > 8                # sampled text, not one repeated token
 
 
 def test_no_drafts_when_many_sequences_decode(stories_art):
