@@ -89,6 +89,9 @@ def measure(plain, spec, title: str, args) -> None:
                   f"{tokens / mp:.1f} | {tokens / ms:.1f} | {mp / ms:.2f}x | {same} |", flush=True)
     for kind, r in ratios.items():
         print(f"{kind}: median speed-up {statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x)")
+    cost = spec.scheduler.step_cost.ratios()      # what verification cost: the drafter's view
+    print("decode step time by rows, over one row's (medians of the last steps): " +
+          ", ".join(f"{r}: {v:.2f}x" for r, v in cost.items()))
     for e in (plain, spec):
         e.close()
 
