@@ -126,10 +126,13 @@ class Drafter:
     (one more after a full hit, halved after a miss, a rest after a miss at length 1), and
     stopped where drafting has not paid on this host: each drafted step's worth is the tokens it
     gave over what it cost in one-row steps (`StepCost`, measured), and while the decayed
-    average of that worth is under 1 the sequence rests `REST` steps, then probes with one
-    token.  Acceptance alone cannot say this: a 5-row step costs 1.3x a one-row step where the
-    rows share AMX tiles and 3x on an AVX2 host (issue #20 note)."""
+    average of that worth is under 1 the sequence rests, then probes with one token.  Acceptance
+    alone cannot say this: a 5-row step costs 1.3x a one-row step where the rows share AMX
+    tiles and 2.7-3x on an AVX2 host (issue #20 note).  Rests double while probes keep failing
+    (`REST` to `MAX_REST` steps), so free-form text pays for few of them; a taken token resets
+    them."""
     REST = 4
+    MAX_REST = 32
     DECAY = 0.7
     PRIOR_WORTH = 1.5             # a new sequence drafts: copying prompts pay from the start
 
@@ -138,6 +141,7 @@ class Drafter:
         self.cost = cost or StepCost()
         self.length = spec.tokens
         self.pause = 0                # steps left without drafting
+        self.rest = self.REST         # the next rest's length
         self.worth = self.PRIOR_WORTH
         self.drafted = 0
         self.accepted = 0
@@ -147,7 +151,8 @@ class Drafter:
             self.pause -= 1
             return []
         if self.worth < 1.0:          # drafting has cost more than it gave: rest, then probe
-            self.pause, self.length, self.worth = self.REST, 1, 1.0
+            self.length, self.worth = 1, 1.0
+            self._rest()
             return []
         k = min(self.length, room)
         if k < 1:
@@ -168,12 +173,17 @@ class Drafter:
         if seconds is not None and one is not None:
             worth = (accepted + 1) * one / seconds
             self.worth = self.DECAY * self.worth + (1 - self.DECAY) * worth
+        if accepted:
+            self.rest = self.REST
         if accepted == drafted:
             self.length = min(self.spec.tokens, self.length + 1)
         elif accepted == 0:
             if self.length == 1:
-                self.pause = self.REST
+                self._rest()
             self.length = max(1, self.length // 2)
+
+    def _rest(self) -> None:
+        self.pause, self.rest = self.rest, min(2 * self.rest, self.MAX_REST)
 
 
 class ModelDrafter(Drafter):

@@ -46,8 +46,15 @@ def test_drafter_shortens_and_pauses_after_misses():
     assert d.length == 1 and d.pause == Drafter.REST
     assert [d.propose([1, 2, 1, 2, 1, 2], 8) for _ in range(Drafter.REST)] == [[]] * Drafter.REST
     assert d.propose([1, 2, 1, 2, 1, 2], 8) == [1]
-    d.record(1, 1)
-    assert d.length == 2 and (d.drafted, d.accepted) == (8, 1)
+    d.record(1, 0)                                   # the probe missed too: a rest twice as long
+    assert d.pause == 2 * Drafter.REST
+    d.pause = 0
+    d.record(1, 1)                                   # a hit: rests start over, drafts lengthen
+    assert d.length == 2 and d.rest == Drafter.REST and (d.drafted, d.accepted) == (9, 1)
+    for _ in range(10):
+        d.length = 1
+        d.record(1, 0)
+    assert d.pause == Drafter.MAX_REST                # rests stop doubling at MAX_REST
 
 
 def _measured(one_row: float) -> StepCost:
