@@ -57,7 +57,9 @@ class RotateResidual(Pass):
     def run(self, module: Module) -> bool:
         self.skipped = ""
         if module.attrs.get("tp", 1) > 1:
-            raise PassError("rotate-residual: rotate before shard-tp (the module is already sharded)")
+            raise PassError("rotate-residual: the module is already sharded for tensor parallelism; "
+                            "rotate before shard-tp (with --tp, name rotate-residual at the end of "
+                            "--pipeline instead of nf4{rotate=true})")
         roles = _Roles()
         for fn in module.functions.values():
             why = _collect(fn, roles)

@@ -97,7 +97,7 @@ def test_what_cannot_be_rotated_is_left_with_its_reason():
 def test_a_sharded_module_is_refused(stories_graph):
     module = stories_graph()
     module.attrs["tp"] = 2
-    with pytest.raises(PassError, match="rotate before shard-tp"):
+    with pytest.raises(PassError, match="already sharded.*rotate before shard-tp"):
         RotateResidual().run(module)
 
 
