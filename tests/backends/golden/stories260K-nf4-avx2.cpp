@@ -122,7 +122,10 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
       for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -378,7 +381,10 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
       for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -559,7 +565,10 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
       for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -752,7 +761,10 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
       for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -788,7 +800,10 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
       for (int r = 0; r < MR; ++r) dot_u[r][0] = dot_u[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc_u + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -1074,7 +1089,10 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
       for (int r = 0; r < MR; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
       {
         const uint8_t* cb = wc + b * 512;
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
@@ -1265,7 +1283,10 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
       {
         const uint8_t* cb = codes + (g * NB + b) * 1024;
         const __m256i flip = _mm256_set1_epi8((char)0x80);
-        #pragma GCC unroll 8
+        // unrolled 4, not 8: the fully unrolled body (twice the code) ran slower at every row
+        // count (Zen 3, weights out of cache, same bits: m = 5 +35-40 %, m = 1 pair +18 %;
+        // likely the op cache, which the 4-row pair's unrolled body overflows)
+        #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
           _mm_prefetch((const char*)(cb + 2048 + j * 128), _MM_HINT_T0);
