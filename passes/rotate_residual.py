@@ -161,7 +161,8 @@ def _norm_readers(norm, readers, returned, roles: _Roles) -> str | None:
         for w in _READERS[n.op]:
             if not isinstance(n.inputs[w], Param):
                 return f"{n.op}'s weight is computed, not a parameter"
-            roles.read[n.inputs[w].name] = norm.inputs[1].name
+            if roles.read.setdefault(n.inputs[w].name, norm.inputs[1].name) != norm.inputs[1].name:
+                return f"@{n.inputs[w].name} reads the outputs of two norms (one scale to absorb)"
     roles.scales.add(norm.inputs[1].name)
     return None
 

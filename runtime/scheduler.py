@@ -239,7 +239,7 @@ class Scheduler:
         logits = self._execute(plan)
         seconds = time.perf_counter() - t0
         alone = len(plan) == len(rows) == 1               # one sequence decoding, alone: its cost
-        if alone:
+        if alone and self.speculation is not None:
             self.step_cost.observe(rows[0], seconds)
         self.stats.steps += 1
         decoded = 0

@@ -94,6 +94,33 @@ def test_what_cannot_be_rotated_is_left_with_its_reason():
     assert p.skipped == "@forward: the residual stream (%e) is read by %h = mul"
 
 
+SHARED_READER = """module @m {
+  param @emb : f32[16, 8]
+  param @n1 : f32[8]
+  param @n2 : f32[8]
+  param @wq : f32[8, 8]
+  param @wo : f32[8, 8]
+  func @forward(%ids: i64[b, s]) -> (f32[b, s, 8]) {
+    %h = embedding(@emb, %ids) : f32[b, s, 8]
+    %x1 = rms_norm(%h, @n1) {eps = 1e-05} : f32[b, s, 8]
+    %a = linear(%x1, @wq) : f32[b, s, 8]
+    %o = linear(%a, @wo) : f32[b, s, 8]
+    %h1 = add(%h, %o) : f32[b, s, 8]
+    %x2 = rms_norm(%h1, @n2) {eps = 1e-05} : f32[b, s, 8]
+    %y = linear(%x2, @wq) : f32[b, s, 8]
+    return %y
+  }
+}"""
+
+
+def test_a_weight_behind_two_norms_is_left_alone():
+    """Layers sharing a weight (ALBERT-style) but not their norms: one matrix cannot absorb two
+    scales."""
+    p = RotateResidual()
+    assert p.run(parse_module(SHARED_READER)) is False
+    assert "@wq reads the outputs of two norms" in p.skipped
+
+
 def test_a_sharded_module_is_refused(stories_graph):
     module = stories_graph()
     module.attrs["tp"] = 2
