@@ -22,6 +22,9 @@ localized filter) leaves the module untouched and says why (`skipped`).  A tied 
 head get two copies: the head's absorbs the final norm's scale, the table's does not.
 
     seed=0   Q is the orthogonal factor of a seeded Gaussian matrix (Haar-distributed)
+    block=0  N > 0: Q is block-diagonal, random-sign Hadamard blocks of N channels instead
+             (mixes only inside each block; SmolLM2 NF4 TinyStories +4.5 % over fp32 at N = 64,
+             against +3.3 % dense and +3.5 % unrotated: Zen 3, issue #19 note)
 """
 from __future__ import annotations
 
