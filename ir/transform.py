@@ -78,6 +78,15 @@ def swap_to_quantized(module, old: Param, new: Param) -> None:
 swap_to_nf4 = swap_to_quantized
 
 
+def replace_param(module, old: Param, new: Param) -> None:
+    """Every read of `old` (in any function) reads `new` instead, which takes its place in
+    module.params (new weight values of the same type: a pass that rescales or rotates)."""
+    for fn in module.functions.values():
+        for n in fn.nodes:
+            n.inputs = [new if v is old else v for v in n.inputs]
+    module.params[old.name] = new
+
+
 def swap_to_float(module, old: Param, new: Param) -> None:
     """The inverse of swap_to_quantized: weight `old` (nf4, q8) becomes the float parameter `new`."""
     from .registry import float_variant, get_op

@@ -24,6 +24,7 @@ import numpy as np
 
 from amxc.ir import Module
 from amxc.ir.core import Param
+from amxc.ir.transform import replace_param
 
 from .base import Option, Pass, PassError, register_pass
 from .quantize_nf4 import QuantizeNF4, load_calibration_ids, run_calibration_streams
@@ -110,20 +111,13 @@ class QuantizeInt8(Pass):
                          np.power(np.maximum(a, 1e-12), alpha) / np.power(np.maximum(w_max, 1e-12), 1 - alpha), 1.0)
             s = np.clip(s, 1e-5, 1e5).astype(np.float32)
             scale = norm.inputs[1]
-            _replace(module, scale, scale.derive(scale.name, scale.type, lambda g, s=s: (g / s).astype(np.float32),
+            replace_param(module, scale, scale.derive(scale.name, scale.type, lambda g, s=s: (g / s).astype(np.float32),
                                                   attrs=scale.attrs))
             if norm.op == "layer_norm" and len(norm.inputs) > 2 and isinstance(norm.inputs[2], Param):
                 bias = norm.inputs[2]
-                _replace(module, bias, bias.derive(bias.name, bias.type, lambda b, s=s: (b / s).astype(np.float32),
+                replace_param(module, bias, bias.derive(bias.name, bias.type, lambda b, s=s: (b / s).astype(np.float32),
                                                     attrs=bias.attrs))
             for p in weights.values():
-                _replace(module, p, p.derive(p.name, p.type, lambda w, s=s: (w * s[None, :]).astype(np.float32),
+                replace_param(module, p, p.derive(p.name, p.type, lambda w, s=s: (w * s[None, :]).astype(np.float32),
                                              attrs=p.attrs))
             self.smoothed[scale.name] = float(s.max() / s.min())
-
-
-def _replace(module: Module, old: Param, new: Param) -> None:
-    for fn in module.functions.values():
-        for n in fn.nodes:
-            n.inputs = [new if v is old else v for v in n.inputs]
-    module.params[old.name] = new

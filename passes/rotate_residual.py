@@ -34,6 +34,7 @@ import numpy as np
 
 from amxc.ir import Module, Param
 from amxc.ir.dtypes import f32
+from amxc.ir.transform import replace_param
 
 from .base import Option, Pass, PassError, register_pass
 
@@ -240,8 +241,6 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def _replace(module: Module, old: Param, fn) -> None:
-    new = old.derive(old.name, old.type, lambda a: _f32(fn(a.astype(np.float64))), attrs=old.attrs)
-    for f in module.functions.values():
-        for n in f.nodes:
-            n.inputs = [new if v is old else v for v in n.inputs]
-    module.params[old.name] = new
+    """`old` becomes fn(its data in float64), rounded once to float32."""
+    replace_param(module, old, old.derive(old.name, old.type, lambda a: _f32(fn(a.astype(np.float64))),
+                                          attrs=old.attrs))
