@@ -326,7 +326,16 @@ class Emitter:
             if tiles is not None:
                 gemm_call = (f"if ({m} {tiles.rows[0]} {tiles.rows[1]}) {tiles.name}({x}, {m}, {codes}, {scales}, "
                              f"{s2}, {bias}, {resid}, {out}, nt); else {gemm_call}")
-            if gemv is not None:
+            if prod.grouped_in is not None:         # its GEMV ran in the leader's grouped call
+                self.lines.append(f"if (!({m} {gemv.rows[0]} {gemv.rows[1]})) {{ {gemm_call} }}")
+            elif prod.group is not None:
+                quantize, qargs = self._q8(prod)
+                members = ", ".join(", ".join((*self._weight_sections(w), self.p(b), self.p(o)))
+                                    for w, b, o in prod.group)
+                self.lines.append(f"if ({m} {gemv.rows[0]} {gemv.rows[1]}) {{ {quantize} {gemv.name}({qargs}, {m}, "
+                                  f"{members}, nt); }}")
+                self.lines.append(f"else {{ {gemm_call} }}")
+            elif gemv is not None:
                 quantize, qargs = self._q8(prod)
                 self.lines.append(f"if ({m} {gemv.rows[0]} {gemv.rows[1]}) {{ {quantize} {gemv.name}({qargs}, {m}, "
                                   f"{codes}, {scales}, {s2}, {bias}, {resid}, {out}, nt); }}")

@@ -27,6 +27,8 @@ class Template:
     isa: str                                    # in the function name: <family>_<isa>_<params>
     file: str                                   # templates/<file>.cpp.j2
     fixed: dict = field(default_factory=dict)   # parameters the family fixes
+    members: str = ""                           # a grouped family: the family of its members, one
+                                                # per entry of its tuple parameter N
 
     @property
     def path(self) -> str:
@@ -36,6 +38,7 @@ class Template:
 def _family_templates(isa: str, simd_gemv: bool) -> dict[str, Template]:
     return {"q8": Template("ref", "q8_ref"),
             "gemv_nf4": Template(isa, f"gemv_nf4_{isa}", {"codes": "nf4"}),
+            "gemv_nf4_group": Template(isa, "gemv_group", members="gemv_nf4"),
             "gemv_q8": Template(isa, f"gemv_nf4_{isa}", {"codes": "q8", "scale": "f32", "scale_block": 0,
                                                          "pair": False}),
             "gemm_q8": Template(isa, "gemm_q8"),
@@ -83,16 +86,23 @@ class KernelSet:
 
     def get(self, family: str, **params) -> str:
         """The name of `family`'s kernel for `params` (rendered by source()).  Parameters
-        become C++ (sizes, the function name): only ints, flags and plain identifiers pass."""
+        become C++ (sizes, the function name): only ints, flags, plain identifiers and tuples
+        of ints pass.  A grouped family's members (one per entry of N) are named first, so
+        they are rendered before it."""
         for k, v in params.items():
-            if not (v is None or isinstance(v, (int, bool)) or (isinstance(v, str) and _IDENT.fullmatch(v))):
-                raise ValueError(f"kernel {family}: parameter {k} must be an int, a flag or an "
-                                 f"identifier, got {type(v).__name__}")
+            if not (v is None or isinstance(v, (int, bool)) or (isinstance(v, str) and _IDENT.fullmatch(v))
+                    or (isinstance(v, tuple) and v and all(type(i) is int for i in v))):
+                raise ValueError(f"kernel {family}: parameter {k} must be an int, a flag, an "
+                                 f"identifier or a tuple of ints, got {type(v).__name__}")
         template = TIER_KERNELS[self.tier][family]
-        key = "_".join(f"{v}" for v in params.values() if v not in (None, False, True, "")) + \
+        extra = {}
+        if template.members:
+            extra["members"] = [self.get(template.members, **{**params, "N": n}) for n in params["N"]]
+        key = "_".join("x".join(map(str, v)) if isinstance(v, tuple) else f"{v}"
+                       for v in params.values() if v not in (None, False, True, "")) + \
               "".join(f"_{k}" for k, v in params.items() if v is True)
         name = f"{family}_{template.isa}_{key}".replace("-", "_").replace(".", "_")
-        self.wanted.setdefault(name, (template, params))
+        self.wanted.setdefault(name, (template, {**params, **extra}))
         return name
 
     def source(self) -> str:

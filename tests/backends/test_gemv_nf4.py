@@ -119,3 +119,33 @@ def test_gemv_acc64_sums_do_not_depend_on_how_k_is_cut(tier, n, k, m):
             total += p64
         np.testing.assert_array_equal((total.astype(np.float32) + resid).astype(np.float32), out,
                                       err_msg=f"{ways} ranks")
+
+
+GROUP_SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, "
+             + ", ".join(f"const uint8_t* c{i}, const uint8_t* s{i}, const float* t{i}, const float* b{i}, float* o{i}"
+                         for i in range(3)) + ", int nt")
+GROUP_CALL = "NAME(q, qs, qsum, m, " + ", ".join(f"c{i}, s{i}, t{i}, b{i}, o{i}" for i in range(3)) + ", nt)"
+
+
+@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("m", [1, 3, 7, 8, 16])   # avx2: up to 7 rows in one region, from 8 the members' own calls
+def test_grouped_gemv_gives_each_member_its_own_bits(tier, m):
+    """q, k and v in one parallel region (templates/gemv_group.cpp.j2): every member's output is
+    the twin's to the bit, with its own bias, whatever the members' sizes (groups of 16 outputs
+    that do not divide evenly between the threads, a ragged last group)."""
+    k, sizes = 192, (80, 24, 37)
+    weights = [nf4_weight(n, k, "fp8_e4m3", seed=10 + i) for i, n in enumerate(sizes)]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    biases = [rng.standard_normal(n).astype(np.float32) if i != 1 else None for i, n in enumerate(sizes)]
+    q, qs, qsum = twin.quantize_q8(x)
+    fn = build(tier, "gemv_nf4_group", dict(N=sizes, K=k, scale="fp8_e4m3", scale_block=256, pair=False),
+               GROUP_SIG, GROUP_CALL)
+    outs = [np.full((m, n), np.nan, np.float32) for n in sizes]
+    args = []
+    for wt, b, o in zip(weights, biases, outs):
+        args += [ptr(p) for p in sections(wt.blob, wt.layout)] + [ptr(b) if b is not None else None, ptr(o)]
+    fn(ptr(q), ptr(qs), ptr(qsum), ctypes.c_int64(m), *args, 2)
+    for i, (wt, b, o) in enumerate(zip(weights, biases, outs)):
+        want = twin.gemv_nf4_q8(q, qs, qsum, *wt.twin_input(), b)
+        assert np.array_equal(o, want), f"member {i} ({sizes[i]} outputs): max diff {np.nanmax(np.abs(o - want))}"

@@ -103,8 +103,9 @@ def test_residual_epilogues_aliases_and_shared_activations():
 
 
 @pytest.mark.parametrize("tier", ["avx2", "amx"])
-def test_memory_plan_keeps_live_buffers_apart(tier):
-    gen = generate(lowered_linear_model(), tier)
+@pytest.mark.parametrize("model", ["linears", "qkv"])
+def test_memory_plan_keeps_live_buffers_apart(tier, model):
+    gen = generate(lowered_linear_model() if model == "linears" else qkv_module(), tier)
     for fp in gen.plan.functions:
         assert fp.workspace <= gen.workspace and fp.workspace % 64 == 0
         for i, a in enumerate(fp.buffers):
@@ -123,3 +124,59 @@ def test_format_plan_lists_every_node():
     assert "@prefill (planned for b=1, s=512)" in text and "@decode (planned for b=16, s=1)" in text
     assert "gemv_nf4 int8 (m<=31) | tiles int8 (m>=32) | gemm_nf4 fp32; + %x (the add #3)" in text
     assert "residual epilogue of #2" in text and "gate+up 192x128 nf4" in text and "q8 of %r" in text
+
+
+QKV_SOURCE = """module @qkv {
+  param @emb : f32[64, 128]
+  param @wq : f32[128, 128]
+  param @wk : f32[48, 128]
+  param @wv : f32[48, 128]
+  param @wo : f32[128, 48]
+  param @head : f32[64, 128]
+  func @prefill(%input_ids: i64[b, s], %position_ids: i64[b, s]) -> (f32[b, s, 64]) {
+    %x = embedding(@emb, %input_ids) : f32[b, s, 128]
+    %q = linear(%x, @wq) : f32[b, s, 128]
+    %k = linear(%x, @wk) : f32[b, s, 48]
+    %v = linear(%x, @wv) : f32[b, s, 48]
+    %kv = mul(%k, %v) : f32[b, s, 48]
+    %o = linear(%kv, @wo) : f32[b, s, 128]
+    %r = add(%o, %q) : f32[b, s, 128]
+    %logits = linear(%r, @head) : f32[b, s, 64]
+    return %logits
+  }
+}"""
+
+
+def qkv_module():
+    import numpy as np
+    import amxc.ir as ir
+    from amxc.ir.transform import clone_function
+    from amxc.passes import parse_pipeline
+    module = ir.parse_module(QKV_SOURCE)
+    rng = np.random.default_rng(3)
+    for p in module.params.values():
+        p.set_data((rng.standard_normal(p.type.shape) * 0.1).astype(np.float32))
+    module.add_function(clone_function(module.functions["prefill"], "decode", {"s": 1}))
+    for p in parse_pipeline('quantize-nf4{skip="emb|head"},lower'):
+        p.run(module)
+    return module
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512", "ref"])
+def test_linears_reading_the_same_activations_share_one_grouped_gemv(tier):
+    """q, k and v read %x: the first runs all three GEMVs in one call (and quantizes %x once),
+    the others only their GEMM fallback; o reads another value and stays alone.  k's and v's
+    buffers live from q's call on, so nothing live there shares their bytes."""
+    gen = generate(qkv_module(), tier)
+    for fp in gen.plan.functions:
+        nodes = {np_.node.output.name: np_ for np_ in fp.nodes}
+        q, k, v, o = (nodes[n].products[0] for n in "qkvo")
+        assert [w.name for w, _, _ in q.group] == ["wq", "wk", "wv"] and q.quantizes
+        assert k.grouped_in is v.grouped_in is nodes["q"].node.output and not (k.quantizes or v.quantizes)
+        assert q.kernel("gemv").family == "gemv_nf4_group" and o.group is None and o.grouped_in is None
+        start = nodes["q"].index
+        for name in "kv":
+            assert fp.slots[nodes[name].node.output].buffer.start == start
+    group = f"gemv_nf4_group_{'avx2' if tier == 'avx2' else tier}_128x48x48_128"
+    assert gen.source.count(f"{group}_fp8_e4m3_256((int8_t*)") == 2       # one call in each function
+    assert "(its GEMV in %q's group)" in format_plan(gen.plan)

@@ -248,18 +248,23 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
     }
 }
 
-static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_TEAM_ROWS = gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS;
+
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_RC;
-  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -268,6 +273,16 @@ static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_RC;
+  (void)G;
+  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_nf4_avx2_64_64_fp8_e4m3_256_team(q, qs, qsum, m, codes, scales, s2, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -279,83 +294,6 @@ static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
         gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
                          codes, scales, s2, bias,
                          resid ? resid + r * N : nullptr, out + r * N);
-  }
-}
-
-// gemm_nf4_avx2_32_64_fp8_e4m3_256: N=32 K=64 weight=nf4 scale=fp8_e4m3
-static void gemm_nf4_avx2_32_64_fp8_e4m3_256(const float* x, int64_t m,
-    const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 32, K = 64, G = (N + 15) / 16, KC = 64, MR = 6;
-  constexpr int64_t NB = K / 64;
-  const __m256 lut_lo = _mm256_loadu_ps((const float*)amxc::NF4_F32_BITS);
-  const __m256 lut_hi = _mm256_loadu_ps((const float*)amxc::NF4_F32_BITS + 8);
-  #pragma omp parallel for num_threads(amxc::threads_for(G, nt)) schedule(static)
-  for (int64_t g = 0; g < G; ++g) {
-    alignas(64) float panel[KC * 16];
-    const int64_t n0 = g * 16;
-    const __m256i mask0 = amxc::mask_first(std::min<int64_t>(8, N - n0));
-    const __m256i mask1 = amxc::mask_first(std::max<int64_t>(0, std::min<int64_t>(8, N - n0 - 8)));
-    amxc::GroupScales s2v(s2, g, N, NB, 256);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min<int64_t>(KC, K - k0);
-      for (int64_t b = k0 / 64; b < (k0 + kc) / 64; ++b) {
-        s2v.at(b);
-        const __m256 sc[2] = {_mm256_mul_ps(amxc::decode_e4m3_x8(scales + (g * NB + b) * 16), s2v.v0),
-                              _mm256_mul_ps(amxc::decode_e4m3_x8(scales + (g * NB + b) * 16 + 8), s2v.v1)};
-        const uint8_t* cb = codes + (g * NB + b) * 512;
-        float* pb = panel + (b * 64 - k0) * 16;
-        for (int j = 0; j < 8; ++j)
-          for (int h = 0; h < 2; ++h) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            for (int t = 0; t < 8; ++t) {             // t < 4: low nibbles (k = 4j + t), else high
-              const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(v, 4 * ((t & 3) * 2 + (t >> 2))), _mm256_set1_epi32(15));
-              const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
-                                                  _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-              const int64_t k = t < 4 ? 4 * j + t : 4 * (j + 8) + (t - 4);
-              _mm256_store_ps(pb + k * 16 + 8 * h, _mm256_mul_ps(val, sc[h]));
-            }
-          }
-      }
-      for (int64_t i0 = 0; i0 < m; i0 += MR) {
-        const int64_t rows = std::min<int64_t>(MR, m - i0);
-        __m256 c[MR][2];
-        for (int64_t r = 0; r < rows; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();   // per KC block
-        const float* xa = x + i0 * K + k0;
-        if (rows == MR) {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            #pragma GCC unroll 6
-            for (int r = 0; r < MR; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        } else {
-          for (int64_t k = 0; k < kc; ++k) {
-            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
-            for (int64_t r = 0; r < rows; ++r) {
-              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
-              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
-            }
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = out + (i0 + r) * N + n0;
-          const __m256 p0 = k0 ? _mm256_maskload_ps(o, mask0) : (bias ? _mm256_maskload_ps(bias + n0, mask0) : _mm256_setzero_ps());
-          const __m256 p1 = k0 ? _mm256_maskload_ps(o + 8, mask1) : (bias ? _mm256_maskload_ps(bias + n0 + 8, mask1) : _mm256_setzero_ps());
-          __m256 y0 = _mm256_add_ps(p0, c[r][0]), y1 = _mm256_add_ps(p1, c[r][1]);
-          if (k0 + kc == K && resid) {
-            y0 = _mm256_add_ps(y0, _mm256_maskload_ps(resid + (i0 + r) * N + n0, mask0));
-            y1 = _mm256_add_ps(y1, _mm256_maskload_ps(resid + (i0 + r) * N + n0 + 8, mask1));
-          }
-          _mm256_maskstore_ps(o, mask0, y0);
-          _mm256_maskstore_ps(o + 8, mask1, y1);
-        }
-      }
-    }
   }
 }
 
@@ -507,18 +445,23 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
     }
 }
 
-static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_nf4_avx2_32_64_fp8_e4m3_256_TEAM_ROWS = gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS;
+
+static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_32_64_fp8_e4m3_256_RC;
-  if (m < gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -527,6 +470,16 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_32_64_fp8_e4m3_256_RC;
+  (void)G;
+  if (m < gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_nf4_avx2_32_64_fp8_e4m3_256_team(q, qs, qsum, m, codes, scales, s2, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -538,6 +491,103 @@ static void gemv_nf4_avx2_32_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
         gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(g, std::min<int64_t>(RC, r1 - r), q + r * K, qs + r * NB, qsum + r * NB,
                          codes, scales, s2, bias,
                          resid ? resid + r * N : nullptr, out + r * N);
+  }
+}
+
+// gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256: 3 GEMVs over the same activations
+static void gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes0, const uint8_t* scales0, const float* s2_0, const float* bias0, float* out0,
+    const uint8_t* codes1, const uint8_t* scales1, const float* s2_1, const float* bias1, float* out1,
+    const uint8_t* codes2, const uint8_t* scales2, const float* s2_2, const float* bias2, float* out2,
+    int nt) {
+  if (m >= gemv_nf4_avx2_64_64_fp8_e4m3_256_TEAM_ROWS || m >= gemv_nf4_avx2_32_64_fp8_e4m3_256_TEAM_ROWS || m >= gemv_nf4_avx2_32_64_fp8_e4m3_256_TEAM_ROWS) {
+    gemv_nf4_avx2_64_64_fp8_e4m3_256(q, qs, qsum, m, codes0, scales0, s2_0, bias0, nullptr, out0, nt);
+    gemv_nf4_avx2_32_64_fp8_e4m3_256(q, qs, qsum, m, codes1, scales1, s2_1, bias1, nullptr, out1, nt);
+    gemv_nf4_avx2_32_64_fp8_e4m3_256(q, qs, qsum, m, codes2, scales2, s2_2, bias2, nullptr, out2, nt);
+    return;
+  }
+  #pragma omp parallel num_threads(nt)
+  {
+    gemv_nf4_avx2_64_64_fp8_e4m3_256_team(q, qs, qsum, m, codes0, scales0, s2_0, bias0, nullptr, out0);
+    gemv_nf4_avx2_32_64_fp8_e4m3_256_team(q, qs, qsum, m, codes1, scales1, s2_1, bias1, nullptr, out1);
+    gemv_nf4_avx2_32_64_fp8_e4m3_256_team(q, qs, qsum, m, codes2, scales2, s2_2, bias2, nullptr, out2);
+  }
+}
+
+// gemm_nf4_avx2_32_64_fp8_e4m3_256: N=32 K=64 weight=nf4 scale=fp8_e4m3
+static void gemm_nf4_avx2_32_64_fp8_e4m3_256(const float* x, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 32, K = 64, G = (N + 15) / 16, KC = 64, MR = 6;
+  constexpr int64_t NB = K / 64;
+  const __m256 lut_lo = _mm256_loadu_ps((const float*)amxc::NF4_F32_BITS);
+  const __m256 lut_hi = _mm256_loadu_ps((const float*)amxc::NF4_F32_BITS + 8);
+  #pragma omp parallel for num_threads(amxc::threads_for(G, nt)) schedule(static)
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) float panel[KC * 16];
+    const int64_t n0 = g * 16;
+    const __m256i mask0 = amxc::mask_first(std::min<int64_t>(8, N - n0));
+    const __m256i mask1 = amxc::mask_first(std::max<int64_t>(0, std::min<int64_t>(8, N - n0 - 8)));
+    amxc::GroupScales s2v(s2, g, N, NB, 256);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = std::min<int64_t>(KC, K - k0);
+      for (int64_t b = k0 / 64; b < (k0 + kc) / 64; ++b) {
+        s2v.at(b);
+        const __m256 sc[2] = {_mm256_mul_ps(amxc::decode_e4m3_x8(scales + (g * NB + b) * 16), s2v.v0),
+                              _mm256_mul_ps(amxc::decode_e4m3_x8(scales + (g * NB + b) * 16 + 8), s2v.v1)};
+        const uint8_t* cb = codes + (g * NB + b) * 512;
+        float* pb = panel + (b * 64 - k0) * 16;
+        for (int j = 0; j < 8; ++j)
+          for (int h = 0; h < 2; ++h) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
+            for (int t = 0; t < 8; ++t) {             // t < 4: low nibbles (k = 4j + t), else high
+              const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(v, 4 * ((t & 3) * 2 + (t >> 2))), _mm256_set1_epi32(15));
+              const __m256 val = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lut_lo, idx), _mm256_permutevar8x32_ps(lut_hi, idx),
+                                                  _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+              const int64_t k = t < 4 ? 4 * j + t : 4 * (j + 8) + (t - 4);
+              _mm256_store_ps(pb + k * 16 + 8 * h, _mm256_mul_ps(val, sc[h]));
+            }
+          }
+      }
+      for (int64_t i0 = 0; i0 < m; i0 += MR) {
+        const int64_t rows = std::min<int64_t>(MR, m - i0);
+        __m256 c[MR][2];
+        for (int64_t r = 0; r < rows; ++r) c[r][0] = c[r][1] = _mm256_setzero_ps();   // per KC block
+        const float* xa = x + i0 * K + k0;
+        if (rows == MR) {
+          for (int64_t k = 0; k < kc; ++k) {
+            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
+            #pragma GCC unroll 6
+            for (int r = 0; r < MR; ++r) {
+              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
+              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+            }
+          }
+        } else {
+          for (int64_t k = 0; k < kc; ++k) {
+            const __m256 b0 = _mm256_load_ps(panel + k * 16), b1 = _mm256_load_ps(panel + k * 16 + 8);
+            for (int64_t r = 0; r < rows; ++r) {
+              const __m256 a = _mm256_broadcast_ss(xa + r * K + k);
+              c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+              c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = out + (i0 + r) * N + n0;
+          const __m256 p0 = k0 ? _mm256_maskload_ps(o, mask0) : (bias ? _mm256_maskload_ps(bias + n0, mask0) : _mm256_setzero_ps());
+          const __m256 p1 = k0 ? _mm256_maskload_ps(o + 8, mask1) : (bias ? _mm256_maskload_ps(bias + n0 + 8, mask1) : _mm256_setzero_ps());
+          __m256 y0 = _mm256_add_ps(p0, c[r][0]), y1 = _mm256_add_ps(p1, c[r][1]);
+          if (k0 + kc == K && resid) {
+            y0 = _mm256_add_ps(y0, _mm256_maskload_ps(resid + (i0 + r) * N + n0, mask0));
+            y1 = _mm256_add_ps(y1, _mm256_maskload_ps(resid + (i0 + r) * N + n0 + 8, mask1));
+          }
+          _mm256_maskstore_ps(o, mask0, y0);
+          _mm256_maskstore_ps(o + 8, mask1, y1);
+        }
+      }
+    }
   }
 }
 
@@ -701,18 +751,23 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(int64_t g, int64
     }
 }
 
-static void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_TEAM_ROWS = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS;
+
+static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC;
-  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
@@ -721,6 +776,16 @@ static void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64(const int8_t* q, const float*
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_RC;
+  (void)G;
+  if (m < gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(q, qs, qsum, m, codes, scales, s2, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -955,19 +1020,24 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64
     }
 }
 
-static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_TEAM_ROWS = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS;
+
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC;
-  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
@@ -976,6 +1046,17 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair(const int8_t* q, const float*
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_RC;
+  (void)G;
+  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(q, qs, qsum, m, codes, scales, s2, codes_u, scales_u, s2_u, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -1215,18 +1296,23 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(int64_t g, int64_t mr
     }
 }
 
-static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_nf4_avx2_172_64_fp8_e4m3_256_TEAM_ROWS = gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS;
+
+static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_RC;
-  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -1235,6 +1321,16 @@ static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, 
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_nf4_avx2_172_64_fp8_e4m3_256(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_nf4_avx2_172_64_fp8_e4m3_256_RC;
+  (void)G;
+  if (m < gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_nf4_avx2_172_64_fp8_e4m3_256_team(q, qs, qsum, m, codes, scales, s2, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -1399,18 +1495,23 @@ static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t
     }
 }
 
-static void gemv_q8_avx2_512_64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+// the decode rows' work (m < PANEL_ROWS) shared by the threads of an enclosing parallel region:
+// an orphaned `omp for ... nowait`, so a grouped call (templates/gemv_group.cpp.j2) runs several
+// weights reading the same activations in one region, each thread going on to the next weight
+// without a barrier
+static constexpr int64_t gemv_q8_avx2_512_64_TEAM_ROWS = gemv_q8_avx2_512_64_PANEL_ROWS;
+
+static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
-  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_q8_avx2_512_64_RC;
-  if (m < gemv_q8_avx2_512_64_PANEL_ROWS) {
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t g = 0; g < G; ++g)
+    const float* bias, const float* resid, float* out) {
+  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
+  #pragma omp for schedule(static) nowait
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, nt
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
       switch (rows) {
         case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
@@ -1419,6 +1520,16 @@ static void gemv_q8_avx2_512_64(const int8_t* q, const float* qs, const int32_t*
       }
 #undef AMXC_ARGS
     }
+}
+
+static void gemv_q8_avx2_512_64(const int8_t* q, const float* qs, const int32_t* qsum, int64_t m,
+    const uint8_t* codes, const uint8_t* scales, const float* s2,
+    const float* bias, const float* resid, float* out, int nt) {
+  constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16, RC = gemv_q8_avx2_512_64_RC;
+  (void)G;
+  if (m < gemv_q8_avx2_512_64_PANEL_ROWS) {
+    #pragma omp parallel num_threads(nt)
+    gemv_q8_avx2_512_64_team(q, qs, qsum, m, codes, scales, s2, bias, resid, out);
     return;
   }
   // rows in slabs of MC whose activations stay in L2 while every group streams past them
@@ -1442,9 +1553,9 @@ static constexpr int64_t OFF_prefill_5 = 1155072;
 static constexpr int64_t OFF_prefill_6 = 131072;
 static constexpr int64_t OFF_prefill_7 = 262144;
 static constexpr int64_t OFF_prefill_8 = 393216;
-static constexpr int64_t OFF_prefill_9 = 262144;
-static constexpr int64_t OFF_prefill_10 = 327680;
-static constexpr int64_t OFF_prefill_11 = 262144;
+static constexpr int64_t OFF_prefill_9 = 524288;
+static constexpr int64_t OFF_prefill_10 = 262144;
+static constexpr int64_t OFF_prefill_11 = 589824;
 static constexpr int64_t OFF_prefill_12 = 524288;
 static constexpr int64_t OFF_prefill_13 = 131072;
 static constexpr int64_t OFF_prefill_14 = 393216;
@@ -1456,9 +1567,9 @@ static constexpr int64_t OFF_prefill_19 = 966656;
 static constexpr int64_t OFF_prefill_20 = 0;
 static constexpr int64_t OFF_prefill_21 = 131072;
 static constexpr int64_t OFF_prefill_22 = 262144;
-static constexpr int64_t OFF_prefill_23 = 131072;
-static constexpr int64_t OFF_prefill_24 = 196608;
-static constexpr int64_t OFF_prefill_25 = 131072;
+static constexpr int64_t OFF_prefill_23 = 393216;
+static constexpr int64_t OFF_prefill_24 = 131072;
+static constexpr int64_t OFF_prefill_25 = 458752;
 static constexpr int64_t OFF_prefill_26 = 393216;
 static constexpr int64_t OFF_prefill_27 = 0;
 static constexpr int64_t OFF_prefill_28 = 262144;
@@ -1470,9 +1581,9 @@ static constexpr int64_t OFF_prefill_33 = 966656;
 static constexpr int64_t OFF_prefill_34 = 0;
 static constexpr int64_t OFF_prefill_35 = 131072;
 static constexpr int64_t OFF_prefill_36 = 262144;
-static constexpr int64_t OFF_prefill_37 = 131072;
-static constexpr int64_t OFF_prefill_38 = 196608;
-static constexpr int64_t OFF_prefill_39 = 131072;
+static constexpr int64_t OFF_prefill_37 = 393216;
+static constexpr int64_t OFF_prefill_38 = 131072;
+static constexpr int64_t OFF_prefill_39 = 458752;
 static constexpr int64_t OFF_prefill_40 = 393216;
 static constexpr int64_t OFF_prefill_41 = 0;
 static constexpr int64_t OFF_prefill_42 = 262144;
@@ -1484,9 +1595,9 @@ static constexpr int64_t OFF_prefill_47 = 966656;
 static constexpr int64_t OFF_prefill_48 = 0;
 static constexpr int64_t OFF_prefill_49 = 131072;
 static constexpr int64_t OFF_prefill_50 = 262144;
-static constexpr int64_t OFF_prefill_51 = 131072;
-static constexpr int64_t OFF_prefill_52 = 196608;
-static constexpr int64_t OFF_prefill_53 = 131072;
+static constexpr int64_t OFF_prefill_51 = 393216;
+static constexpr int64_t OFF_prefill_52 = 131072;
+static constexpr int64_t OFF_prefill_53 = 458752;
 static constexpr int64_t OFF_prefill_54 = 393216;
 static constexpr int64_t OFF_prefill_55 = 0;
 static constexpr int64_t OFF_prefill_56 = 262144;
@@ -1498,9 +1609,9 @@ static constexpr int64_t OFF_prefill_61 = 966656;
 static constexpr int64_t OFF_prefill_62 = 0;
 static constexpr int64_t OFF_prefill_63 = 131072;
 static constexpr int64_t OFF_prefill_64 = 262144;
-static constexpr int64_t OFF_prefill_65 = 131072;
-static constexpr int64_t OFF_prefill_66 = 196608;
-static constexpr int64_t OFF_prefill_67 = 131072;
+static constexpr int64_t OFF_prefill_65 = 393216;
+static constexpr int64_t OFF_prefill_66 = 131072;
+static constexpr int64_t OFF_prefill_67 = 458752;
 static constexpr int64_t OFF_prefill_68 = 393216;
 static constexpr int64_t OFF_prefill_69 = 0;
 static constexpr int64_t OFF_prefill_70 = 262144;
@@ -1510,27 +1621,27 @@ static constexpr int64_t OFF_prefill_73 = 704512;
 static constexpr int64_t OFF_prefill_74 = 835584;
 static constexpr int64_t OFF_prefill_75 = 966656;
 static constexpr int64_t OFF_prefill_76 = 0;
-static constexpr int64_t TMP_prefill_0 = 524288;
+static constexpr int64_t TMP_prefill_0 = 655360;
 static constexpr int64_t TMP_prefill_1 = 262144;
 static constexpr int64_t TMP_prefill_2 = 0;
 static constexpr int64_t TMP_prefill_3 = 1097728;
 static constexpr int64_t TMP_prefill_4 = 352256;
-static constexpr int64_t TMP_prefill_5 = 393216;
+static constexpr int64_t TMP_prefill_5 = 524288;
 static constexpr int64_t TMP_prefill_6 = 131072;
 static constexpr int64_t TMP_prefill_7 = 0;
 static constexpr int64_t TMP_prefill_8 = 1097728;
 static constexpr int64_t TMP_prefill_9 = 352256;
-static constexpr int64_t TMP_prefill_10 = 393216;
+static constexpr int64_t TMP_prefill_10 = 524288;
 static constexpr int64_t TMP_prefill_11 = 131072;
 static constexpr int64_t TMP_prefill_12 = 0;
 static constexpr int64_t TMP_prefill_13 = 1097728;
 static constexpr int64_t TMP_prefill_14 = 352256;
-static constexpr int64_t TMP_prefill_15 = 393216;
+static constexpr int64_t TMP_prefill_15 = 524288;
 static constexpr int64_t TMP_prefill_16 = 131072;
 static constexpr int64_t TMP_prefill_17 = 0;
 static constexpr int64_t TMP_prefill_18 = 1097728;
 static constexpr int64_t TMP_prefill_19 = 352256;
-static constexpr int64_t TMP_prefill_20 = 393216;
+static constexpr int64_t TMP_prefill_20 = 524288;
 static constexpr int64_t TMP_prefill_21 = 131072;
 static constexpr int64_t TMP_prefill_22 = 0;
 static constexpr int64_t TMP_prefill_23 = 1097728;
@@ -1561,22 +1672,20 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm  [model.layers.0.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_0)), ((const float*)a->W[1]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_6)));
   // linear_nf4 -> %linear  [model.layers.0.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_7)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_7)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_9)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_7)), nt); }
   // permute -> %transpose  [model.layers.0.self_attn (modeling_llama.py:244)]
   const int64_t pshp10[] = {b, s, 8, 8};
   const int perm10[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_7)), (uint8_t*)((float*)(a->ws + OFF_prefill_8)), 4, 4, pshp10, perm10);
   // linear_nf4 -> %linear_1  [model.layers.0.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_9)), nt); }
   // permute -> %transpose_1  [model.layers.0.self_attn (modeling_llama.py:245)]
   const int64_t pshp13[] = {b, s, 4, 8};
   const int perm13[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_9)), (uint8_t*)((float*)(a->ws + OFF_prefill_10)), 4, 4, pshp13, perm13);
   // linear_nf4 -> %linear_2  [model.layers.0.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_0), (float*)((a->ws + TMP_prefill_0) + 32768), (int32_t*)((a->ws + TMP_prefill_0) + 34816), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_6)), ((b)*(s)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_11)), nt); }
   // permute -> %transpose_2  [model.layers.0.self_attn (modeling_llama.py:246)]
   const int64_t pshp16[] = {b, s, 4, 8};
   const int perm16[] = {0, 2, 1, 3};
@@ -1611,22 +1720,20 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_19)), ((const float*)a->W[10]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_20)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_21)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_21)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_23)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_21)), nt); }
   // permute -> %transpose_4  [model.layers.1.self_attn (modeling_llama.py:244)]
   const int64_t pshp32[] = {b, s, 8, 8};
   const int perm32[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_21)), (uint8_t*)((float*)(a->ws + OFF_prefill_22)), 4, 4, pshp32, perm32);
   // linear_nf4 -> %linear_8  [model.layers.1.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_23)), nt); }
   // permute -> %transpose_5  [model.layers.1.self_attn (modeling_llama.py:245)]
   const int64_t pshp35[] = {b, s, 4, 8};
   const int perm35[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_23)), (uint8_t*)((float*)(a->ws + OFF_prefill_24)), 4, 4, pshp35, perm35);
   // linear_nf4 -> %linear_9  [model.layers.1.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_5), (float*)((a->ws + TMP_prefill_5) + 32768), (int32_t*)((a->ws + TMP_prefill_5) + 34816), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_20)), ((b)*(s)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_25)), nt); }
   // permute -> %transpose_6  [model.layers.1.self_attn (modeling_llama.py:246)]
   const int64_t pshp38[] = {b, s, 4, 8};
   const int perm38[] = {0, 2, 1, 3};
@@ -1661,22 +1768,20 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_33)), ((const float*)a->W[19]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_34)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_35)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_35)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_37)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_35)), nt); }
   // permute -> %transpose_8  [model.layers.2.self_attn (modeling_llama.py:244)]
   const int64_t pshp52[] = {b, s, 8, 8};
   const int perm52[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_35)), (uint8_t*)((float*)(a->ws + OFF_prefill_36)), 4, 4, pshp52, perm52);
   // linear_nf4 -> %linear_15  [model.layers.2.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_37)), nt); }
   // permute -> %transpose_9  [model.layers.2.self_attn (modeling_llama.py:245)]
   const int64_t pshp55[] = {b, s, 4, 8};
   const int perm55[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_37)), (uint8_t*)((float*)(a->ws + OFF_prefill_38)), 4, 4, pshp55, perm55);
   // linear_nf4 -> %linear_16  [model.layers.2.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_10), (float*)((a->ws + TMP_prefill_10) + 32768), (int32_t*)((a->ws + TMP_prefill_10) + 34816), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_34)), ((b)*(s)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_39)), nt); }
   // permute -> %transpose_10  [model.layers.2.self_attn (modeling_llama.py:246)]
   const int64_t pshp58[] = {b, s, 4, 8};
   const int perm58[] = {0, 2, 1, 3};
@@ -1711,22 +1816,20 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_47)), ((const float*)a->W[28]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_48)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_49)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_49)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_51)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_49)), nt); }
   // permute -> %transpose_12  [model.layers.3.self_attn (modeling_llama.py:244)]
   const int64_t pshp72[] = {b, s, 8, 8};
   const int perm72[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_49)), (uint8_t*)((float*)(a->ws + OFF_prefill_50)), 4, 4, pshp72, perm72);
   // linear_nf4 -> %linear_22  [model.layers.3.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_51)), nt); }
   // permute -> %transpose_13  [model.layers.3.self_attn (modeling_llama.py:245)]
   const int64_t pshp75[] = {b, s, 4, 8};
   const int perm75[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_51)), (uint8_t*)((float*)(a->ws + OFF_prefill_52)), 4, 4, pshp75, perm75);
   // linear_nf4 -> %linear_23  [model.layers.3.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_15), (float*)((a->ws + TMP_prefill_15) + 32768), (int32_t*)((a->ws + TMP_prefill_15) + 34816), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_48)), ((b)*(s)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_53)), nt); }
   // permute -> %transpose_14  [model.layers.3.self_attn (modeling_llama.py:246)]
   const int64_t pshp78[] = {b, s, 4, 8};
   const int perm78[] = {0, 2, 1, 3};
@@ -1761,22 +1864,20 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_prefill_61)), ((const float*)a->W[37]), ((b)*(s)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_prefill_62)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_63)), nt); }
+  if (((b)*(s)) <= 512) { q8_ref_64(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), (int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, ((float*)(a->ws + OFF_prefill_63)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_65)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_63)), nt); }
   // permute -> %transpose_16  [model.layers.4.self_attn (modeling_llama.py:244)]
   const int64_t pshp92[] = {b, s, 8, 8};
   const int perm92[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_63)), (uint8_t*)((float*)(a->ws + OFF_prefill_64)), 4, 4, pshp92, perm92);
   // linear_nf4 -> %linear_29  [model.layers.4.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_65)), nt); }
   // permute -> %transpose_17  [model.layers.4.self_attn (modeling_llama.py:245)]
   const int64_t pshp95[] = {b, s, 4, 8};
   const int perm95[] = {0, 2, 1, 3};
   amxc::permute((const uint8_t*)((float*)(a->ws + OFF_prefill_65)), (uint8_t*)((float*)(a->ws + OFF_prefill_66)), 4, 4, pshp95, perm95);
   // linear_nf4 -> %linear_30  [model.layers.4.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(s)) <= 512) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_prefill_20), (float*)((a->ws + TMP_prefill_20) + 32768), (int32_t*)((a->ws + TMP_prefill_20) + 34816), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
+  if (!(((b)*(s)) <= 512)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_prefill_62)), ((b)*(s)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_prefill_67)), nt); }
   // permute -> %transpose_18  [model.layers.4.self_attn (modeling_llama.py:246)]
   const int64_t pshp98[] = {b, s, 4, 8};
   const int perm98[] = {0, 2, 1, 3};
@@ -1925,14 +2026,12 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm  [model.layers.0.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_0)), ((const float*)a->W[1]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_6)));
   // linear_nf4 -> %linear  [model.layers.0.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_7)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_7)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_8)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[8]) + 0, ((const uint8_t*)a->W[8]) + 2048, (const float*)(((const uint8_t*)a->W[8]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_7)), nt); }
   // linear_nf4 -> %linear_1  [model.layers.0.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[6]) + 0, ((const uint8_t*)a->W[6]) + 1024, (const float*)(((const uint8_t*)a->W[6]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_8)), nt); }
   // linear_nf4 -> %linear_2  [model.layers.0.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_0), (float*)((a->ws + TMP_decode_0) + 1024), (int32_t*)((a->ws + TMP_decode_0) + 1088), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_6)), ((b)*(1)), ((const uint8_t*)a->W[9]) + 0, ((const uint8_t*)a->W[9]) + 1024, (const float*)(((const uint8_t*)a->W[9]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_9)), nt); }
   // rope -> %rope  [model.layers.0.self_attn (layer.py:856)]
   const int64_t rl19[] = {b, 8, 1};
   const int64_t rs19[] = {1*(1)*(1), 0, 0};
@@ -1959,14 +2058,12 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm_2  [model.layers.1.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_15)), ((const float*)a->W[10]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_16)));
   // linear_nf4 -> %linear_7  [model.layers.1.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_17)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_17)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_18)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[17]) + 0, ((const uint8_t*)a->W[17]) + 2048, (const float*)(((const uint8_t*)a->W[17]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_17)), nt); }
   // linear_nf4 -> %linear_8  [model.layers.1.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[15]) + 0, ((const uint8_t*)a->W[15]) + 1024, (const float*)(((const uint8_t*)a->W[15]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_18)), nt); }
   // linear_nf4 -> %linear_9  [model.layers.1.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_5), (float*)((a->ws + TMP_decode_5) + 1024), (int32_t*)((a->ws + TMP_decode_5) + 1088), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_16)), ((b)*(1)), ((const uint8_t*)a->W[18]) + 0, ((const uint8_t*)a->W[18]) + 1024, (const float*)(((const uint8_t*)a->W[18]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_19)), nt); }
   // rope -> %rope_2  [model.layers.1.self_attn (layer.py:856)]
   const int64_t rl39[] = {b, 8, 1};
   const int64_t rs39[] = {1*(1)*(1), 0, 0};
@@ -1993,14 +2090,12 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm_4  [model.layers.2.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_25)), ((const float*)a->W[19]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_26)));
   // linear_nf4 -> %linear_14  [model.layers.2.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_27)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_27)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_28)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[26]) + 0, ((const uint8_t*)a->W[26]) + 2048, (const float*)(((const uint8_t*)a->W[26]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_27)), nt); }
   // linear_nf4 -> %linear_15  [model.layers.2.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[24]) + 0, ((const uint8_t*)a->W[24]) + 1024, (const float*)(((const uint8_t*)a->W[24]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_28)), nt); }
   // linear_nf4 -> %linear_16  [model.layers.2.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_10), (float*)((a->ws + TMP_decode_10) + 1024), (int32_t*)((a->ws + TMP_decode_10) + 1088), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_26)), ((b)*(1)), ((const uint8_t*)a->W[27]) + 0, ((const uint8_t*)a->W[27]) + 1024, (const float*)(((const uint8_t*)a->W[27]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_29)), nt); }
   // rope -> %rope_4  [model.layers.2.self_attn (layer.py:856)]
   const int64_t rl59[] = {b, 8, 1};
   const int64_t rs59[] = {1*(1)*(1), 0, 0};
@@ -2027,14 +2122,12 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm_6  [model.layers.3.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_35)), ((const float*)a->W[28]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_36)));
   // linear_nf4 -> %linear_21  [model.layers.3.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_37)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_37)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_38)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[35]) + 0, ((const uint8_t*)a->W[35]) + 2048, (const float*)(((const uint8_t*)a->W[35]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_37)), nt); }
   // linear_nf4 -> %linear_22  [model.layers.3.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[33]) + 0, ((const uint8_t*)a->W[33]) + 1024, (const float*)(((const uint8_t*)a->W[33]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_38)), nt); }
   // linear_nf4 -> %linear_23  [model.layers.3.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_15), (float*)((a->ws + TMP_decode_15) + 1024), (int32_t*)((a->ws + TMP_decode_15) + 1088), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_36)), ((b)*(1)), ((const uint8_t*)a->W[36]) + 0, ((const uint8_t*)a->W[36]) + 1024, (const float*)(((const uint8_t*)a->W[36]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_39)), nt); }
   // rope -> %rope_6  [model.layers.3.self_attn (layer.py:856)]
   const int64_t rl79[] = {b, 8, 1};
   const int64_t rs79[] = {1*(1)*(1), 0, 0};
@@ -2061,14 +2154,12 @@ extern "C" int amxc_decode(const StepArgs* a) {
   // rms_norm -> %rms_norm_8  [model.layers.4.input_layernorm (modeling_llama.py:67)]
   amxc::rms_norm(((float*)(a->ws + OFF_decode_45)), ((const float*)a->W[37]), ((b)*(1)*(64))/64, 64, 1e-05f, ((float*)(a->ws + OFF_decode_46)));
   // linear_nf4 -> %linear_28  [model.layers.4.self_attn.q_proj (modeling_llama.py:244)]
-  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_47)), nt); }
+  if (((b)*(1)) <= 16) { q8_ref_64(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088)); gemv_nf4_group_avx2_64x32x32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_47)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_48)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
   else { gemm_nf4_avx2_64_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[44]) + 0, ((const uint8_t*)a->W[44]) + 2048, (const float*)(((const uint8_t*)a->W[44]) + 2112), nullptr, nullptr, ((float*)(a->ws + OFF_decode_47)), nt); }
   // linear_nf4 -> %linear_29  [model.layers.4.self_attn.k_proj (modeling_llama.py:245)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[42]) + 0, ((const uint8_t*)a->W[42]) + 1024, (const float*)(((const uint8_t*)a->W[42]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_48)), nt); }
   // linear_nf4 -> %linear_30  [model.layers.4.self_attn.v_proj (modeling_llama.py:246)]
-  if (((b)*(1)) <= 16) {  gemv_nf4_avx2_32_64_fp8_e4m3_256((int8_t*)(a->ws + TMP_decode_20), (float*)((a->ws + TMP_decode_20) + 1024), (int32_t*)((a->ws + TMP_decode_20) + 1088), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
-  else { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
+  if (!(((b)*(1)) <= 16)) { gemm_nf4_avx2_32_64_fp8_e4m3_256(((float*)(a->ws + OFF_decode_46)), ((b)*(1)), ((const uint8_t*)a->W[45]) + 0, ((const uint8_t*)a->W[45]) + 1024, (const float*)(((const uint8_t*)a->W[45]) + 1056), nullptr, nullptr, ((float*)(a->ws + OFF_decode_49)), nt); }
   // rope -> %rope_8  [model.layers.4.self_attn (layer.py:856)]
   const int64_t rl99[] = {b, 8, 1};
   const int64_t rs99[] = {1*(1)*(1), 0, 0};
