@@ -121,10 +121,26 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        if self.params.greedy and (self.params.repetition_penalty == 1.0 or len(history) == 0):
+            return greedy_choice(logits)
         probs = distribution(logits, self.params, history)
         if self.params.greedy:      # the one-hot of the greedy choice; no random draw is spent
             return int(np.argmax(probs))
         return int(self.rng.choice(probs.shape[0], p=probs))
+
+
+def greedy_choice(logits) -> int:
+    """argmax of the logits, with _checked's errors: what `distribution` picks for greedy
+    parameters without a penalty, minus its float64 copies of a vocabulary-sized vector (~0.3
+    ms a token on SmolLM2's 49,152, 7 % of a decode step).  One argmax finds every bad value: it
+    stops at the first NaN, a +inf is the maximum, and an all -inf vector has -inf there."""
+    scores = np.asarray(logits)
+    if scores.ndim != 1 or scores.shape[0] == 0:
+        raise ValueError(f"logits must be a non-empty vector, got shape {scores.shape}")
+    i = int(np.argmax(scores))
+    if not (-np.inf < scores[i] < np.inf):
+        raise ValueError("logits must be finite or -inf, with at least one finite value")
+    return i
 
 
 def _checked(logits) -> np.ndarray:

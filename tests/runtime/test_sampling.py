@@ -186,12 +186,16 @@ def test_same_seed_same_draws_different_seed_different():
     assert not np.array_equal(runs[0], runs[2])
 
 
-def test_bad_logits_are_rejected():
-    sampler = Sampler(SamplingParams(temperature=1.0))
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams()], ids=["sampled", "greedy"])
+def test_bad_logits_are_rejected(params):
+    """Greedy takes its own path (one argmax, no float64 copies): the same errors."""
+    sampler = Sampler(params)
     for bad in (np.array([]), np.zeros((2, 3)), np.array([0.0, np.nan]), np.array([np.inf, 0.0]),
-                np.array([-np.inf, -np.inf])):
+                np.array([-np.inf, -np.inf]), np.array([2.0, np.nan, 1.0], np.float32),
+                np.array([1.0, -np.inf, np.inf], np.float32)):
         with pytest.raises(ValueError, match="logits"):
             sampler(bad)
+    assert sampler(np.array([-np.inf, 0.5, -np.inf], np.float32)) == 1     # the one finite logit
 
 
 # --- parameters --------------------------------------------------------------------------------
