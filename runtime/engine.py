@@ -36,9 +36,9 @@ class Timings:
     prefill (with any decode rows that shared it); a step of decode rows only, as decode."""
     prefill: float = 0.0
     prefill_tokens: int = 0
-    decode: list[float] = field(default_factory=list)    # one entry per decode step
+    decode: list[float] = field(default_factory=list)    # one entry per decode step, sampling included
     decode_tokens: int = 0
-    sampling: float = 0.0
+    sampling: float = 0.0               # of all steps, the part after the native call (sampling)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -293,6 +293,7 @@ class Engine:
         step = self.scheduler.last_step
         if step is None:
             return
+        timings.sampling += step.after_call
         if step.prefill_tokens:
             timings.prefill += step.seconds
             timings.prefill_tokens += step.prefill_tokens

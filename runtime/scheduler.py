@@ -122,12 +122,15 @@ class Event:
 
 @dataclass
 class StepRecord:
-    """One step, for timings: seconds, decode rows, prefill tokens, tokens the decode rows gave
-    (more than the rows' sequences when drafted tokens were accepted)."""
+    """One step, for timings: seconds (the whole step: scheduling, the native call, sampling),
+    decode rows, prefill tokens, tokens the decode rows gave (more than the rows' sequences
+    when drafted tokens were accepted), and the seconds after the native call (sampling and
+    bookkeeping)."""
     seconds: float
     decode_rows: int
     prefill_tokens: int
     decoded_tokens: int = 0
+    after_call: float = 0.0
 
 
 @dataclass
@@ -258,8 +261,9 @@ class Scheduler:
                 events.append(self._finish(req, "length"))
             else:                                         # its last token was computed: sample
                 events.append(self._sample(req, row))
-        self.last_step = StepRecord(seconds, sum(1 for _, n in plan if n == 1),
-                                    sum(n for _, n in plan if n > 1), decoded)
+        total = time.perf_counter() - t0
+        self.last_step = StepRecord(total, sum(1 for _, n in plan if n == 1),
+                                    sum(n for _, n in plan if n > 1), decoded, total - seconds)
         return events
 
     def _verify(self, req: Request, rows: np.ndarray, events: list[Event], seconds: float | None) -> int:
