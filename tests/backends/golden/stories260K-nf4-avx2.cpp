@@ -187,20 +187,25 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
   const uint8_t* wsc = scales + g * NB * 16;
   amxc::GroupScales s2v(s2, g, N, NB, 256);
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) float sums[W][RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
     {
       const uint8_t* cb = codes + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v.at(b);
@@ -214,11 +219,13 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
@@ -384,20 +391,25 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
   const uint8_t* wsc = scales + g * NB * 16;
   amxc::GroupScales s2v(s2, g, N, NB, 256);
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) float sums[W][RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
     {
       const uint8_t* cb = codes + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v.at(b);
@@ -411,11 +423,13 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_panel(int64_t g, int64_t mr,
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
@@ -687,20 +701,25 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(int64_t g, int64
   const uint8_t* wsc = scales + g * NB * 16;
   amxc::GroupScales s2v(s2, g, N, NB, 256);
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) double sums[RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
     {
       const uint8_t* cb = codes + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v.at(b);
@@ -714,11 +733,13 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_panel(int64_t g, int64
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
@@ -934,20 +955,25 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64
   const uint8_t* wsc_u = scales_u + g * NB * 16;
   amxc::GroupScales s2v_u(s2_u, g, N, NB, 256);
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) float sums[W][RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
     {
       const uint8_t* cb = codes + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v.at(b);
@@ -957,14 +983,18 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64
     {
       const uint8_t* cb = codes_u + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[1][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[1][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[1][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[1][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[1][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[1][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v_u.at(b);
@@ -978,11 +1008,13 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_panel(int64_t g, int64
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
@@ -1235,20 +1267,25 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(int64_t g, int64_t mr
   const uint8_t* wsc = scales + g * NB * 16;
   amxc::GroupScales s2v(s2, g, N, NB, 256);
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) float sums[W][RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
     {
       const uint8_t* cb = codes + (g * NB + b) * 512;
       const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+      const __m256i abs_table = _mm256_abs_epi8(table);
       const __m256i m4 = _mm256_set1_epi8(0x0F);
       _mm_prefetch((const char*)(cb + 1024), _MM_HINT_T0);
       _mm_prefetch((const char*)(cb + 1024 + 64 * 4), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
           const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4)));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4)));
+          const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_shuffle_epi8(table, lo));
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_shuffle_epi8(table, hi));
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_shuffle_epi8(abs_table, lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_shuffle_epi8(abs_table, hi));
         }
     }
     s2v.at(b);
@@ -1262,11 +1299,13 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_panel(int64_t g, int64_t mr
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
@@ -1440,6 +1479,7 @@ static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t
   (void)qsum;
   const uint8_t* wsc = scales + g * NB * 16 * 4;
   alignas(32) int8_t wd[W][8][4][32];            // block b decoded: [weight][chunk j][lo h0, lo h1, hi h0, hi h1]
+  alignas(32) int8_t wa[W][8][4][32];            // |wd|: maddubs(|w|, sign(x, w)) spends no abs on each row's x
   alignas(32) float sums[W][RC][16];
   memset(sums, 0, sizeof(sums));
   for (int64_t b = 0; b < NB; ++b) {
@@ -1449,8 +1489,12 @@ static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t
       _mm_prefetch((const char*)(cb + 2048), _MM_HINT_T0);
       for (int j = 0; j < 8; ++j)
         for (int h = 0; h < 2; ++h) {
-          _mm256_store_si256((__m256i*)wd[0][j][h], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + h * 32)), flip));
-          _mm256_store_si256((__m256i*)wd[0][j][2 + h], _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + 64 + h * 32)), flip));
+          const __m256i lo = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + h * 32)), flip);
+          const __m256i hi = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + 64 + h * 32)), flip);
+          _mm256_store_si256((__m256i*)wd[0][j][h], lo);
+          _mm256_store_si256((__m256i*)wd[0][j][2 + h], hi);
+          _mm256_store_si256((__m256i*)wa[0][j][h], _mm256_abs_epi8(lo));
+          _mm256_store_si256((__m256i*)wa[0][j][2 + h], _mm256_abs_epi8(hi));
         }
     }
     const __m256 sw[2] = {_mm256_loadu_ps((const float*)wsc + b * 16),
@@ -1462,11 +1506,13 @@ static inline void gemv_q8_avx2_512_64_panel(int64_t g, int64_t mr, const int8_t
       #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-        const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
         for (int w = 0; w < W; ++w)
           for (int h = 0; h < 2; ++h) {
-            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][h]), x0)), ones);
-            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_load_si256((const __m256i*)wd[w][j][2 + h]), x1)), ones);
+            // |w| * (x * sign(w)): the same products as |x| * (w * sign(x)), so the same bits
+            const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][h]),
+                _mm256_sign_epi8(x0, _mm256_load_si256((const __m256i*)wd[w][j][h]))), ones);
+            const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)wa[w][j][2 + h]),
+                _mm256_sign_epi8(x1, _mm256_load_si256((const __m256i*)wd[w][j][2 + h]))), ones);
             dot[w][h] = _mm256_add_epi32(dot[w][h], _mm256_add_epi32(p0, p1));
             // keep each chunk's sum in its register: unrolled, GCC otherwise computes every
             // chunk's products first and spills them to the stack to add up at the end
