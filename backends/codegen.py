@@ -204,7 +204,7 @@ class Emitter:
         x, w = n.inputs
         dim = cxx(x.type.shape[-1])
         self.lines.append(f"amxc::rms_norm({self.p(x)}, {self.p(w)}, ({numel(x.type.shape)})/{dim}, {dim}, "
-                          f"{c_float(n.attrs['eps'])}, {self.p(n.output)});")
+                          f"{c_float(n.attrs['eps'])}, {self.p(n.output)}, nt);")
 
     def op_layer_norm(self, np_: NodePlan) -> None:
         n = np_.node
