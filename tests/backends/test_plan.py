@@ -13,7 +13,7 @@ import amxc.backends.codegen as codegen
 from amxc.backends.codegen import Emitter, generate
 from amxc.backends.plan import Limits, Planner, format_plan, plan
 from amxc.ir import all_ops
-from support.linear_model import lowered_linear_model
+from support.linear_model import lowered, lowered_linear_model
 
 RUNTIME_HEADER = Path(codegen.__file__).parent / "include" / "amxc_rt.h"
 
@@ -148,18 +148,7 @@ QKV_SOURCE = """module @qkv {
 
 
 def qkv_module():
-    import numpy as np
-    import amxc.ir as ir
-    from amxc.ir.transform import clone_function
-    from amxc.passes import parse_pipeline
-    module = ir.parse_module(QKV_SOURCE)
-    rng = np.random.default_rng(3)
-    for p in module.params.values():
-        p.set_data((rng.standard_normal(p.type.shape) * 0.1).astype(np.float32))
-    module.add_function(clone_function(module.functions["prefill"], "decode", {"s": 1}))
-    for p in parse_pipeline('quantize-nf4{skip="emb|head"},lower'):
-        p.run(module)
-    return module
+    return lowered(QKV_SOURCE, "emb|head", seed=3)
 
 
 @pytest.mark.parametrize("tier", ["avx2", "avx512", "ref"])

@@ -35,18 +35,25 @@ SOURCE = f"""module @linears {{
 }}"""
 
 
+def lowered(source: str, skip: str, seed: int = 7) -> ir.Module:
+    """`source` (a module with @prefill and an @emb table) with seeded random weights, a
+    @decode clone (s = 1), quantized to NF4 but for the params `skip` matches, and lowered."""
+    module = ir.parse_module(source)
+    rng = np.random.default_rng(seed)
+    for p in module.params.values():
+        p.set_data((rng.standard_normal(p.type.shape) * (0.5 if p.name == "emb" else 0.08)).astype(np.float32))
+    module.add_function(clone_function(module.functions["prefill"], "decode", {"s": 1}))
+    for p in parse_pipeline(f'quantize-nf4{{skip="{skip}"}},lower'):
+        p.run(module)
+    ir.verify(module)
+    return module
+
+
 @functools.lru_cache(maxsize=1)
 def lowered_linear_model() -> ir.Module:
     """The module above, quantized (all but @emb, @w_f32 and @head) and lowered.  Shared: do
     not modify it."""
-    module = ir.parse_module(SOURCE)
-    rng = np.random.default_rng(7)
-    for p in module.params.values():
-        p.set_data((rng.standard_normal(p.type.shape) * (0.5 if p.name == "emb" else 0.08)).astype(np.float32))
-    module.add_function(clone_function(module.functions["prefill"], "decode", {"s": 1}))
-    for p in parse_pipeline('quantize-nf4{skip="emb|w_f32|head"},lower'):
-        p.run(module)
-    ir.verify(module)
+    module = lowered(SOURCE, "emb|w_f32|head")
     ops = {n.output.name: n.op for n in module.functions["prefill"].nodes}
     assert ops["y"] == "linear" and ops["z"] == "linear_nf4" and ops["logits"] == "linear"
     assert module.params["gate"].type.dtype.name == "nf4" and module.params["head"].type.dtype.name == "f32"
