@@ -134,21 +134,26 @@ def greedy_choice(logits) -> int:
     parameters without a penalty, minus its float64 copies of a vocabulary-sized vector (SmolLM2's
     49,152 logits, Zen 3: 78 against 6 us a token, 2 % of a decode step; more on a busy machine).  One argmax finds every bad value: it
     stops at the first NaN, a +inf is the maximum, and an all -inf vector has -inf there."""
-    scores = np.asarray(logits)
-    if scores.ndim != 1 or scores.shape[0] == 0:
-        raise ValueError(f"logits must be a non-empty vector, got shape {scores.shape}")
+    scores = _vector(np.asarray(logits))
     i = int(np.argmax(scores))
     if not (-np.inf < scores[i] < np.inf):
-        raise ValueError("logits must be finite or -inf, with at least one finite value")
+        raise ValueError(NOT_FINITE)
     return i
 
 
 def _checked(logits) -> np.ndarray:
-    scores = np.asarray(logits, dtype=np.float64)
+    scores = _vector(np.asarray(logits, dtype=np.float64))
+    if not (scores < np.inf).all() or scores.max() == -np.inf:     # NaN fails `< inf` too
+        raise ValueError(NOT_FINITE)
+    return scores
+
+
+NOT_FINITE = "logits must be finite or -inf, with at least one finite value"
+
+
+def _vector(scores: np.ndarray) -> np.ndarray:
     if scores.ndim != 1 or scores.shape[0] == 0:
         raise ValueError(f"logits must be a non-empty vector, got shape {scores.shape}")
-    if not (scores < np.inf).all() or scores.max() == -np.inf:     # NaN fails `< inf` too
-        raise ValueError("logits must be finite or -inf, with at least one finite value")
     return scores
 
 

@@ -142,25 +142,30 @@ static void embedding_part(const float* table, const int64_t* ids, int64_t n, in
 // ---- normalization ----------------------------------------------------------------------
 // The sum of squares in 8 float64 lanes (lane l takes i = l mod 8, folded 4-2-1, then the tail):
 // independent chains the compiler vectorizes, where one serial float64 chain cost 4 cycles an
-// element (SmolLM2 prefill: 76 us a 128 x 576 call, 2.6 % of the chunk).  Rows split over the
-// threads from 32 rows on (a prefill chunk); a decode step's few rows stay on one.
+// element (SmolLM2 prefill: 76 us a 128 x 576 call, 2.6 % of the chunk).
+static inline void rms_norm_row(const float* xr, const float* w, int64_t dim, float eps, float* o) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t d8 = dim / 8 * 8;
+  for (int64_t i = 0; i < d8; i += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += (double)xr[i + l] * xr[i + l];
+  for (int h = 4; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
+  double ss = lane[0];
+  for (int64_t i = d8; i < dim; ++i) ss += (double)xr[i] * xr[i];
+  const float inv = (float)(1.0 / sqrt(ss / dim + eps));
+  for (int64_t i = 0; i < dim; ++i) o[i] = w[i] * (xr[i] * inv);
+}
+
+// Rows split over the threads from 32 rows on (a prefill chunk); a decode step's few rows run
+// on the calling thread without entering a parallel region.
 static void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, float eps, float* out,
                      int nt = 1) {
-  #pragma omp parallel for schedule(static) num_threads(nt) if (rows >= 32 && nt > 1)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float* o = out + r * dim;
-    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t d8 = dim / 8 * 8;
-    for (int64_t i = 0; i < d8; i += 8)
-      for (int l = 0; l < 8; ++l) lane[l] += (double)xr[i + l] * xr[i + l];
-    for (int h = 4; h >= 1; h /= 2)
-      for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-    double ss = lane[0];
-    for (int64_t i = d8; i < dim; ++i) ss += (double)xr[i] * xr[i];
-    const float inv = (float)(1.0 / sqrt(ss / dim + eps));
-    for (int64_t i = 0; i < dim; ++i) o[i] = w[i] * (xr[i] * inv);
+  if (rows >= 32 && nt > 1) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * dim, w, dim, eps, out + r * dim);
+    return;
   }
+  for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * dim, w, dim, eps, out + r * dim);
 }
 
 static void layer_norm(const float* x, const float* w, const float* bias, int64_t rows, int64_t dim,

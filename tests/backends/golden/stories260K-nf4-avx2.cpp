@@ -104,12 +104,12 @@ static void q8_ref_64(const float* x, int64_t m, int8_t* q, float* qs, int32_t* 
 template <int MR>
 static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
@@ -271,7 +271,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const 
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -308,12 +308,12 @@ static void gemv_nf4_avx2_64_64_fp8_e4m3_256(const int8_t* q, const float* qs, c
 template <int MR>
 static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
@@ -475,7 +475,7 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const 
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -609,12 +609,12 @@ static void gemm_nf4_avx2_32_64_fp8_e4m3_256(const float* x, int64_t m,
 template <int MR>
 static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
@@ -788,7 +788,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, 
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
@@ -826,12 +826,12 @@ template <int MR>
 static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
@@ -1069,7 +1069,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, 
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
@@ -1184,12 +1184,12 @@ static void gemm_nf4_avx2_172_64_fp8_e4m3_256(const float* x, int64_t m,
 template <int MR>
 static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16;
@@ -1351,7 +1351,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
@@ -1400,12 +1400,12 @@ static void gemv_f32_acc64_avx2_64_172(const float* x, int64_t m, const float* w
 template <int MR>
 static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const float* qs, const int32_t* qsum,
     const uint8_t* codes, const uint8_t* scales, const float* s2,
-    const float* bias, const float* resid, float* out, int nt) {
+    const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  (void)G; (void)nt;
+  (void)G;
   {
     const uint8_t* wc = codes + g * NB * 512;
     const uint8_t* wsc = scales + g * NB * 16 * 4;
@@ -1557,7 +1557,7 @@ static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, co
       const int64_t rows = std::min<int64_t>(4, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
-#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N, 1
+#define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
       switch (rows) {
         case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
