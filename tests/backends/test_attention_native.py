@@ -2,7 +2,9 @@
 attention shape: GQA (llama), a sliding window shorter than the context (mistral), 3 query
 heads per kv head (smollm2), learned positions (gpt2).  Two rows of different lengths decode
 together, past 64 and 128 cached keys (the decode kernel's split-K chunk boundaries), and the
-result does not depend on the thread count.
+result does not depend on the thread count, nor, on an f32 model with exact GEMVs, on the
+ISA tier: every tier's attention (the vector softmax and P.V included) and every f32 kernel must
+give the scalar ref tier's bits.
 
 Tolerance: logits within 1e-4 abs of the interpreter (both fp32; they differ by reassociation
 of dot products and the chunked softmax over <= 150 keys, ~1e-6 relative on O(1) logits)."""
@@ -14,7 +16,8 @@ import pytest
 from amxc.api import compile
 from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
-from support.random_models import random_ids
+from support.native import ALL_TIERS
+from support.random_models import random_ids, save_random_model
 from support.steps import Stepper
 
 DECODE = 40                    # batched decode steps after the prompts
@@ -56,3 +59,24 @@ def test_native_attention_matches_the_interpreter(random_models, tmp_path, famil
     for step, (w, a, b) in enumerate(zip(want, one, two)):
         np.testing.assert_array_equal(a, b, err_msg=f"{family}: step {step} depends on the thread count")
         np.testing.assert_allclose(a, w, rtol=0, atol=1e-4, err_msg=f"{family}: step {step}")
+
+
+
+#: head sizes the kernels specialize (64, 128: register-held P.V) and one they do not (8)
+HEAD_SIZES = {"d8": ("smollm2", {}),
+              "d64": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)),
+              "d128": ("llama", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1))}
+
+
+@pytest.mark.parametrize("tier", [t for t in ALL_TIERS if t != "ref"], indirect=True)
+@pytest.mark.parametrize("shape", HEAD_SIZES)
+def test_every_tier_attends_with_the_ref_tiers_bits(tmp_path, shape, tier):
+    family, overrides = HEAD_SIZES[shape]
+    src = save_random_model(family, tmp_path / "model", **overrides)
+    module, manifest = load_artifact(compile(src, tmp_path / "m.amxc", progress=False))
+    vocab, context = int(manifest["config"]["vocab_size"]), int(manifest["config"]["max_position_embeddings"])
+    ref = run(NativeProgram(module, NativeOptions(gemv="exact", threads=2, tier="ref")), vocab, context)
+    got = run(NativeProgram(module, NativeOptions(gemv="exact", threads=2, tier=tier)), vocab, context)
+    for step, (r, g) in enumerate(zip(ref, got)):
+        assert np.array_equal(r.view(np.uint32), g.view(np.uint32)), \
+            f"{shape}, tier {tier}, step {step}: max diff {np.abs(r - g).max()} from the ref tier"

@@ -36,19 +36,20 @@ FAMILY_CONFIGS = {
 }
 
 
-def make_config(family: str):
+def make_config(family: str, **overrides):
     import transformers
     cls_name, kwargs = FAMILY_CONFIGS[family]
-    return getattr(transformers, cls_name)(**kwargs)
+    return getattr(transformers, cls_name)(**{**kwargs, **overrides})
 
 
-def save_random_model(family: str, out: Path, seed: int = 0) -> Path:
-    """Build the model with every weight drawn at a scale that gives O(1) logits (HF's default
-    init leaves biases at zero and logits near zero, which would hide bugs), and save it."""
+def save_random_model(family: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Build the model (`overrides`: config fields changed) with every weight drawn at a scale
+    that gives O(1) logits (HF's default init leaves biases at zero and logits near zero, which
+    would hide bugs), and save it."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(family)).eval()
+    model = AutoModelForCausalLM.from_config(make_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and ("norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))):
