@@ -79,6 +79,17 @@ def missing(tier: str) -> list[str]:
     return out
 
 
+#: tiers whose int8 kernels are the avx2 templates: on a host with AVX-VNNI (Intel Alder Lake
+#: and later clients, Sierra Forest Xeons: 256-bit vpdpbusd without AVX-512) they are built with
+#: -mavxvnni and take their dpbusd variant (KernelSet), the same integers as maddubs, fewer ops
+AVX2_KERNEL_TIERS = ("avx2", EMULATED)
+
+
+def avx_vnni(tier: str) -> bool:
+    """Whether `tier`'s kernels run on AVX-VNNI here."""
+    return tier in AVX2_KERNEL_TIERS and "avx_vnni" in cpu_flags()
+
+
 def best_tier() -> str:
     """The highest tier this machine runs."""
     return [t for t in TIERS if supported(t)][-1]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import jinja2
 
+from . import isa
+
 TEMPLATES = Path(__file__).parent / "templates"
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -76,8 +78,12 @@ def render(template: str, **params) -> str:
 
 
 class KernelSet:
-    def __init__(self, tier: str):
+    def __init__(self, tier: str, vnni: bool | None = None):
+        """`vnni`: render the avx2 int8 kernels' dpbusd variant (templates/gemv_nf4_avx2.cpp.j2);
+        None: where this host has AVX-VNNI (isa.avx_vnni).  True elsewhere runs the variant
+        through amxc_avx2.h's exact software dpbusd: slower, for testing it on any AVX2 host."""
         self.tier = tier
+        self.vnni = isa.avx_vnni(tier) if vnni is None else vnni
         self.wanted: dict[str, tuple[Template, dict]] = {}     # function name -> how to render it
         self.sources: dict[str, str] = {}                      # function name -> rendered C++
 
@@ -108,5 +114,6 @@ class KernelSet:
     def source(self) -> str:
         for name, (template, params) in self.wanted.items():
             if name not in self.sources:
-                self.sources[name] = render(template.path, name=name, **params, **template.fixed)
+                self.sources[name] = render(template.path, name=name, **params, **template.fixed,
+                                            **({"vnni": True} if self.vnni else {}))
         return "\n".join(self.sources[name] for name in self.wanted)

@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import isa
+
 INCLUDE = Path(__file__).parent / "include"
 BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno",
               "-fno-trapping-math", "-ffp-contract=off", f"-I{INCLUDE}"]
@@ -81,7 +83,7 @@ def compiler_version() -> str:
 
 
 def flags(tier: str) -> list[str]:
-    return BASE_FLAGS + TIER_FLAGS[tier]
+    return BASE_FLAGS + TIER_FLAGS[tier] + (["-mavxvnni"] if isa.avx_vnni(tier) else [])
 
 
 def headers_digest() -> str:

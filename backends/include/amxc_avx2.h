@@ -32,6 +32,22 @@ static inline __m256 silu_mul_x8(__m256 g, __m256 u) {
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
+// acc + the u8 x s8 products of each 4 bytes summed into their int32 lane, without saturation:
+// AVX-VNNI's vpdpbusd where the tier is built for it (-mavxvnni: hosts whose cpuinfo has
+// avx_vnni), else an exact software twin, so the kernels' VNNI variant (template parameter vnni)
+// runs, and is tested, on any AVX2 host: bytes widened to int16 (u zero-, s sign-extended) in
+// even and odd halves, products paired by madd (|u s| <= 255 * 128, exact in int32)
+static inline __m256i dpbusd_x8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  const __m256i low = _mm256_set1_epi16(0x00FF);
+  const __m256i even = _mm256_madd_epi16(_mm256_and_si256(u, low), _mm256_srai_epi16(_mm256_slli_epi16(s, 8), 8));
+  const __m256i odd = _mm256_madd_epi16(_mm256_srli_epi16(u, 8), _mm256_srai_epi16(s, 8));
+  return _mm256_add_epi32(acc, _mm256_add_epi32(even, odd));
+#endif
+}
+
 static inline __m256i mask_first(int64_t n) {    // lanes [0, n) set, n in 0..8
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);

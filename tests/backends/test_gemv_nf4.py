@@ -3,7 +3,8 @@ CPU flags, where the host lacks one) against its Python twin (bit-exact: the int
 exact and the fp32 scaling order is the same everywhere) and against numpy fp64 on the decoded
 weight (rel-RMS <= 2e-2, the documented int8-activation tolerance).  The kernels read the r16k4
 repack; the twin and the fp64 oracle read the ORIGINAL flat bytes (support.native.nf4_weight),
-so a wrong repack fails here instead of agreeing with itself."""
+so a wrong repack fails here instead of agreeing with itself.  `avx2-vnni` is the avx2 kernels'
+dpbusd variant (AVX-VNNI hosts; the exact software dpbusd elsewhere): the same bits again."""
 from __future__ import annotations
 
 import ctypes
@@ -13,7 +14,7 @@ import pytest
 
 from amxc.backends import reference as twin
 from amxc.ir.formats import nf4
-from support.native import ALL_TIERS, build, nf4_weight, ptr
+from support.native import KERNEL_TIERS, build, nf4_weight, ptr
 
 SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, const uint8_t* w, "
        "const uint8_t* sc, const float* s2, const uint8_t* wu, const uint8_t* scu, const float* s2u, "
@@ -31,7 +32,7 @@ def rel_rms(a, b):
     return float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean()))
 
 
-@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
                                             (16, 64, 4, "bnb_dynamic8"), (96, 576, 16, "fp8_e4m3"),
@@ -57,7 +58,7 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
     assert rel_rms(out, exact) <= INT8_TOL
 
 
-@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("m", [2, 11, 37])   # 11: a decode batch (3 row chunks); 37: a prefill chunk (weights looked up once, 10 chunks)
 def test_gemv_nf4_q8_swiglu_pair(tier, m):
     n, k = 40, 256
@@ -79,7 +80,7 @@ def test_gemv_nf4_q8_swiglu_pair(tier, m):
 SIG64 = SIG.replace("float* out", "double* out")
 
 
-@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("n, k, m", [(37, 576, 1), (48, 768, 5), (20, 1536, 16)])
 def test_gemv_acc64_sums_do_not_depend_on_how_k_is_cut(tier, n, k, m):
     """acc64 (row-parallel products): float64 sums of the exact block terms, bit-equal to the
@@ -127,7 +128,7 @@ GROUP_SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, 
 GROUP_CALL = "NAME(q, qs, qsum, m, " + ", ".join(f"c{i}, s{i}, t{i}, b{i}, o{i}" for i in range(3)) + ", nt)"
 
 
-@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("m", [1, 3, 7, 8, 16])   # avx2: up to 7 rows in one region, from 8 the members' own calls
 def test_grouped_gemv_gives_each_member_its_own_bits(tier, m):
     """q, k and v in one parallel region (templates/gemv_group.cpp.j2): every member's output is

@@ -16,7 +16,7 @@ import pytest
 
 from amxc.backends import reference as twin
 from amxc.ir.formats import q8
-from support.native import ALL_TIERS, build, ptr
+from support.native import ALL_TIERS, KERNEL_TIERS, build, ptr
 
 SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, const uint8_t* w, "
        "const uint8_t* sc, const float* s2, const float* bias, const float* resid, float* out, int nt")
@@ -68,7 +68,7 @@ def test_bad_layouts_are_named():
         q8.quantize(np.full((1, 64), np.nan, np.float32), q8.Layout((1, 64)))
 
 
-@pytest.mark.parametrize("tier", ALL_TIERS, indirect=True)
+@pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("n, k, m", [(48, 128, 1), (37, 320, 3), (96, 576, 16), (20, 64, 9)])
 def test_gemv_q8(tier, n, k, m):
     w, flat, blob, layout, packed = weight(n, k, seed=n + k)

@@ -24,6 +24,11 @@ from amxc.ir.formats import nf4
 
 ALL_TIERS = (*isa.TIERS, isa.EMULATED)
 EXPECT_ENV = "AMXC_EXPECT_TIERS"
+#: the avx2 int8 kernels' dpbusd variant (what an AVX-VNNI host builds), a kernel test item
+#: on every AVX2 host: native vpdpbusd where the host has avx_vnni, the exact software twin
+#: elsewhere (amxc_avx2.h dpbusd_x8); build() and require_tier() take it as a tier
+VNNI = "avx2-vnni"
+KERNEL_TIERS = (*ALL_TIERS, VNNI)
 
 
 def runnable_tiers() -> list[str]:
@@ -53,6 +58,9 @@ def expected_but_missing() -> list[str]:
 
 def require_tier(tier: str) -> str:
     """`tier` if this host runs it; else skip naming the missing flags (fail if it is expected)."""
+    if tier == VNNI:
+        require_tier("avx2")
+        return tier
     if tier not in ALL_TIERS:
         raise ValueError(f"unknown tier {tier!r}")
     if not isa.supported(tier):
@@ -63,14 +71,18 @@ def require_tier(tier: str) -> str:
     return tier
 
 
-def build(tier: str, family: str, params: dict, signature: str, call: str):
-    """A ctypes function `entry` that runs `call` (C++ using `name`) with `signature`."""
-    return build_many(tier, family, [params], signature, call)[0]
+def build(tier: str, family: str, params: dict, signature: str, call: str, vnni: bool | None = None):
+    """A ctypes function `entry` that runs `call` (C++ using `name`) with `signature`; `vnni`:
+    KernelSet's (the avx2 kernels' dpbusd variant; None: as this host would build them)."""
+    return build_many(tier, family, [params], signature, call, vnni)[0]
 
 
-def build_many(tier: str, family: str, params_list: list[dict], signature: str, call: str) -> list:
+def build_many(tier: str, family: str, params_list: list[dict], signature: str, call: str,
+               vnni: bool | None = None) -> list:
     """One library with a kernel per params (entry0, entry1, ...): one compile for many shapes."""
-    ks = KernelSet(tier)
+    if tier == VNNI:
+        tier, vnni = "avx2", True
+    ks = KernelSet(tier, vnni)
     names = [ks.get(family, **params) for params in params_list]
     head = "".join(f'#include "{h}"\n' for h in TIER_HEADERS[tier])
     entries = "".join(f'extern "C" void entry{i}({signature}) {{ {call.replace("NAME", name)}; }}\n'
