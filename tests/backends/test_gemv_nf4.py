@@ -150,3 +150,42 @@ def test_grouped_gemv_gives_each_member_its_own_bits(tier, m):
     for i, (wt, b, o) in enumerate(zip(weights, biases, outs)):
         want = twin.gemv_nf4_q8(q, qs, qsum, *wt.twin_input(), b)
         assert np.array_equal(o, want), f"member {i} ({sizes[i]} outputs): max diff {np.nanmax(np.abs(o - want))}"
+
+
+def test_vnni_variant_gives_a_whole_models_bits(tmp_path, monkeypatch):
+    """The avx2 tier's vnni kernels in a real plan (grouped q/k/v, the gate/up pair, acc64 down
+    and o, the q8 head; prefill rows on the panel, decode rows on _rows): every logit equals
+    the maddubs build's, so the activation sums they subtract reach every call."""
+    from amxc.api import compile
+    from amxc.backends import kernels
+    from amxc.backends.program import NativeOptions, NativeProgram
+    from amxc.runtime.artifact import load_artifact
+    from support.native import require_tier
+    from support.random_models import save_random_model
+    from support.steps import Stepper
+
+    require_tier("avx2")
+    src = save_random_model("llama", tmp_path / "model", hidden_size=128, intermediate_size=256,
+                            num_attention_heads=2, num_key_value_heads=1, vocab_size=320)
+    module, _ = load_artifact(compile(src, tmp_path / "m.amxc", quant="nf4{method=rtn}", progress=False))
+    rows = [np.random.default_rng(i).integers(0, 320, n) for i, n in enumerate((40, 9))]
+
+    def logits(vnni: bool) -> list[np.ndarray]:
+        real = kernels.KernelSet.__init__
+        monkeypatch.setattr(kernels.KernelSet, "__init__",
+                            lambda self, tier, v=None: real(self, tier, vnni if tier == "avx2" else v))
+        program = NativeProgram(module, NativeOptions(tier="avx2", threads=2))
+        monkeypatch.setattr(kernels.KernelSet, "__init__", real)
+        e, out, last = Stepper(program, kv_tokens=128), [], []
+        for seq, row in enumerate(rows):
+            e.reserve(seq, len(row) + 6)
+            out.append(e.step("prefill", [seq], row[None], np.arange(len(row))[None])[0, -1])
+            last.append(int(np.argmax(out[-1])))
+        for step in range(5):
+            pos = np.asarray([[len(r) + step] for r in rows])
+            out.append(e.step("decode", [0, 1], np.asarray(last)[:, None], pos)[:, -1])
+            last = [int(t) for t in np.argmax(out[-1], axis=-1)]
+        return out
+
+    for step, (a, b) in enumerate(zip(logits(False), logits(True))):
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}: max diff {np.abs(a - b).max()}"
