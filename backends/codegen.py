@@ -212,7 +212,7 @@ class Emitter:
         bias = self.p(n.inputs[2]) if len(n.inputs) > 2 else "nullptr"
         dim = cxx(x.type.shape[-1])
         self.lines.append(f"amxc::layer_norm({self.p(x)}, {self.p(w)}, {bias}, ({numel(x.type.shape)})/{dim}, "
-                          f"{dim}, {c_float(n.attrs['eps'])}, {self.p(n.output)});")
+                          f"{dim}, {c_float(n.attrs['eps'])}, {self.p(n.output)}, nt);")
 
     def op_rope(self, np_: NodePlan) -> None:
         n, uid = np_.node, np_.index

@@ -140,18 +140,31 @@ static void embedding_part(const float* table, const int64_t* ids, int64_t n, in
 }
 
 // ---- normalization ----------------------------------------------------------------------
-// The sum of squares in 8 float64 lanes (lane l takes i = l mod 8, folded 4-2-1, then the tail):
-// independent chains the compiler vectorizes, where one serial float64 chain cost 4 cycles an
-// element (SmolLM2 prefill: 76 us a 128 x 576 call, 2.6 % of the chunk).
-static inline void rms_norm_row(const float* xr, const float* w, int64_t dim, float eps, float* o) {
+// The sum of x (SQ: of (x - mean)^2) in float64: 8 lanes (lane l takes i = l mod 8), folded
+// 4-2-1, then the tail in order.  Independent chains the compiler vectorizes, where one serial
+// float64 chain cost 4 cycles an element (SmolLM2 prefill: rms_norm 76 us a 128 x 576 call,
+// 2.6 % of the chunk).
+template <bool SQ>
+static inline double lane_sum64(const float* x, int64_t n, double mean = 0.0) {
   double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t d8 = dim / 8 * 8;
-  for (int64_t i = 0; i < d8; i += 8)
-    for (int l = 0; l < 8; ++l) lane[l] += (double)xr[i + l] * xr[i + l];
+  const int64_t n8 = n / 8 * 8;
+  for (int64_t i = 0; i < n8; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const double v = (double)x[i + l] - mean;
+      lane[l] += SQ ? v * v : v;
+    }
   for (int h = 4; h >= 1; h /= 2)
     for (int l = 0; l < h; ++l) lane[l] += lane[l + h];
-  double ss = lane[0];
-  for (int64_t i = d8; i < dim; ++i) ss += (double)xr[i] * xr[i];
+  double s = lane[0];
+  for (int64_t i = n8; i < n; ++i) {
+    const double v = (double)x[i] - mean;
+    s += SQ ? v * v : v;
+  }
+  return s;
+}
+
+static inline void rms_norm_row(const float* xr, const float* w, int64_t dim, float eps, float* o) {
+  const double ss = lane_sum64<true>(xr, dim);
   const float inv = (float)(1.0 / sqrt(ss / dim + eps));
   for (int64_t i = 0; i < dim; ++i) o[i] = w[i] * (xr[i] * inv);
 }
@@ -168,18 +181,23 @@ static void rms_norm(const float* x, const float* w, int64_t rows, int64_t dim, 
   for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * dim, w, dim, eps, out + r * dim);
 }
 
+static inline void layer_norm_row(const float* xr, const float* w, const float* bias, int64_t dim, float eps,
+                                  float* o) {
+  const double mean = lane_sum64<false>(xr, dim) / dim;
+  const double var = lane_sum64<true>(xr, dim, mean);
+  const float inv = (float)(1.0 / sqrt(var / dim + eps)), m = (float)mean;
+  for (int64_t i = 0; i < dim; ++i) o[i] = (xr[i] - m) * inv * w[i] + (bias ? bias[i] : 0.0f);
+}
+
+// rows as rms_norm's: over the threads from 32 rows on
 static void layer_norm(const float* x, const float* w, const float* bias, int64_t rows, int64_t dim,
-                       float eps, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float* o = out + r * dim;
-    double mean = 0, var = 0;
-    for (int64_t i = 0; i < dim; ++i) mean += xr[i];
-    mean /= dim;
-    for (int64_t i = 0; i < dim; ++i) var += ((double)xr[i] - mean) * ((double)xr[i] - mean);
-    const float inv = (float)(1.0 / sqrt(var / dim + eps)), m = (float)mean;
-    for (int64_t i = 0; i < dim; ++i) o[i] = (xr[i] - m) * inv * w[i] + (bias ? bias[i] : 0.0f);
+                       float eps, float* out, int nt = 1) {
+  if (rows >= 32 && nt > 1) {
+    #pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < rows; ++r) layer_norm_row(x + r * dim, w, bias, dim, eps, out + r * dim);
+    return;
   }
+  for (int64_t r = 0; r < rows; ++r) layer_norm_row(x + r * dim, w, bias, dim, eps, out + r * dim);
 }
 
 // ---- rotary embedding -------------------------------------------------------------------

@@ -62,8 +62,9 @@ def test_native_attention_matches_the_interpreter(random_models, tmp_path, famil
 
 
 
-#: head sizes the kernels specialize (64, 128: register-held P.V) and one they do not (8)
-HEAD_SIZES = {"d8": ("smollm2", {}),
+#: head sizes the kernels specialize (64, 128: register-held P.V) and ones they do not (8; gpt2's
+#: 16, with layer_norm and gelu around its attention)
+HEAD_SIZES = {"d8": ("smollm2", {}), "gpt2": ("gpt2", {}),
               "d64": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)),
               "d128": ("llama", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1))}
 
@@ -74,7 +75,8 @@ def test_every_tier_attends_with_the_ref_tiers_bits(tmp_path, shape, tier):
     family, overrides = HEAD_SIZES[shape]
     src = save_random_model(family, tmp_path / "model", **overrides)
     module, manifest = load_artifact(compile(src, tmp_path / "m.amxc", progress=False))
-    vocab, context = int(manifest["config"]["vocab_size"]), int(manifest["config"]["max_position_embeddings"])
+    cfg = manifest["config"]
+    vocab, context = int(cfg["vocab_size"]), int(cfg.get("max_position_embeddings") or cfg["n_positions"])
     ref = run(NativeProgram(module, NativeOptions(gemv="exact", threads=2, tier="ref")), vocab, context)
     got = run(NativeProgram(module, NativeOptions(gemv="exact", threads=2, tier=tier)), vocab, context)
     for step, (r, g) in enumerate(zip(ref, got)):
