@@ -117,9 +117,11 @@ class Program:
             raise StepError(f"KV arrays {k.shape} {k.dtype} do not fit {t}")
         batch.check_reserved(k.shape[3], k.shape[1])
         ids = batch.ids
-        if self.embed_rows and ids.size and (ids.min() < 0 or ids.max() >= self.embed_rows):
-            bad = int(ids.max() if ids.max() >= self.embed_rows else ids.min())
-            raise NativeError(f"token id {bad} is outside the vocabulary [0, {self.embed_rows})")
+        if self.embed_rows and ids.size:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.embed_rows:
+                raise NativeError(f"token id {hi if hi >= self.embed_rows else lo} is outside the vocabulary "
+                                  f"[0, {self.embed_rows})")
 
 
 class InterpreterProgram(Program):
@@ -210,7 +212,9 @@ class NativeProgram(Program):
         b, s = batch.ids.shape
         last = batch.logits == "last"        # prefill: the head runs on each row's last token only
         out = np.empty((b, 1 if last else s, self.vocab), np.float32)
-        if batch.function == "decode":       # calls of at most max_batch rows (the workspace's plan)
+        if batch.function == "decode" and b <= self.limits.max_batch:
+            self._call(batch, k, v, out)
+        elif batch.function == "decode":     # calls of at most max_batch rows (the workspace's plan)
             for r0 in range(0, b, self.limits.max_batch):
                 self._call(batch.rows_slice(r0, r0 + self.limits.max_batch), k, v, out[r0:r0 + self.limits.max_batch])
         else:                                # one row at a time, chunks of at most max_tokens

@@ -70,17 +70,19 @@ class StepBatch:
         """Every position must fall in a block of its row's table, and every block must exist."""
         if not self.ids.size:
             return
-        if self.positions.min() < 0:
-            raise StepError(f"negative position {int(self.positions.min())}")
+        lowest = int(self.positions.min())             # each reduction once: this runs every step
+        if lowest < 0:
+            raise StepError(f"negative position {lowest}")
         need = self.positions.max(axis=1) // block_size
-        if (need >= self.block_tables.shape[1]).any():
+        if int(need.max()) >= self.block_tables.shape[1]:
             r = int(np.argmax(need >= self.block_tables.shape[1]))
             raise StepError(f"position {int(self.positions[r].max())} of sequence {int(self.seq_ids[r])} was not "
                             f"reserved in the KV cache ({self.block_tables.shape[1]} blocks of {block_size})")
         used = self.block_tables
-        if used.size and (used.min() < 0 or used.max() >= num_blocks):
-            raise StepError(f"block table names block {int(used.max() if used.max() >= num_blocks else used.min())}"
-                            f" of a cache with {num_blocks}")
+        if used.size:
+            lo, hi = int(used.min()), int(used.max())
+            if lo < 0 or hi >= num_blocks:
+                raise StepError(f"block table names block {hi if hi >= num_blocks else lo} of a cache with {num_blocks}")
 
     def rows_slice(self, r0: int, r1: int) -> "StepBatch":
         return StepBatch(self.function, self.ids[r0:r1], self.positions[r0:r1], self.block_tables[r0:r1],

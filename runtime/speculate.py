@@ -126,7 +126,7 @@ class Drafter:
     (one more after a full hit, halved after a miss, a rest after a miss at length 1), and
     stopped where drafting has not paid on this host: each drafted step's worth is the tokens it
     gave over what it cost in one-row steps (`StepCost`, measured), and while the decayed
-    average of that worth is under 1 the sequence rests, then probes with one token.  Acceptance
+    average of that worth is under `PAYS` the sequence rests, then probes with one token.  Acceptance
     alone cannot say this: a 5-row step costs 1.3x a one-row step where the rows share AMX
     tiles and 2.7-3x on an AVX2 host (issue #20 note).  Rests double while probes keep failing
     (`REST` to `MAX_REST` steps), so free-form text pays for few of them; a taken token resets
@@ -135,6 +135,10 @@ class Drafter:
     MAX_REST = 32
     DECAY = 0.7
     PRIOR_WORTH = 1.5             # a new sequence drafts: copying prompts pay from the start
+    #: the worth drafting must keep: breaking even on the measured step costs still loses to
+    #: what they leave out (proposing, the verification walk) and to their noise (free-form
+    #: prompts ran 0.93-0.94x plain decoding at a threshold of 1: Zen 3, issue #20 note)
+    PAYS = 1.1
 
     def __init__(self, spec: Speculation, cost: StepCost | None = None):
         self.spec = spec
@@ -150,8 +154,8 @@ class Drafter:
         if self.pause > 0:
             self.pause -= 1
             return []
-        if self.worth < 1.0:          # drafting has cost more than it gave: rest, then probe
-            self.length, self.worth = 1, 1.0
+        if self.worth < self.PAYS:    # drafting has not paid: rest, then probe
+            self.length, self.worth = 1, self.PAYS
             self._rest()
             return []
         k = min(self.length, room)

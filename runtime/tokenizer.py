@@ -211,6 +211,8 @@ class StreamDecoder:
         return self._advance(text) if len(text) > len(self._read_text) else ""
 
     def _in_byte_run(self) -> bool:
+        if not self._tokenizer.byte_token_ids:        # no ByteFallback decoder (byte-level BPE)
+            return False
         # skipped special tokens vanish before the decoder runs, so they do not end a run
         skipped = self._tokenizer.special_token_ids if self._skip else ()
         last = next((i for i in reversed(self._ids) if i not in skipped), None)

@@ -36,7 +36,8 @@ def rel_rms(a, b):
 @pytest.mark.parametrize("n, k, m, scale", [(48, 128, 1, "fp8_e4m3"), (37, 320, 3, "fp8_e4m3"), (192, 576, 1, "fp8_e4m3"),
                                             (64, 64 * 300, 2, "fp8_e4m3"), (40, 192, 5, "f32"),
                                             (16, 64, 4, "bnb_dynamic8"), (96, 576, 16, "fp8_e4m3"),
-                                            (33, 128, 9, "bnb_dynamic8"),
+                                            (33, 128, 9, "bnb_dynamic8"), (37, 320, 6, "fp8_e4m3"),
+                                            (40, 192, 7, "f32"),
                                             (40, 64 * 300, 37, "fp8_e4m3")])   # avx2: 3 row slabs
 def test_gemv_nf4_q8(tier, n, k, m, scale):
     wt = nf4_weight(n, k, scale, seed=n + k)
@@ -59,7 +60,7 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("m", [2, 11, 37])   # 11: a decode batch (3 row chunks); 37: a prefill chunk (weights looked up once, 10 chunks)
+@pytest.mark.parametrize("m", [2, 6, 11, 37])   # 11: a decode batch (row chunks of 7 and 4); 37: a prefill chunk (weights looked up once, 10 chunks)
 def test_gemv_nf4_q8_swiglu_pair(tier, m):
     n, k = 40, 256
     gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)

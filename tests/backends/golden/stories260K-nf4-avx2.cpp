@@ -107,6 +107,8 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -128,20 +130,34 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -267,8 +283,8 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const 
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -276,7 +292,10 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const 
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
         case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -311,6 +330,8 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -332,20 +353,34 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -471,8 +506,8 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const 
   constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -480,7 +515,10 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const 
         case 1: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
         case 3: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -612,6 +650,8 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -635,20 +675,34 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -784,8 +838,8 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, 
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -793,7 +847,10 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, 
         case 1: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<2>(AMXC_ARGS); break;
         case 3: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<3>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<6>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -829,6 +886,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -853,20 +912,34 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -892,20 +965,34 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot_u[r][h] = _mm256_add_epi32(dot_u[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot_u[r][h] = _mm256_add_epi32(dot_u[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot_u[r][h] = _mm256_add_epi32(dot_u[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -1065,8 +1152,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, 
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N
@@ -1074,7 +1161,10 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, 
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<2>(AMXC_ARGS); break;
         case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<3>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<6>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -1187,6 +1277,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -1208,20 +1300,34 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
-            wlo[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, m4));
-            whi[h] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+            const __m256i nlo = _mm256_and_si256(v, m4), nhi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            wlo[h] = _mm256_shuffle_epi8(table, nlo);
+            whi[h] = _mm256_shuffle_epi8(table, nhi);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_shuffle_epi8(abs_table, nlo);
+              ahi[h] = _mm256_shuffle_epi8(abs_table, nhi);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -1347,8 +1453,8 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -1356,7 +1462,10 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const
         case 1: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<1>(AMXC_ARGS); break;
         case 2: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<2>(AMXC_ARGS); break;
         case 3: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<3>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -1403,6 +1512,8 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)amxc::NF4_I8));
+  const __m256i abs_table = _mm256_abs_epi8(table);
+  (void)abs_table;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   (void)G;
@@ -1424,20 +1535,33 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
+          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
           _mm_prefetch((const char*)(cb + 2048 + j * 128), _MM_HINT_T0);
           _mm_prefetch((const char*)(cb + 2048 + j * 128 + 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             wlo[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + h * 32)), flip);
             whi[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(cb + j * 128 + 64 + h * 32)), flip);
+            if constexpr (MR >= 2) {
+              alo[h] = _mm256_abs_epi8(wlo[h]);
+              ahi[h] = _mm256_abs_epi8(whi[h]);
+            }
           }
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
-            const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
-            for (int h = 0; h < 2; ++h) {
-              const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
-              const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
-              dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+            if constexpr (MR >= 2) {
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi[h], _mm256_sign_epi8(x1, whi[h])), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
+            } else {
+              const __m256i a0 = _mm256_abs_epi8(x0), a1 = _mm256_abs_epi8(x1);
+              for (int h = 0; h < 2; ++h) {
+                const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(wlo[h], x0)), ones);
+                const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(whi[h], x1)), ones);
+                dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_add_epi32(p0, p1));
+              }
             }
           }
         }
@@ -1553,8 +1677,8 @@ static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, co
   constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 4) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(4, m - r);
+    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(7, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -1562,7 +1686,10 @@ static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, co
         case 1: gemv_q8_avx2_512_64_rows<1>(AMXC_ARGS); break;
         case 2: gemv_q8_avx2_512_64_rows<2>(AMXC_ARGS); break;
         case 3: gemv_q8_avx2_512_64_rows<3>(AMXC_ARGS); break;
-        default: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
+        case 4: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
+        case 5: gemv_q8_avx2_512_64_rows<5>(AMXC_ARGS); break;
+        case 6: gemv_q8_avx2_512_64_rows<6>(AMXC_ARGS); break;
+        default: gemv_q8_avx2_512_64_rows<7>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
