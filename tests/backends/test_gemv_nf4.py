@@ -12,9 +12,15 @@ import ctypes
 import numpy as np
 import pytest
 
+from amxc.api import compile
+from amxc.backends import kernels
 from amxc.backends import reference as twin
+from amxc.backends.program import NativeOptions, NativeProgram
 from amxc.ir.formats import nf4
-from support.native import KERNEL_TIERS, build, nf4_weight, ptr
+from amxc.runtime.artifact import load_artifact
+from support.native import KERNEL_TIERS, build, nf4_weight, ptr, require_tier
+from support.random_models import save_random_model
+from support.steps import Stepper
 
 SIG = ("const int8_t* q, const float* qs, const int32_t* qsum, int64_t m, const uint8_t* w, "
        "const uint8_t* sc, const float* s2, const uint8_t* wu, const uint8_t* scu, const float* s2u, "
@@ -157,14 +163,6 @@ def test_vnni_variant_gives_a_whole_models_bits(tmp_path, monkeypatch):
     """The avx2 tier's vnni kernels in a real plan (grouped q/k/v, the gate/up pair, acc64 down
     and o, the q8 head; prefill rows on the panel, decode rows on _rows): every logit equals
     the maddubs build's, so the activation sums they subtract reach every call."""
-    from amxc.api import compile
-    from amxc.backends import kernels
-    from amxc.backends.program import NativeOptions, NativeProgram
-    from amxc.runtime.artifact import load_artifact
-    from support.native import require_tier
-    from support.random_models import save_random_model
-    from support.steps import Stepper
-
     require_tier("avx2")
     src = save_random_model("llama", tmp_path / "model", hidden_size=128, intermediate_size=256,
                             num_attention_heads=2, num_key_value_heads=1, vocab_size=320)
