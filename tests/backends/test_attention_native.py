@@ -69,7 +69,8 @@ HEAD_SIZES = {"d8": ("smollm2", {}), "gpt2": ("gpt2", {}),
               "d128": ("llama", dict(hidden_size=256, num_attention_heads=2, num_key_value_heads=1))}
 
 
-@pytest.mark.parametrize("tier", [t for t in ALL_TIERS if t != "ref"], indirect=True)
+# amx-emulated is avx2 wherever the GEMVs are exact (no tiles): the same code as the avx2 item
+@pytest.mark.parametrize("tier", [t for t in ALL_TIERS if t not in ("ref", "amx-emulated")], indirect=True)
 @pytest.mark.parametrize("shape", HEAD_SIZES)
 def test_every_tier_attends_with_the_ref_tiers_bits(tmp_path, shape, tier):
     family, overrides = HEAD_SIZES[shape]
