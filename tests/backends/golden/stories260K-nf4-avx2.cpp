@@ -130,7 +130,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -145,6 +145,9 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_rows(int64_t g, const int8_t
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -353,7 +356,7 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -368,6 +371,9 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_rows(int64_t g, const int8_t
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -675,7 +681,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -690,6 +696,9 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows(int64_t g, const 
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -912,7 +921,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -927,6 +936,9 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -965,7 +977,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -980,6 +992,9 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows(int64_t g, const 
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -1300,7 +1315,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 1024 + j * 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
             const __m256i v = _mm256_loadu_si256((const __m256i*)(cb + j * 64 + h * 32));
@@ -1315,6 +1330,9 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_rows(int64_t g, const int8_
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
@@ -1535,7 +1553,7 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
         #pragma GCC unroll 4
         for (int j = 0; j < 8; ++j) {
           __m256i wlo[2], whi[2];
-          __m256i alo[2], ahi[2];                 // |w|, from absw_from rows on
+          __m256i alo[2], ahi[2];                 // |w|, from 2 rows on
           _mm_prefetch((const char*)(cb + 2048 + j * 128), _MM_HINT_T0);
           _mm_prefetch((const char*)(cb + 2048 + j * 128 + 64), _MM_HINT_T0);
           for (int h = 0; h < 2; ++h) {
@@ -1549,6 +1567,9 @@ static inline void gemv_q8_avx2_512_64_rows(int64_t g, const int8_t* q, const fl
           for (int r = 0; r < MR; ++r) {
             const int32_t* xb = (const int32_t*)(q + r * K + b * 64);
             const __m256i x0 = _mm256_set1_epi32(xb[j]), x1 = _mm256_set1_epi32(xb[j + 8]);
+            // maddubs(|w|, sign(x, w)) from 2 rows on (|w| shared), maddubs(|x|, sign(w, x)) for
+            // one row: the same products, so the same bits (two loops: one with selects ran the
+            // one-row pair 7 % slower, Zen 3)
             if constexpr (MR >= 2) {
               for (int h = 0; h < 2; ++h) {
                 const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(alo[h], _mm256_sign_epi8(x0, wlo[h])), ones);
