@@ -49,7 +49,7 @@ def linear(x, weight, bias=None):
     """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
     acc = ACCUMULATE["dtype"]
     y = np.matmul(x.astype(acc, copy=False), weight.T.astype(acc, copy=False))
-    return (y if bias is None else y + bias).astype(x.dtype)
+    return (y if bias is None else y + bias).astype(x.dtype, copy=False)
 
 
 def _matmul_infer(ts, at):
