@@ -22,7 +22,10 @@ prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode 
 tok/s = 63 / their time), EOS ignored on every system (each reports the steps it ran);
 min / median / max of --reps processes, run round-robin across the systems.  Roofline: decode
 tok/s x bytes read per token / the read bandwidth measured here (benchmarks/bandwidth.py: a
-native streaming loop with --threads threads, cross-checked against numpy); peak RSS is VmHWM.
+native streaming loop with --threads threads, cross-checked against numpy).  A decode step
+reads the weights and its sequence's cached keys and values (benchmarks/profile_decode.py
+counts both the same way); the table gives that roofline and, in brackets, the weights-only one
+(which leaves out ~9 % of SmolLM2's bytes at the mean context here).  Peak RSS is VmHWM.
 """
 from __future__ import annotations
 
@@ -222,15 +225,21 @@ def prepare(model: str, work: Path, llamacpp: bool) -> dict:
     return out
 
 
-def bytes_per_token(art: str) -> int:
-    """Weight bytes a decode step reads: every parameter but the input embedding table (one
-    row of it), unless the table is also the output head."""
+def bytes_per_token(art: str) -> tuple[int, int]:
+    """Bytes a decode step reads: (weights, cached keys and values at the mean context of the
+    protocol's decode steps).  Weights: every parameter but the input embedding table (one row
+    of it), unless the table is also the output head.  KV: K and V rows of every attention
+    layer, in the cache's storage (f32, or int8 rows of head_dim/4 + 1 words), for the
+    PROMPT_TOKENS + NEW_TOKENS / 2 positions a decode step attends over on average."""
     from amxc.runtime.artifact import load_artifact
     module, _ = load_artifact(art, check_hashes=False)
     embed = {n.inputs[0].name for fn in module.functions.values() for n in fn.nodes if n.op == "embedding"}
     heads = {n.inputs[1].name for fn in module.functions.values() for n in fn.nodes
              if n.op in ("linear", "linear_nf4")}
-    return sum(p.type.nbytes() for name, p in module.params.items() if name not in embed or name in heads)
+    weights = sum(p.type.nbytes() for name, p in module.params.items() if name not in embed or name in heads)
+    cache = module.functions["prefill"].args[-1].type
+    per_position = 2 * cache.physical_layers * cache.kv_heads * cache.row * 4
+    return weights, per_position * (PROMPT_TOKENS + NEW_TOKENS // 2)
 
 
 def main() -> int:
@@ -271,7 +280,9 @@ def main() -> int:
         rows = measure_interleaved(systems, args.threads, args.reps)
         for label, art in files["amxc"].items():
             if "error" not in rows[f"amxc {label}"]:
-                rows[f"amxc {label}"]["GB_per_token"] = bytes_per_token(art) / 1e9
+                weights, kv = bytes_per_token(art)
+                rows[f"amxc {label}"]["GB_per_token"] = (weights + kv) / 1e9
+                rows[f"amxc {label}"]["weight_GB_per_token"] = weights / 1e9
         report["models"][model] = rows
         print_table(model, rows, bw)
     if args.json:
@@ -284,14 +295,14 @@ def print_table(model: str, rows: dict, bw: float) -> None:
     ref = {k: rows[k] for k in rows if "error" not in rows[k]}
     print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each: median "
           f"[min-max]); read bandwidth {bw:.1f} GB/s\n")
-    print("| system | prefill tok/s | decode tok/s | decode steps | peak RSS MB | decode % of roofline |")
+    print("| system | prefill tok/s | decode tok/s | decode steps | peak RSS MB | decode % of roofline (weights + KV) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | | |")
             continue
-        roof = f"{100 * r['decode'] * r['GB_per_token'] / bw:.0f} % ({r['GB_per_token']:.3f} GB/token)" \
-            if "GB_per_token" in r else ""
+        roof = (f"{100 * r['decode'] * r['GB_per_token'] / bw:.0f} % ({r['GB_per_token']:.3f} GB/token; "
+                f"weights only {100 * r['decode'] * r['weight_GB_per_token'] / bw:.0f} %)") if "GB_per_token" in r else ""
         print(f"| {name} | {r['prefill']:.1f} [{r['prefill_min']:.1f}-{r['prefill_max']:.1f}] | "
               f"{r['decode']:.2f} [{r['decode_min']:.2f}-{r['decode_max']:.2f}] | {r.get('decode_steps', '?')} | "
               f"{r['peak_rss_MB']:.0f} | {roof} |")
