@@ -316,3 +316,17 @@ def test_attention_query_blocks_cut_only_keys_no_query_sees(monkeypatch):
     ref = fused.masked_softmax(np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, 3, axis=1)) * 0.3,
                                fused.position_mask(pos, pos, True, 5) & valid[:, None, None, :])
     np.testing.assert_allclose(blocked, ref @ np.repeat(v, 3, axis=1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_silu_in_place_gives_the_expressions_bits(dtype):
+    """The SwiGLU reference's in-place silu (no temporaries of the MLP's width in calibration)
+    must be g / (1 + exp(-g)) to the bit: a reordering such as g * (1 / (1 + exp(-g))) would
+    move the calibrated weights.  Oracle: the expression, evaluated by numpy as written."""
+    from amxc.ir.ops.fused import silu_in_place
+    g = (np.random.default_rng(2).standard_normal((64, 96)) * 12).astype(dtype)
+    want = g / (1.0 + np.exp(-g))
+    buf = g.copy()
+    got = silu_in_place(buf)
+    assert got is buf and got.dtype == dtype
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
