@@ -22,7 +22,8 @@ prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode 
 tok/s = 63 / their time), EOS ignored on every system (each reports the steps it ran);
 min / median / max of --reps processes, run round-robin across the systems.  Roofline: decode
 tok/s x bytes read per token / the read bandwidth measured here (benchmarks/bandwidth.py: a
-native streaming loop with --threads threads, cross-checked against numpy).  A decode step
+native streaming loop with --threads threads, cross-checked against numpy), once per round of
+the round-robin: the median of those readings, their range beside it.  A decode step
 reads the weights and its sequence's cached keys and values (benchmarks/profile_decode.py
 counts both the same way); the table gives that roofline and, in brackets, the weights-only one
 (which leaves out ~9 % of SmolLM2's bytes at the mean context here).  Peak RSS is VmHWM.
@@ -160,16 +161,16 @@ def summarize(results: list[dict]) -> dict:
     return out
 
 
-def measure(kind: str, target: str, threads: int, reps: int) -> dict:
-    return summarize([run_child(kind, target, threads) for _ in range(reps)])
-
-
 def measure_interleaved(systems: dict[str, tuple[str, str]], threads: int, reps: int) -> dict:
     """Round-robin: repetition i of every system runs before repetition i+1 of any, so a slow
-    patch of a shared machine hits every system alike instead of one system's runs."""
+    patch of a shared machine hits every system alike instead of one system's runs; each round
+    starts one system later, so no system always runs right after the same one (the bandwidth
+    reading, 1 GiB streamed, seemed to slow the process after it)."""
     runs = {label: [] for label in systems}
-    for _ in range(reps):
-        for label, (kind, target) in systems.items():
+    labels = list(systems)
+    for i in range(reps):
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            kind, target = systems[label]
             if not any("error" in r for r in runs[label]):
                 runs[label].append(run_child(kind, target, threads))
     return {label: summarize(results) for label, results in runs.items()}
@@ -267,34 +268,42 @@ def main() -> int:
             print("llama-cpp-python is not installed: llama.cpp is left out (pip install llama-cpp-python)",
                   file=sys.stderr)
             llamacpp = False
-    report = {"threads": args.threads, "bandwidth": measure("bandwidth", "-", args.threads, 1), "models": {}}
-    bw = report["bandwidth"]["read_GBps"]
-    print(f"read bandwidth: native loop {bw:.1f} GB/s, numpy {report['bandwidth']['numpy_read_GBps']:.1f} GB/s",
-          file=sys.stderr)
+    report = {"threads": args.threads, "models": {}}
     for model in args.models.split(","):
         files = prepare(model, args.work, llamacpp)
-        systems = {f"amxc {label}": ("amxc", art) for label, art in files["amxc"].items()}
+        # the bandwidth is one more system of the round-robin: the roofline divides by the median
+        # of readings taken beside the runs it judges (single readings here span 29-39 GB/s)
+        systems = {"bandwidth": ("bandwidth", "-")}
+        systems |= {f"amxc {label}": ("amxc", art) for label, art in files["amxc"].items()}
         systems |= {f"llama.cpp {label}": ("llamacpp", gguf) for label, gguf in files["llamacpp"].items()}
         if not args.no_torch:
             systems["PyTorch eager fp32"] = ("torch", files["torch"])
         rows = measure_interleaved(systems, args.threads, args.reps)
+        band = rows.pop("bandwidth")
+        if "error" in band:
+            raise SystemExit(f"the bandwidth measurement failed: {band['error']}")
+        bw = band["read_GBps"]
+        readings = [r["read_GBps"] for r in band["runs"]]
+        print(f"{model}: read bandwidth (native loop) median {bw:.1f} GB/s [{min(readings):.1f}-{max(readings):.1f}], "
+              f"numpy {band['numpy_read_GBps']:.1f} GB/s", file=sys.stderr)
+        report.setdefault("bandwidth", {})[model] = band
         for label, art in files["amxc"].items():
             if "error" not in rows[f"amxc {label}"]:
                 weights, kv = bytes_per_token(art)
                 rows[f"amxc {label}"]["GB_per_token"] = (weights + kv) / 1e9
                 rows[f"amxc {label}"]["weight_GB_per_token"] = weights / 1e9
         report["models"][model] = rows
-        print_table(model, rows, bw)
+        print_table(model, rows, bw, (min(readings), max(readings)))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
-def print_table(model: str, rows: dict, bw: float) -> None:
+def print_table(model: str, rows: dict, bw: float, bw_range: tuple[float, float]) -> None:
     amxc_rows = [k for k in rows if k.startswith("amxc") and "error" not in rows[k]]
     ref = {k: rows[k] for k in rows if "error" not in rows[k]}
     print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each: median "
-          f"[min-max]); read bandwidth {bw:.1f} GB/s\n")
+          f"[min-max]); read bandwidth {bw:.1f} GB/s [{bw_range[0]:.1f}-{bw_range[1]:.1f}]\n")
     print("| system | prefill tok/s | decode tok/s | decode steps | peak RSS MB | decode % of roofline (weights + KV) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
