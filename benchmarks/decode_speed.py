@@ -163,17 +163,20 @@ def summarize(results: list[dict]) -> dict:
 
 def measure_interleaved(systems: dict[str, tuple[str, str]], threads: int, reps: int) -> dict:
     """Round-robin: repetition i of every system runs before repetition i+1 of any, so a slow
-    patch of a shared machine hits every system alike instead of one system's runs; each round
-    starts one system later, so no system always runs right after the same one (the bandwidth
-    reading, 1 GiB streamed, seemed to slow the process after it)."""
+    patch of a shared machine hits every system alike instead of one system's runs.  After a
+    bandwidth reading the machine settles for BANDWIDTH_SETTLE_S: the process right after one
+    prefilled 88-92 tok/s against 95-97 five seconds later (TinyLlama, Zen 3)."""
     runs = {label: [] for label in systems}
-    labels = list(systems)
-    for i in range(reps):
-        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
-            kind, target = systems[label]
+    for _ in range(reps):
+        for label, (kind, target) in systems.items():
             if not any("error" in r for r in runs[label]):
                 runs[label].append(run_child(kind, target, threads))
+                if kind == "bandwidth":
+                    time.sleep(BANDWIDTH_SETTLE_S)
     return {label: summarize(results) for label, results in runs.items()}
+
+
+BANDWIDTH_SETTLE_S = 5
 
 
 # -- preparing models ------------------------------------------------------------------------
