@@ -161,6 +161,9 @@ def summarize(results: list[dict]) -> dict:
     return out
 
 
+BANDWIDTH_SETTLE_S = 5        # seconds after a bandwidth reading before the next process
+
+
 def measure_interleaved(systems: dict[str, tuple[str, str]], threads: int, reps: int) -> dict:
     """Round-robin: repetition i of every system runs before repetition i+1 of any, so a slow
     patch of a shared machine hits every system alike instead of one system's runs.  After a
@@ -174,9 +177,6 @@ def measure_interleaved(systems: dict[str, tuple[str, str]], threads: int, reps:
                 if kind == "bandwidth":
                     time.sleep(BANDWIDTH_SETTLE_S)
     return {label: summarize(results) for label, results in runs.items()}
-
-
-BANDWIDTH_SETTLE_S = 5
 
 
 # -- preparing models ------------------------------------------------------------------------
