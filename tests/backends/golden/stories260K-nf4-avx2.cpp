@@ -284,10 +284,11 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const 
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_nf4_avx2_64_64_fp8_e4m3_256_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -298,7 +299,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_team(const int8_t* q, const 
         case 4: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
         case 5: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
         case 6: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -510,10 +511,11 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const 
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 32, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_nf4_avx2_32_64_fp8_e4m3_256_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -524,7 +526,7 @@ static inline void gemv_nf4_avx2_32_64_fp8_e4m3_256_team(const int8_t* q, const 
         case 4: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
         case 5: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
         case 6: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_32_64_fp8_e4m3_256_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -845,10 +847,11 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, 
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 64, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -859,7 +862,7 @@ static inline void gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_team(const int8_t* q, 
         case 4: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<4>(AMXC_ARGS); break;
         case 5: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<5>(AMXC_ARGS); break;
         case 6: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<6>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<7>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -1165,10 +1168,11 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, 
     const uint8_t* codes_u, const uint8_t* scales_u, const float* s2_u,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, codes_u, scales_u, s2_u, bias, rr, out + r * N
@@ -1179,7 +1183,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_team(const int8_t* q, 
         case 4: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<4>(AMXC_ARGS); break;
         case 5: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<5>(AMXC_ARGS); break;
         case 6: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<6>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<7>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_pair_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -1469,10 +1473,11 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 172, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_nf4_avx2_172_64_fp8_e4m3_256_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -1483,7 +1488,7 @@ static inline void gemv_nf4_avx2_172_64_fp8_e4m3_256_team(const int8_t* q, const
         case 4: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<4>(AMXC_ARGS); break;
         case 5: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<5>(AMXC_ARGS); break;
         case 6: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<6>(AMXC_ARGS); break;
-        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<7>(AMXC_ARGS); break;
+        default: gemv_nf4_avx2_172_64_fp8_e4m3_256_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
@@ -1696,10 +1701,11 @@ static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, co
     const uint8_t* codes, const uint8_t* scales, const float* s2,
     const float* bias, const float* resid, float* out) {
   constexpr int64_t N = 512, K = 64, NB = K / 64, G = (N + 15) / 16;
+  constexpr int64_t MR_MAX = gemv_q8_avx2_512_64_PANEL_ROWS - 1;      // the most rows one _rows pass takes
   #pragma omp for schedule(static) nowait
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = 0; r < m; r += 7) {        // row chunks inside: group g's weights stay in L1
-      const int64_t rows = std::min<int64_t>(7, m - r);
+    for (int64_t r = 0; r < m; r += MR_MAX) {   // row chunks inside: group g's weights stay in L1
+      const int64_t rows = std::min<int64_t>(MR_MAX, m - r);
       const int8_t* qr = q + r * K; const float* qsr = qs + r * NB; const int32_t* qsumr = qsum + r * NB;
       const float* rr = resid ? resid + r * N : nullptr;
 #define AMXC_ARGS g, qr, qsr, qsumr, codes, scales, s2, bias, rr, out + r * N
@@ -1710,7 +1716,7 @@ static inline void gemv_q8_avx2_512_64_team(const int8_t* q, const float* qs, co
         case 4: gemv_q8_avx2_512_64_rows<4>(AMXC_ARGS); break;
         case 5: gemv_q8_avx2_512_64_rows<5>(AMXC_ARGS); break;
         case 6: gemv_q8_avx2_512_64_rows<6>(AMXC_ARGS); break;
-        default: gemv_q8_avx2_512_64_rows<7>(AMXC_ARGS); break;
+        default: gemv_q8_avx2_512_64_rows<MR_MAX>(AMXC_ARGS); break;
       }
 #undef AMXC_ARGS
     }
