@@ -97,7 +97,7 @@ def _sampling_args(p) -> None:
 
 def _speculate_arg(p) -> None:
     p.add_argument("--speculate", type=_speculation, default=None, metavar="ngram[:K] | draft:[K:]ART",
-                   help="speculative decoding: draft up to K tokens (default 4), by looking the text's "
+                   help="speculative decoding: draft up to K tokens (default 6 for ngram, 4 for draft), by looking the text's "
                         "last tokens up earlier in the prompt and output (ngram) or with a smaller "
                         "compiled model of the same tokenizer (draft:ART), and verify them in one step; "
                         "the same tokens (the same distribution when sampling), faster where drafts hit")

@@ -4,7 +4,7 @@ extract, continue, edit a given text) and on free-form ones, against plain decod
 artifact in the same process.  A measurement, not a test.
 
     python benchmarks/speculative.py [--mode ngram|draft|both] [--art ART] [--draft ART]
-                                     [--k 4] [--new-tokens 128] [--reps 3]
+                                     [--k K] [--new-tokens 128] [--reps 3]
 
 Default models: SmolLM2-135M-Instruct (../shared/models); ngram: compiled NF4 round-to-nearest;
 draft: the f32 artifact as target and the NF4 one as its draft (the same weights in 4 bits: it
@@ -102,7 +102,7 @@ def main() -> int:
     ap.add_argument("--art", default=None, help="ngram: an artifact (default: SmolLM2 NF4, compiled once)")
     ap.add_argument("--target", default=None, help="draft: the target artifact (default: SmolLM2 f32)")
     ap.add_argument("--draft", default=None, help="draft: the draft artifact (default: SmolLM2 NF4)")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=None, help="drafted tokens (default: the mode's, 6 ngram, 4 draft)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -120,12 +120,13 @@ def main() -> int:
     nf4 = None if args.art and args.draft else compiled("smollm2-nf4-rtn.amxc", "nf4{method=rtn}")
     if args.mode in ("ngram", "both"):
         art = args.art or nf4
-        measure(Engine.load(art), Engine.load(art, speculate=f"ngram:{args.k}"),
-                f"{Path(art).name}, ngram:{args.k}", args)
+        spec = "ngram" if args.k is None else f"ngram:{args.k}"
+        measure(Engine.load(art), Engine.load(art, speculate=spec), f"{Path(art).name}, {spec}", args)
     if args.mode in ("draft", "both"):
         target, draft = args.target or compiled("smollm2-f32.amxc", None), args.draft or nf4
-        measure(Engine.load(target), Engine.load(target, speculate=f"draft:{args.k}:{draft}"),
-                f"{Path(target).name}, draft:{args.k}:{Path(draft).name}", args)
+        k = "" if args.k is None else f"{args.k}:"
+        measure(Engine.load(target), Engine.load(target, speculate=f"draft:{k}{draft}"),
+                f"{Path(target).name}, draft:{k}{Path(draft).name}", args)
     return 0
 
 

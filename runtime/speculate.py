@@ -19,7 +19,8 @@ yields 1 to K + 1 tokens.
 
 Drafts come from prompt lookup (`ngram`, Saxena 2023; vLLM's `ngram` speculator): the longest
 suffix of the sequence, of `n_max` down to `n_min` tokens, that occurred before; its most
-recent earlier occurrence proposes the tokens that followed it.  It pays where output copies
+recent earlier occurrence proposes the tokens that followed it, at most half as many as the
+match is long (a long match is likely to go on, a short one is a guess).  It pays where output copies
 its input (rewriting, extraction, code edits, continuing a quoted passage) and costs nothing to
 draft.  Verification is not free: K + 1 rows take longer than one, so speculation stops when
 the batch is large (`max_batch` sequences decoding: the step is no longer bound by reading the
@@ -45,17 +46,20 @@ import numpy as np
 
 _SPEC = re.compile(r"ngram(?::(\d+))?|draft:(?:(\d+):)?(.+)")
 MAX_DRAFT = 15        # drafted tokens per step: with the row of the last token, one decode call
+DRAFT_TOKENS = 4      # a draft model's default K
 
 
 @dataclass(frozen=True)
 class Speculation:
-    """`amxc run|serve --speculate ngram[:K] | draft:[K:]ART`: draft up to K tokens (default 4)
-    by prompt lookup or with the draft model ART, while at most `max_batch` sequences decode.  Measured on SmolLM2 NF4 (Zen 4, 2
-    threads, benchmarks/speculative.py): K = 4 gave a 1.72x median on input-grounded prompts
-    and 1.07x on free-form ones, K = 3 1.68x and 1.04x; a 5-row decode step costs 8.0 ms against
-    6.5 at 4 rows and 3.2-4.5 at 1 (the GEMV reads the weights once for all rows)."""
-    tokens: int = 4
-    n_max: int = 3
+    """`amxc run|serve --speculate ngram[:K] | draft:[K:]ART`: draft up to K tokens by prompt
+    lookup (default 6) or with the draft model ART (default 4), while at most `max_batch`
+    sequences decode.  Prompt lookup drafts at most half its match's length (`Drafter`), so K
+    only caps the drafts of long matches, which were taken 98 % of the time (below); on SmolLM2
+    NF4 (Zen 3, 2 threads, benchmarks/speculative.py) K = 6 gave a 1.57x median on
+    input-grounded prompts against 1.42x at K = 4, and 7 rows are one pass of the AVX2 GEMV's
+    row chunk.  Each token a draft model drafts costs one of its decode steps, so it keeps 4."""
+    tokens: int = 6
+    n_max: int = 16
     n_min: int = 2
     max_batch: int = 4
     draft: str | None = None          # the draft model's artifact (None: prompt lookup)
@@ -69,27 +73,42 @@ class Speculation:
             raise ValueError(f"--speculate {spec!r}: expected ngram, ngram:K, draft:ART or draft:K:ART "
                              f"(K drafted tokens, 1..{MAX_DRAFT}; ART a draft model's artifact)")
         count = m.group(1) or m.group(2)
-        k = int(count) if count else cls.tokens
+        k = int(count) if count else cls.tokens if m.group(3) is None else DRAFT_TOKENS
         if not 1 <= k <= MAX_DRAFT:
             raise ValueError(f"--speculate {spec!r}: K must be 1..{MAX_DRAFT}, got {k}")
         return cls(tokens=k, draft=m.group(3))
 
 
+def suffix_match(tokens: np.ndarray, n_max: int, n_min: int) -> tuple[int, int]:
+    """The longest suffix of `tokens`, n_max down to n_min tokens long, that occurred before:
+    (where its most recent earlier occurrence ends, exclusive; its length), or (0, 0) if none.
+    One scan finds the n_min-token matches; each longer length keeps those whose next token
+    back matches too, so the work is one pass plus n_max small filters."""
+    t = np.asarray(tokens)
+    size = t.shape[0]
+    if not 1 <= n_min <= n_max or size <= n_min:
+        return 0, 0
+    # windows starting at 0 .. size - n_min - 1: every occurrence but the suffix itself
+    starts = np.flatnonzero(t[:size - n_min] == t[size - n_min])
+    for i in range(1, n_min):
+        starts = starts[t[starts + i] == t[size - n_min + i]]
+    if not starts.size:
+        return 0, 0
+    ends, n = starts + n_min, n_min
+    while n < min(n_max, size - 1):
+        longer = ends[ends > n]                       # room for one more token before it
+        longer = longer[t[longer - n - 1] == t[size - n - 1]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    return int(ends[-1]), n
+
+
 def propose_ngram(tokens: np.ndarray, k: int, n_max: int = 3, n_min: int = 2) -> list[int]:
     """Up to `k` tokens that followed the most recent earlier occurrence of the longest suffix
     of `tokens` (n_max down to n_min tokens long); [] if none occurred."""
-    t = np.asarray(tokens)
-    size = t.shape[0]
-    for n in range(min(n_max, size - 1), n_min - 1, -1):
-        suffix = t[size - n:]
-        # windows starting at 0 .. size - n - 1: every occurrence but the suffix itself
-        starts = np.flatnonzero(t[:size - n] == suffix[0])
-        for i in range(1, n):
-            starts = starts[t[starts + i] == suffix[i]]
-        if starts.size:
-            s = int(starts[-1]) + n
-            return t[s:s + k].tolist()
-    return []
+    end, n = suffix_match(tokens, n_max, n_min)
+    return np.asarray(tokens)[end:end + k].tolist() if n else []
 
 
 class StepCost:
@@ -122,15 +141,19 @@ class StepCost:
 
 
 class Drafter:
-    """One sequence's drafting: prompt lookup, its length adapted to what was accepted lately
-    (one more after a full hit, halved after a miss, a rest after a miss at length 1), and
-    stopped where drafting has not paid on this host: each drafted step's worth is the tokens it
-    gave over what it cost in one-row steps (`StepCost`, measured), and while the decayed
-    average of that worth is under `PAYS` the sequence rests, then probes with one token.  Acceptance
-    alone cannot say this: a 5-row step costs 1.3x a one-row step where the rows share AMX
-    tiles and 2.7-3x on an AVX2 host (issue #20 note).  Rests double while probes keep failing
-    (`REST` to `MAX_REST` steps), so free-form text pays for few of them; a taken token resets
-    them."""
+    """One sequence's drafting: prompt lookup, at most half as many tokens as its suffix match
+    is long, its length adapted to what was accepted lately (one more after a full hit, halved
+    after a miss, a rest after a miss at length 1), and stopped where drafting has not paid on
+    this host.  A longer match is likelier to go on: on benchmarks/speculative.py's prompts
+    (SmolLM2), a 2-token match's first token was taken 69 % of the time on input-grounded prompts
+    and 48 % on free-form ones, a match of 16 or more 98 %; halving keeps a short match's miss
+    cheap (a 2-row step costs 1.3 one-row steps on a Zen 3, a 5-row one 2.4-2.7), which took
+    free-form prompts from 0.97x to 0.99-1.04x.  Each drafted step's worth is the tokens it gave
+    over what it cost in one-row steps (`StepCost`, measured), and while the decayed average of
+    that worth is under `PAYS` the sequence rests, then probes with one token.  Acceptance alone
+    cannot say this: a 5-row step costs 1.3x a one-row step where the rows share AMX tiles and
+    2.4-3x on an AVX2 host (issue #20 notes).  Rests double while probes keep failing (`REST` to
+    `MAX_REST` steps), so free-form text pays for few of them; a taken token resets them."""
     REST = 4
     MAX_REST = 32
     DECAY = 0.7
@@ -164,7 +187,9 @@ class Drafter:
         return self._proposal(tokens, k)
 
     def _proposal(self, tokens: list[int], k: int) -> list[int]:
-        return propose_ngram(np.asarray(tokens, np.int64), k, self.spec.n_max, self.spec.n_min)
+        t = np.asarray(tokens, np.int64)
+        end, n = suffix_match(t, self.spec.n_max, self.spec.n_min)
+        return t[end:end + min(k, max(1, n // 2))].tolist() if n else []
 
     def record(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         """`accepted` of `drafted` tokens were taken (a miss ends a draft early), in a step of

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amxc.runtime.engine import Engine
 from amxc.runtime.settings import Settings
-from amxc.runtime.speculate import Drafter, Speculation, StepCost, propose_ngram
+from amxc.runtime.speculate import Drafter, Speculation, StepCost, propose_ngram, suffix_match
 
 
 def test_prompt_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
@@ -26,8 +28,34 @@ def test_prompt_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
     assert propose_ngram(np.array([1, 1, 1, 1]), 2) == [1]   # overlapping: [1,1] at 1 is followed by 1
 
 
+def _suffix_match_by_definition(t: list[int], n_max: int, n_min: int) -> tuple[int, int]:
+    """Every length from n_max down, every earlier window: the definition, slowly."""
+    for n in range(min(n_max, len(t) - 1), n_min - 1, -1):
+        ends = [e for e in range(n, len(t)) if t[e - n:e] == t[len(t) - n:]]
+        if ends:
+            return ends[-1], n
+    return 0, 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3), max_size=40), st.integers(1, 20), st.integers(1, 4))
+def test_suffix_match_is_the_longest_latest_earlier_occurrence(t, n_max, n_min):
+    assert suffix_match(np.array(t, np.int64), n_max, n_min) == _suffix_match_by_definition(t, n_max, n_min)
+
+
+def test_prompt_lookup_drafts_at_most_half_its_match():
+    """A 2- or 3-token match drafts 1 token, a 6-token one 3, a long one up to K: a short match
+    is a guess, a long one a copy (Drafter's docstring has the measured rates)."""
+    passage = list(range(100, 140))
+    d = Drafter(Speculation(tokens=6))
+    assert d.propose([7, 8, 9, 1, 2, 5, 1, 2], 16) == [5]                   # [1, 2]: 2 tokens
+    assert d.propose(passage + [0] + passage[:6], 16) == passage[6:9]       # 6 tokens: 3
+    assert d.propose(passage + [0] + passage[:20], 16) == passage[20:26]    # 16: up to K = 6
+    assert d.propose(passage + [0] + passage[:20], 4) == passage[20:24]     # and the room left
+
+
 def test_speculation_spec_is_checked():
-    assert Speculation.parse("ngram").tokens == 4
+    assert Speculation.parse("ngram").tokens == 6
     assert Speculation.parse("ngram:7").tokens == 7
     assert Speculation.parse(None) is None and Speculation.parse("off") is None
     for bad in ("ngram:0", "ngram:99", "draft", "ngram:x", "ngram 3"):
