@@ -323,10 +323,15 @@ def test_silu_in_place_gives_the_expressions_bits(dtype):
     """The SwiGLU reference's in-place silu (no temporaries of the MLP's width in calibration)
     must be g / (1 + exp(-g)) to the bit: a reordering such as g * (1 / (1 + exp(-g))) would
     move the calibrated weights.  Oracle: the expression, evaluated by numpy as written."""
-    from amxc.ir.ops.fused import silu_in_place
-    g = (np.random.default_rng(2).standard_normal((64, 96)) * 12).astype(dtype)
-    want = g / (1.0 + np.exp(-g))
-    buf = g.copy()
-    got = silu_in_place(buf)
-    assert got is buf and got.dtype == dtype
-    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    from amxc.ir.ops.fused import SILU_BLOCK, silu_in_place
+    rng = np.random.default_rng(2)
+    # one block; several blocks and a short last one; a strided view (no flat view of its buffer)
+    for shape, view in (((64, 96), False), ((3, SILU_BLOCK // 2 + 7), False), ((40, 64), True)):
+        g = (rng.standard_normal(shape) * 12).astype(dtype)
+        buf = g.copy()
+        if view:
+            g, buf = g[:, ::2], buf[:, ::2]
+        want = g / (1.0 + np.exp(-g))
+        got = silu_in_place(buf)
+        assert got is buf and got.dtype == dtype
+        assert np.array_equal(np.ascontiguousarray(got).view(np.uint8), want.view(np.uint8)), shape
