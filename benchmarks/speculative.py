@@ -57,6 +57,15 @@ FREE = {
 }
 
 
+def compiled(name: str, quant: str | None) -> Path:
+    """SmolLM2 compiled with `quant` into the benchmarks' work folder, once."""
+    import amxc
+    art = Path(tempfile.gettempdir()) / "amxc-bench" / name
+    if not (art / "manifest.json").exists():
+        amxc.compile(SMOLLM2, art, quant=quant, progress=False)
+    return art
+
+
 def run(engine, prompt: str, new_tokens: int):
     g = engine.generate(engine.chat_prompt([{"role": "user", "content": prompt}]), max_new_tokens=new_tokens,
                         add_special_tokens=False)
@@ -106,16 +115,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    import amxc
     from amxc.runtime.engine import Engine
-
-    work = Path(tempfile.gettempdir()) / "amxc-bench"
-
-    def compiled(name: str, quant: str | None) -> Path:
-        art = work / name
-        if not (art / "manifest.json").exists():
-            amxc.compile(SMOLLM2, art, quant=quant, progress=False)
-        return art
 
     nf4 = None if args.art and args.draft else compiled("smollm2-nf4-rtn.amxc", "nf4{method=rtn}")
     if args.mode in ("ngram", "both"):

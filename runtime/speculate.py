@@ -54,10 +54,12 @@ class Speculation:
     """`amxc run|serve --speculate ngram[:K] | draft:[K:]ART`: draft up to K tokens by prompt
     lookup (default 6) or with the draft model ART (default 4), while at most `max_batch`
     sequences decode.  Prompt lookup drafts at most half its match's length (`Drafter`), so K
-    only caps the drafts of long matches, which were taken 98 % of the time (below); on SmolLM2
-    NF4 (Zen 3, 2 threads, benchmarks/speculative.py) K = 6 gave a 1.57x median on
-    input-grounded prompts against 1.42x at K = 4, and 7 rows are one pass of the AVX2 GEMV's
-    row chunk.  Each token a draft model drafts costs one of its decode steps, so it keeps 4."""
+    only caps the drafts of long matches, which were taken 98 % of the time (below).  On SmolLM2
+    NF4 (Zen 3, 2 threads), benchmarks/speculative_replay.py put K = 6 ahead of 5 by 0.02-0.05x
+    in the input-grounded median under three of four measured step-cost tables (behind by 0.01
+    under the fourth), free-form prompts at 0.99-1.00x either way; timed runs gave K = 6 1.43x
+    and 1.57x.  Rows are cheaper where they share AMX tiles, where a longer cap pays more.  Each
+    token a draft model drafts costs one of its decode steps, so it keeps 4."""
     tokens: int = 6
     n_max: int = 16
     n_min: int = 2
