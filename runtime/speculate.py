@@ -106,13 +106,6 @@ def suffix_match(tokens: np.ndarray, n_max: int, n_min: int) -> tuple[int, int]:
     return int(ends[-1]), n
 
 
-def propose_ngram(tokens: np.ndarray, k: int, n_max: int = 3, n_min: int = 2) -> list[int]:
-    """Up to `k` tokens that followed the most recent earlier occurrence of the longest suffix
-    of `tokens` (n_max down to n_min tokens long); [] if none occurred."""
-    end, n = suffix_match(tokens, n_max, n_min)
-    return np.asarray(tokens)[end:end + k].tolist() if n else []
-
-
 class StepCost:
     """The time of a decode step by its row count, from the steps the scheduler ran: the median
     of the last `WINDOW` single-sequence, decode-only steps of each count (medians: a VM's stray

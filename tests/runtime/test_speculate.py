@@ -12,20 +12,20 @@ from hypothesis import strategies as st
 
 from amxc.runtime.engine import Engine
 from amxc.runtime.settings import Settings
-from amxc.runtime.speculate import Drafter, Speculation, StepCost, propose_ngram, suffix_match
+from amxc.runtime.speculate import Drafter, Speculation, StepCost, suffix_match
 
 
 def test_prompt_lookup_takes_the_longest_suffix_and_its_latest_occurrence():
     t = np.array([5, 6, 7, 8, 1, 2, 3, 9, 9, 1, 2, 3, 4, 4, 7, 1, 2, 3])
-    # suffix [1, 2, 3] occurred at 4 and 9; the latest (9) is followed by 4 4 7
-    assert propose_ngram(t, 3) == [4, 4, 7]
-    assert propose_ngram(t, 10) == [4, 4, 7, 1, 2, 3]       # what follows, up to the end
+    # suffix [1, 2, 3] occurred at 4 and 9; the latest ends at 12 and is followed by 4 4 7
+    assert suffix_match(t, 16, 2) == (12, 3)
+    assert suffix_match(t, 2, 2) == (12, 2)                  # [2, 3] at most
     # [9, 7] never occurred before; with n_min=1 its last token 7 did (at 2 and 14): 8 ...
     t2 = np.array([5, 6, 7, 8, 1, 9, 7])
-    assert propose_ngram(t2, 2, n_min=2) == []
-    assert propose_ngram(t2, 2, n_min=1) == [8, 1]
-    assert propose_ngram(np.array([3]), 4) == []             # nothing before the suffix
-    assert propose_ngram(np.array([1, 1, 1, 1]), 2) == [1]   # overlapping: [1,1] at 1 is followed by 1
+    assert suffix_match(t2, 16, 2) == (0, 0)
+    assert suffix_match(t2, 16, 1) == (3, 1)
+    assert suffix_match(np.array([3]), 16, 2) == (0, 0)      # nothing before the suffix
+    assert suffix_match(np.array([1, 1, 1, 1]), 16, 2) == (3, 3)   # overlapping: [1,1,1] at 0
 
 
 def _suffix_match_by_definition(t: list[int], n_max: int, n_min: int) -> tuple[int, int]:
