@@ -57,8 +57,8 @@ class Speculation:
     only caps the drafts of long matches, which were taken 98 % of the time (below).  On SmolLM2
     NF4 (Zen 3, 2 threads), benchmarks/speculative_replay.py put K = 6 ahead of 5 by 0.02-0.05x
     in the input-grounded median under three of four measured step-cost tables (behind by 0.01
-    under the fourth), free-form prompts at 0.99-1.00x either way; timed runs gave K = 6 1.43x
-    and 1.57x.  Rows are cheaper where they share AMX tiles, where a longer cap pays more.  Each
+    under the fourth), free-form prompts at 0.99-1.00x either way; three timed runs gave
+    K = 6 1.40-1.57x.  Rows are cheaper where they share AMX tiles, where a longer cap pays more.  Each
     token a draft model drafts costs one of its decode steps, so it keeps 4."""
     tokens: int = 6
     n_max: int = 16
