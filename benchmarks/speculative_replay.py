@@ -1,5 +1,5 @@
 """Prompt-lookup drafting judged without timing noise: speculative.py's prompts are decoded once
-plainly (greedy), the step time of 1 .. K + 2 rows is measured on this host (forced drafts,
+plainly (greedy), the step time of 1 .. K + 1 rows is measured on this host (forced drafts,
 cycled step by step, medians), and the real `Drafter` is then replayed against the recorded
 tokens: each step drafts what it would have, takes the drafted tokens that match the recorded
 ones (greedy verification takes exactly those), and costs its row count's measured time.
@@ -105,11 +105,11 @@ def main() -> int:
           + ", ".join(f"{r}: {c:.2f}x" for r, c in cost.items()))
     print("| K | " + " | ".join(prompts) + " | grounded median | free-form min |")
     print("|---" * (len(prompts) + 3) + "|")
+    measured = StepCost()                  # what the drafters weigh their drafts by: the table
+    for rows, c in cost.items():           # above, a one-row step taken as 1 ms
+        for _ in range(StepCost.MIN_SEEN):
+            measured.observe(rows, c * 1e-3)
     for k in ks:
-        measured = StepCost()
-        for rows, c in cost.items():
-            for _ in range(StepCost.MIN_SEEN):
-                measured.observe(rows, c * 1e-3)
         speed = {name: replay(*outputs[name], Drafter(Speculation(tokens=k), measured), cost, args.new_tokens)
                  for name in prompts}
         grounded = statistics.median(speed[n] for n in bench.GROUNDED)

@@ -48,7 +48,7 @@ def _linear_infer(ts, at):
 def linear(x, weight, bias=None):
     """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
     acc = ACCUMULATE["dtype"]
-    # as one 2-D product: numpy runs [b, s, K] @ [K, N] as b GEMMs of s rows, which took 25 %
+    # as one 2-D product: numpy runs [b, s, K] @ [K, N] as b GEMMs of s rows, which took 10-25 %
     # longer at a calibration run's 32 x 512 rows (SmolLM2's gate, Zen 3)
     rows = x.reshape(-1, x.shape[-1]).astype(acc, copy=False)
     y = np.matmul(rows, weight.T.astype(acc, copy=False)).reshape(x.shape[:-1] + (weight.shape[0],))
