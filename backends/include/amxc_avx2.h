@@ -20,11 +20,30 @@ static inline __m256 decode_e4m3_x8(const uint8_t* p) {
   return _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
 }
 
+// e^x in every lane, without a libm call per lane (a scalar expf per output made the silu(gate) * up
+// epilogue of a prefill GEMV cost as much as its dot products at SmolLM2's K = 576).  Cephes'
+// expf: n = round(x log2 e), r = x - n ln 2 in two parts, e^r by its degree-7 polynomial, then
+// two exact power-of-two scalings so results down to the subnormals and up to overflow (inf)
+// come out right.  Within 2 ulp of e^x (tests/backends/test_vector_exp.py).  The avx2 and
+// avx512 headers run the same operations on the same constants, so they give the same bits.
 static inline __m256 exp_x8(__m256 x) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, x);
-  for (int i = 0; i < 8; ++i) t[i] = expf(t[i]);
-  return _mm256_load_ps(t);
+  using namespace expc;
+  x = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));     // NaN stays NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-ln2_hi), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-ln2_lo), r);
+  __m256 y = _mm256_set1_ps(p0);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p1));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p2));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p3));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p4));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(p5));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n as 2^a 2^b, a = n >> 1: each factor a normal float for n in [-150, 128]
+  const __m256i ni = _mm256_cvtps_epi32(n), a = _mm256_srai_epi32(ni, 1), b = _mm256_sub_epi32(ni, a);
+  const __m256i bias = _mm256_set1_epi32(127);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23)));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23)));
 }
 
 static inline __m256 silu_mul_x8(__m256 g, __m256 u) {

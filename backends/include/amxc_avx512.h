@@ -19,14 +19,33 @@ static inline __m512 decode_e4m3_x16(const uint8_t* p) {
   return _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0x1p120f));
 }
 
-static inline __m512 exp_x16(__m512 x) {       // expf to ~1 ulp-ish, for silu epilogues
-  alignas(64) float t[16];
-  _mm512_store_ps(t, x);
-  for (int i = 0; i < 16; ++i) t[i] = expf(t[i]);
-  return _mm512_load_ps(t);
+// e^x in every lane, without a libm call per lane (a scalar expf per output made the silu(gate) * up
+// epilogue of a prefill GEMV cost as much as its dot products at SmolLM2's K = 576).  Cephes'
+// expf: n = round(x log2 e), r = x - n ln 2 in two parts, e^r by its degree-7 polynomial, then
+// two exact power-of-two scalings so results down to the subnormals and up to overflow (inf)
+// come out right.  Within 2 ulp of e^x (tests/backends/test_vector_exp.py).  The avx2 and
+// avx512 headers run the same operations on the same constants, so they give the same bits.
+static inline __m512 exp_x16(__m512 x) {
+  using namespace expc;
+  x = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x));     // NaN stays NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-ln2_hi), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-ln2_lo), r);
+  __m512 y = _mm512_set1_ps(p0);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p1));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p2));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p3));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p4));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(p5));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  // 2^n as 2^a 2^b, a = n >> 1: each factor a normal float for n in [-150, 128]
+  const __m512i ni = _mm512_cvtps_epi32(n), a = _mm512_srai_epi32(ni, 1), b = _mm512_sub_epi32(ni, a);
+  const __m512i bias = _mm512_set1_epi32(127);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(a, bias), 23)));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(b, bias), 23)));
 }
 
-// silu(g) * u, with the same expf as the scalar kernels
+// silu(g) * u
 static inline __m512 silu_mul_x16(__m512 g, __m512 u) {
   const __m512 e = exp_x16(_mm512_sub_ps(_mm512_setzero_ps(), g));
   return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);

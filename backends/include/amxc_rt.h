@@ -53,6 +53,13 @@ struct Div { static inline float f(float a, float b) { return a / b; } };
 struct Cos { static inline float f(float a) { return cosf(a); } };
 struct Sin { static inline float f(float a) { return sinf(a); } };
 struct Neg { static inline float f(float a) { return -a; } };
+// the constants of the vector exp (amxc_avx2.h exp_x8, amxc_avx512.h exp_x16): one copy for both
+namespace expc {
+constexpr float lo = -104.0f, hi = 89.0f, log2e = 1.44269504088896341f, ln2_hi = 0.693359375f,
+                ln2_lo = -2.12194440e-4f, p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f,
+                p3 = 4.1665795894e-2f, p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
+}  // namespace expc
+
 struct Exp { static inline float f(float a) { return expf(a); } };
 struct Silu { static inline float f(float a) { return a / (1.0f + expf(-a)); } };
 
