@@ -44,7 +44,11 @@ def rel_rms(a, b):
                                             (16, 64, 4, "bnb_dynamic8"), (96, 576, 16, "fp8_e4m3"),
                                             (33, 128, 9, "bnb_dynamic8"), (37, 320, 6, "fp8_e4m3"),
                                             (40, 192, 7, "f32"),
-                                            (40, 64 * 300, 37, "fp8_e4m3")])   # avx2: 3 row slabs
+                                            (40, 64 * 300, 37, "fp8_e4m3"),    # avx2: 3 row slabs
+                                            # avx512 prefill: whole 4-group panels in 4-row tiles, then the
+                                            # groups and rows left over; 130 rows: two row slabs of one panel
+                                            (100, 256, 37, "fp8_e4m3"), (64, 128, 130, "bnb_dynamic8"),
+                                            (200, 640, 131, "f32")])
 def test_gemv_nf4_q8(tier, n, k, m, scale):
     wt = nf4_weight(n, k, scale, seed=n + k)
     blob, layout = wt.blob, wt.layout
@@ -66,9 +70,9 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("m", [2, 6, 11, 37])   # 11: a decode batch (row chunks of 7 and 4); 37: a prefill chunk (weights looked up once, 10 chunks)
+@pytest.mark.parametrize("m", [2, 6, 11, 37, 70])   # 11: a decode batch (row chunks of 7 and 4); 37, 70: prefill chunks
 def test_gemv_nf4_q8_swiglu_pair(tier, m):
-    n, k = 40, 256
+    n, k = 72, 256                                        # a whole 4-group panel and a ragged group
     gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)
     x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
     q, qs, qsum = twin.quantize_q8(x)
@@ -88,7 +92,7 @@ SIG64 = SIG.replace("float* out", "double* out")
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("n, k, m", [(37, 576, 1), (48, 768, 5), (20, 1536, 16)])
+@pytest.mark.parametrize("n, k, m", [(37, 576, 1), (48, 768, 5), (20, 1536, 16), (100, 768, 41)])
 def test_gemv_acc64_sums_do_not_depend_on_how_k_is_cut(tier, n, k, m):
     """acc64 (row-parallel products): float64 sums of the exact block terms, bit-equal to the
     twin; and the float of the whole sum equals the float of the summed float64 partials of any
@@ -136,7 +140,7 @@ GROUP_CALL = "NAME(q, qs, qsum, m, " + ", ".join(f"c{i}, s{i}, t{i}, b{i}, o{i}"
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("m", [1, 3, 7, 8, 16])   # avx2: up to 7 rows in one region, from 8 the members' own calls
+@pytest.mark.parametrize("m", [1, 3, 7, 8, 16, 37])   # avx2: up to 7 rows in one region, from 8 the members' own calls; avx512 37: panels
 def test_grouped_gemv_gives_each_member_its_own_bits(tier, m):
     """q, k and v in one parallel region (templates/gemv_group.cpp.j2): every member's output is
     the twin's to the bit, with its own bias, whatever the members' sizes (groups of 16 outputs

@@ -69,7 +69,8 @@ def test_bad_layouts_are_named():
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("n, k, m", [(48, 128, 1), (37, 320, 3), (96, 576, 16), (20, 64, 9)])
+@pytest.mark.parametrize("n, k, m", [(48, 128, 1), (37, 320, 3), (96, 576, 16), (20, 64, 9),
+                                     (100, 256, 37), (64, 128, 130)])   # prefill: avx512 tiles and remainders
 def test_gemv_q8(tier, n, k, m):
     w, flat, blob, layout, packed = weight(n, k, seed=n + k)
     rng = np.random.default_rng(1)
