@@ -12,6 +12,7 @@ CHOICES = {
     "AMXC_PROFILE": (("0", "1"), "0"),
     "AMXC_VERIFY": (("remember", "always"), "remember"),    # runtime/verified.py
     "AMXC_PIN": (("0", "1"), "0"),                          # NativeOptions.pin
+    "AMXC_WEIGHTS": (("copy", "map"), "copy"),              # NativeOptions.weights
 }
 
 

@@ -25,6 +25,7 @@ from amxc.ir.types import KVCacheType
 from . import env, isa, toolchain
 from .codegen import generate
 from .plan import Limits
+from .resident import ResidentWeights
 from .step import PagedView, StepBatch, StepError
 
 
@@ -42,7 +43,8 @@ class NativeOptions:
     threads: None for every CPU this process may use; gemv: "int8" (decode rows on int8
     activations) or "exact" (fp32 arithmetic everywhere, the same bits for a row whatever else
     is in its step); tiles: AMX tile mode ("int8": the int8 GEMV's bits, the default; "bf16": faster prefill,
-    whose results depend on the chunk size; "off")."""
+    whose results depend on the chunk size; "off"); weights: "copy" (into anonymous huge pages,
+    backends/resident.py) or "map" (read through the weight file's mapping)."""
     executor: str = "native"
     tier: str = "auto"
     threads: int | None = None
@@ -50,14 +52,16 @@ class NativeOptions:
     tiles: str = "int8"
     profile: bool = False
     pin: bool = False             # bind OpenMP threads to cores (env.pin_openmp_threads: AMXC_PIN=1)
+    weights: str = "copy"
 
     @classmethod
     def from_env(cls, **overrides) -> "NativeOptions":
-        """AMXC_EXECUTOR, AMXC_ISA, AMXC_NUM_THREADS, AMXC_GEMV, AMXC_TILES, AMXC_PROFILE, AMXC_PIN, each
-        checked; keyword arguments that are not None win."""
+        """AMXC_EXECUTOR, AMXC_ISA, AMXC_NUM_THREADS, AMXC_GEMV, AMXC_TILES, AMXC_PROFILE, AMXC_PIN,
+        AMXC_WEIGHTS, each checked; keyword arguments that are not None win."""
         opts = cls(executor=env.choice("AMXC_EXECUTOR"), tier=env.isa_request(), threads=env.threads(),
                    gemv=env.choice("AMXC_GEMV"), tiles=env.choice("AMXC_TILES"),
-                   profile=env.choice("AMXC_PROFILE") == "1", pin=env.choice("AMXC_PIN") == "1")
+                   profile=env.choice("AMXC_PROFILE") == "1", pin=env.choice("AMXC_PIN") == "1",
+                   weights=env.choice("AMXC_WEIGHTS"))
         return replace(opts, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -191,7 +195,16 @@ class NativeProgram(Program):
         self.entry = {name: getattr(lib, f"amxc_{name}") for name in gen.functions}
         for fn in self.entry.values():
             fn.argtypes, fn.restype = [ctypes.POINTER(CStepArgs)], ctypes.c_int
+        if options.weights not in ("copy", "map"):
+            raise ProgramError(f"weights={options.weights!r} is not 'copy' or 'map'")
         self.arrays = [np.ascontiguousarray(_rank_data(module.params[n], rank)) for n in gen.params]
+        self.resident = None
+        if options.weights == "copy":           # every weight the steps stream; tables they only
+            gathered = _gathered_only(module)   # look rows up in stay mapped
+            streamed = [i for i, n in enumerate(gen.params) if n not in gathered]
+            self.resident = ResidentWeights([self.arrays[i] for i in streamed])
+            for i, copy in zip(streamed, self.resident.arrays):
+                self.arrays[i] = copy
         self.table = (ctypes.c_void_p * max(len(self.arrays), 1))(*[a.ctypes.data for a in self.arrays])
         self.workspace_bytes = gen.workspace
         self.workspace = np.zeros(gen.workspace + 64, np.uint8)
@@ -259,6 +272,17 @@ def _base(tier: str) -> str:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40] or "model"
+
+
+def _gathered_only(module: Module) -> set[str]:
+    """Parameters read by embedding lookups alone (a few rows a step, not streamed)."""
+    users: dict[str, set[str]] = {}
+    for fn in module.functions.values():
+        for n in fn.nodes:
+            for v in n.inputs:
+                if v.name in module.params:
+                    users.setdefault(v.name, set()).add(n.op)
+    return {name for name, ops in users.items() if ops <= {"embedding", "embedding_part"}}
 
 
 def _embedding_rows(module: Module) -> int:

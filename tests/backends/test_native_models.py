@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from amxc.api import compile
-from amxc.backends import isa
+from amxc.backends import env, isa
 from amxc.backends.plan import TILE_ROWS
 from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
@@ -343,3 +343,43 @@ def test_openmp_threads_are_pinned_to_cores_unless_asked_not_to(stories_art, pin
         assert len(set(single)) >= 2, allowed       # the two OpenMP threads, each on its own CPU
     else:
         assert not single, allowed
+
+
+def test_weights_copied_to_huge_pages_give_the_mapped_weights_logits(artifacts):
+    """NativeOptions.weights (AMXC_WEIGHTS): "copy" (the default) runs on a copy of every streamed
+    weight in anonymous memory advised for huge pages, each 64-byte aligned, with embedding-only
+    tables left mapped; "map" reads the file mapping.  The same bytes, so the same logits."""
+    art = artifacts["smollm2", "nf4"]
+    copied, mapped = engine(art), engine(art, weights="map")
+    resident = copied.program.resident
+    assert resident is not None and mapped.program.resident is None
+    assert all(a.ctypes.data % 64 == 0 for a in resident.arrays)
+    table = list(copied.program.table)
+    inside = [resident.arrays[0].ctypes.data <= p < resident.arrays[0].ctypes.data + resident.nbytes for p in table]
+    assert sum(inside) == len(resident.arrays) > 0
+    prompt = copied.tokenizer.encode("The capital of France is")
+    (a, fed_a), (b, fed_b) = step_logits(copied, prompt, 4), step_logits(mapped, prompt, 4)
+    assert fed_a == fed_b and np.array_equal(bits(a), bits(b))
+
+
+def test_resident_weights_copy_bytes_and_release_the_file_pages(tmp_path):
+    """Each copy holds its source's bytes at a 64-byte aligned offset; a source that is a view of
+    an np.memmap has its pages unmapped from the process (madvise DONTNEED) and still reads
+    back right from the page cache."""
+    from amxc.backends.resident import ResidentWeights
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
+    path = tmp_path / "w.bin"
+    data.tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    sources = [mm[5:1000], mm[4096:(2 << 20) + 77].view(np.uint8), np.arange(10, dtype=np.float32)]
+    res = ResidentWeights(sources)
+    for src, copy in zip(sources, res.arrays):
+        assert copy.ctypes.data % 64 == 0
+        assert np.array_equal(copy, np.ascontiguousarray(src).reshape(-1).view(np.uint8))
+    assert np.array_equal(mm[5:1000], data[5:1000])            # faulted back in from the page cache
+
+
+def test_unknown_weights_mode_is_a_clear_error(artifacts, monkeypatch):
+    monkeypatch.setenv("AMXC_WEIGHTS", "hugepages")
+    with pytest.raises(env.EnvError, match="AMXC_WEIGHTS='hugepages' is not one of: copy, map"):
+        NativeOptions.from_env()
