@@ -45,8 +45,8 @@ def rel_rms(a, b):
                                             (33, 128, 9, "bnb_dynamic8"), (37, 320, 6, "fp8_e4m3"),
                                             (40, 192, 7, "f32"),
                                             (40, 64 * 300, 37, "fp8_e4m3"),    # avx2: 3 row slabs
-                                            # avx512 prefill: whole 4-group panels in 4-row tiles, then the
-                                            # groups and rows left over; 130 rows: two row slabs of one panel
+                                            # avx512 prefill: 8-row tiles and the rows left over; 7 groups
+                                            # for 2 threads: each split into 2 row slabs
                                             (100, 256, 37, "fp8_e4m3"), (64, 128, 130, "bnb_dynamic8"),
                                             (200, 640, 131, "f32")])
 def test_gemv_nf4_q8(tier, n, k, m, scale):
@@ -72,7 +72,7 @@ def test_gemv_nf4_q8(tier, n, k, m, scale):
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
 @pytest.mark.parametrize("m", [2, 6, 11, 37, 70])   # 11: a decode batch (row chunks of 7 and 4); 37, 70: prefill chunks
 def test_gemv_nf4_q8_swiglu_pair(tier, m):
-    n, k = 72, 256                                        # a whole 4-group panel and a ragged group
+    n, k = 72, 256                                        # 5 groups, the last ragged: 2 row slabs each
     gw, uw = nf4_weight(n, k, "fp8_e4m3", seed=1), nf4_weight(n, k, "fp8_e4m3", seed=2)
     x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
     q, qs, qsum = twin.quantize_q8(x)
@@ -140,7 +140,7 @@ GROUP_CALL = "NAME(q, qs, qsum, m, " + ", ".join(f"c{i}, s{i}, t{i}, b{i}, o{i}"
 
 
 @pytest.mark.parametrize("tier", KERNEL_TIERS, indirect=True)
-@pytest.mark.parametrize("m", [1, 3, 7, 8, 16, 37])   # avx2: up to 7 rows in one region, from 8 the members' own calls; avx512 37: panels
+@pytest.mark.parametrize("m", [1, 3, 7, 8, 16, 37])   # avx2: up to 7 rows in one region, from 8 the members' own calls; avx512 37: tiles
 def test_grouped_gemv_gives_each_member_its_own_bits(tier, m):
     """q, k and v in one parallel region (templates/gemv_group.cpp.j2): every member's output is
     the twin's to the bit, with its own bias, whatever the members' sizes (groups of 16 outputs
