@@ -20,12 +20,8 @@ static inline __m256 decode_e4m3_x8(const uint8_t* p) {
   return _mm256_mul_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(0x1p120f));
 }
 
-// e^x in every lane, without a libm call per lane (~10 cycles an expf per output and row, against
-// ~18 cycles of vpdpbusd for a gate/up pair at SmolLM2's K = 576).  Cephes'
-// expf: n = round(x log2 e), r = x - n ln 2 in two parts, e^r by its degree-7 polynomial, then
-// two exact power-of-two scalings so results down to the subnormals and up to overflow (inf)
-// come out right.  Within 2 ulp of e^x (tests/backends/test_vector_exp.py).  The avx2 and
-// avx512 headers run the same operations on the same constants, so they give the same bits.
+// e^x in 8 lanes: the vector exp of amxc_rt.h (namespace expc), whose operations the
+// avx512 header's copy repeats one for one at its own width (the same bits)
 static inline __m256 exp_x8(__m256 x) {
   using namespace expc;
   x = _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));     // NaN stays NaN
