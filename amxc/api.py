@@ -45,7 +45,7 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     from amxc.ir.types import KVCacheType
     if kv not in KVCacheType.STORAGES:
         raise UsageError(f"--kv {kv}: the KV cache stores {' or '.join(KVCacheType.STORAGES)}")
-    if kv != "f32":                 # the KV cache's storage (kv-cache{storage=i8}: int8 rows + scales)
+    if kv != "f32":                 # the KV cache's storage (kv-cache{storage=f16|i8}: packed rows)
         if "kv-cache{" in out:
             raise UsageError("--kv: the pipeline already configures kv-cache; set storage= there")
         out = ",".join(f"kv-cache{{storage={kv}}}" if p == "kv-cache" else p for p in out.split(","))
@@ -457,8 +457,8 @@ def ensure_artifact(model, *, quant: str | None = None, progress: bool = True, t
 def load(model, *, quant: str | None = None, progress: bool = False, tp: int = 1, kv: str | None = None,
          **engine_options):
     """An inference Engine for an artifact directory, or for a model (compiled on first use,
-    quantized if `quant` says so: 'nf4'; sharded `tp` ways; `kv`: the KV cache's storage, f32 or
-    i8, a run option on an artifact).  A sharded artifact starts its rank
+    quantized if `quant` says so: 'nf4'; sharded `tp` ways; `kv`: the KV cache's storage, f32,
+    f16 or i8, a run option on an artifact).  A sharded artifact starts its rank
     processes; `Engine.close()` stops them."""
     from amxc.runtime.engine import Engine
 

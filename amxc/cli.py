@@ -110,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],
                    help="the lowest ISA tier the artifact must run on (default auto: any machine, its "
                         "best tier chosen at load)")
-    c.add_argument("--kv", choices=["f32", "i8"], default="f32",
-                   help="how the KV cache stores keys and values: f32, or i8 (int8 codes + a float32 scale "
-                        "per position and head: 3.8x more tokens in the same memory at head_dim 64)")
+    c.add_argument("--kv", choices=["f32", "f16", "i8"], default="f32",
+                   help="how the KV cache stores keys and values: f32; f16 (half precision, llama.cpp's "
+                        "default: 2x the tokens in the same memory); or i8 (int8 codes + a float32 scale "
+                        "per position and head: 3.8x the tokens at head_dim 64)")
     c.add_argument("--tp", type=at_least(1), default=1, metavar="N",
                    help="tensor parallelism: shard the model N ways (one process per rank at run "
                         "time, one weight file per rank); appends shard-tp{ways=N} before quantization")

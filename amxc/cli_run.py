@@ -69,9 +69,10 @@ def _model_arg(p) -> None:
                     help="KV cache size as tokens (4096) or memory (512MiB, 2GiB, 1.5GB)")
     p.add_argument("--quant", metavar="SPEC", default=None,
                    help="when compiling on first use: 'nf4' (or 'nf4{double=bnb}') quantizes the weights")
-    p.add_argument("--kv", choices=["f32", "i8"], default=None,
-                   help="the KV cache's storage: f32, or i8 (int8 + a float32 scale per position and head: "
-                        "3.8x the tokens in the same memory at head_dim 64); default: the artifact's")
+    p.add_argument("--kv", choices=["f32", "f16", "i8"], default=None,
+                   help="the KV cache's storage: f32; f16 (half precision: 2x the tokens in the same "
+                        "memory); or i8 (int8 + a float32 scale per position and head: 3.8x the tokens at "
+                        "head_dim 64); default: the artifact's")
     tp = p.add_argument_group("tensor parallelism (an artifact compiled with --tp N runs N rank processes)")
     tp.add_argument("--tp", type=at_least(1), default=None, metavar="N",
                     help="when compiling on first use: shard the model N ways")

@@ -32,7 +32,7 @@ class Row:
 def side_by_side(models: list, text: str, *, window: int = 512, stride: int | None = None,
                  max_tokens: int | None = None, decode_tokens: int = 64, threads: int | None = None,
                  kv: str | None = None, progress: bool = False) -> list[Row]:
-    """`kv` ("f32" | "i8"): the KV storage of every amxc model (default: each artifact's own)."""
+    """`kv` ("f32" | "f16" | "i8"): the KV storage of every amxc model (default: each artifact's own)."""
     from amxc.api import load
     from amxc.errors import UsageError
     from amxc.runtime.perplexity import perplexity

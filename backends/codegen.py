@@ -231,10 +231,10 @@ class Emitter:
         d = q.type.shape[3]
         if not isinstance(d, int) or d > 512:
             raise CodegenError(f"native attention supports head_dim <= 512, got {d}")
-        kv8 = "true" if n.inputs[4].type.storage == "i8" else "false"
+        storage = {"f32": "amxc::KV_F32", "i8": "amxc::KV_I8", "f16": "amxc::KV_F16"}[n.inputs[4].type.storage]
         self.lines.append(f"amxc::attention_cached({self.p(q)}, {self.p(k)}, {self.p(v)}, {self.p(pos)}, a, "
                           f"{c_int(n.attrs['layer'])}, {cxx(q.type.shape[1])}, {cxx(k.type.shape[1])}, {d}, "
-                          f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)}, {kv8});")
+                          f"{c_float(n.attrs['scale'])}, {c_int(n.attrs['window'])}, {self.p(n.output)}, {storage});")
 
     def op_lf_state(self, np_: NodePlan) -> None:
         n = np_.node

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amxc.ir.ops.cache import kv_dequantize, kv_quantize
+from amxc.ir.types import head_dim_of_row
 
 FUNCTIONS = ("prefill", "decode")
 
@@ -109,7 +110,7 @@ class PagedView:
         self.block_size = k.shape[3]
         self.layers = k.shape[0] if layers is None else layers      # attention layers; state slots follow
         self.storage = storage                                      # KVCacheType.storage of the arrays
-        self.head_dim = k.shape[4] if storage == "f32" else (k.shape[4] - 1) * 4
+        self.head_dim = head_dim_of_row(storage, k.shape[4])
 
     def write(self, layer: int, positions: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
         for r in range(len(positions)):

@@ -300,7 +300,7 @@ class _Parser:
             state = int(t.text)
         if tuple(fields) != want:
             raise self.error(f"kv_cache needs the fields {', '.join(want)} in that order (then state=N, "
-                             f"storage=f32|i8)", tok)
+                             f"storage=f32|f16|i8)", tok)
         ints = []
         for key in want[:3]:
             t = fields[key]

@@ -100,6 +100,16 @@ def _format_field(v) -> str:
     return format_value(v)
 
 
+def row_words(storage: str, head_dim: int) -> int:
+    """float32 words a KV cache row of `head_dim` values takes in `storage` (KVCacheType)."""
+    return {"f32": head_dim, "f16": head_dim // 2, "i8": head_dim // 4 + 1}[storage]
+
+
+def head_dim_of_row(storage: str, row: int) -> int:
+    """The head_dim whose rows take `row` words in `storage` (row_words' inverse)."""
+    return {"f32": row, "f16": 2 * row, "i8": (row - 1) * 4}[storage]
+
+
 @dataclass(frozen=True)
 class KVCacheType:
     """The key/value cache of all attention layers, as one function argument.  Its contents are
@@ -111,9 +121,10 @@ class KVCacheType:
     `layers + i`), so paging, prefix caching and preemption treat them exactly like K and V.
 
     `storage` is how the arrays hold a (position, head) row of head_dim values: "f32" as they
-    are, or "i8": int8 codes with one float32 scale (absmax / 127) per row, packed into
-    head_dim/4 + 1 float32 words (`row`), 3.8x less memory at head_dim 64 (ops/cache.py
-    kv_quantize is the rule; values read back are code * scale)."""
+    are; "f16": IEEE half precision (saturated to +-65504), two to a float32 word, half the
+    memory (llama.cpp's default cache type); or "i8": int8 codes with one float32 scale
+    (absmax / 127) per row, packed into head_dim/4 + 1 float32 words (`row`), 3.8x less memory
+    at head_dim 64 (ops/cache.py kv_quantize is the rule for both packed forms)."""
     layers: int
     kv_heads: int
     head_dim: int
@@ -121,19 +132,23 @@ class KVCacheType:
     state: int = 0
     storage: str = "f32"
 
-    STORAGES = ("f32", "i8")
+    STORAGES = ("f32", "f16", "i8")
+    #: head_dim must be a multiple of this to pack a row into whole float32 words
+    _PACK = {"f16": (2, "a half-precision"), "i8": (4, "an int8")}
 
     def __post_init__(self):
         if self.storage not in self.STORAGES:
             raise ValueError(f"KV storage {self.storage!r} is not one of {', '.join(self.STORAGES)}")
-        if self.storage == "i8" and (self.head_dim % 4 or self.state):
-            raise ValueError(f"an int8 KV cache needs head_dim a multiple of 4 (got {self.head_dim}) and no "
-                             f"state slots (Localized Filtering inputs must be kept exactly)")
+        if self.storage in self._PACK:
+            multiple, what = self._PACK[self.storage]
+            if self.head_dim % multiple or self.state:
+                raise ValueError(f"{what} KV cache needs head_dim a multiple of {multiple} (got {self.head_dim}) "
+                                 f"and no state slots (Localized Filtering inputs must be kept exactly)")
 
     @property
     def row(self) -> int:
         """float32 words per (position, head) row of the K and V arrays."""
-        return self.head_dim if self.storage == "f32" else self.head_dim // 4 + 1
+        return row_words(self.storage, self.head_dim)
 
     @property
     def physical_layers(self) -> int:

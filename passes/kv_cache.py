@@ -21,8 +21,9 @@ from .pattern import replace_uses
 class KVCache(Pass):
     options = {"keep_forward": Option(bool, False, "also keep the full-sequence forward"),
                "seq": Option(str, "s", "name of the sequence-length size"),
-               "storage": Option(str, "f32", "how the cache holds keys and values: f32, or i8 (int8 "
-                                             "codes + a float32 scale per position and head)")}
+               "storage": Option(str, "f32", "how the cache holds keys and values: f32, f16 (half "
+                                             "precision), or i8 (int8 codes + a float32 scale per "
+                                             "position and head)")}
 
     def run(self, module: Module) -> bool:
         if "prefill" in module.functions:

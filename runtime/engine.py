@@ -131,7 +131,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, kv_storage: str | None = None, **kwargs) -> "Engine":
         """An artifact directory (verified, weights memory-mapped) and its tokenizer.
-        `kv_storage` ("f32" | "i8") overrides how the KV cache stores keys and values (a run
+        `kv_storage` ("f32" | "f16" | "i8") overrides how the KV cache stores keys and values (a run
         option: the cache's type changes, the weights do not; single-process artifacts)."""
         from .tokenizer import Tokenizer
         module, manifest = load_artifact(path)
@@ -392,7 +392,7 @@ def _context_length(config: dict) -> int | None:
 
 
 def with_kv_storage(module, storage: str) -> None:
-    """Make the module's KV cache store `storage` ("f32" or "i8"), in place: the one cache
+    """Make the module's KV cache store `storage` ("f32", "f16" or "i8"), in place: the one cache
     argument of @prefill and @decode (the attention ops read its type from there)."""
     from dataclasses import replace
 

@@ -1,6 +1,7 @@
 """The paged KV cache's memory: keys and values [layers, num_blocks, kv_heads, block_size, row]
-(row: head_dim float32 values, or with storage=i8 head_dim int8 codes and a scale packed into
-head_dim/4 + 1 float32 words; ir/types.py KVCacheType).
+(row: head_dim float32 values; with storage=f16 head_dim halves in head_dim/2 words; with
+storage=i8 head_dim int8 codes and a scale packed into head_dim/4 + 1 float32 words; ir/types.py
+KVCacheType).
 
 Which block holds what is the block manager's business (blocks.py); how a batch row addresses its
 blocks is backends/step.py's (kv_slots; kv_slot in native code).  This is only the storage, sized

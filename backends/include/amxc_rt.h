@@ -523,6 +523,54 @@ static inline void kv8_load(const float* src, int64_t n, int64_t d, int64_t dr, 
   }
 }
 
+// A half-precision cache row (storage=f16, kv_quantize the reference): d IEEE binary16 values,
+// rounded to nearest even after saturating to +-65504 (an overflowing key would otherwise turn
+// every score of its head to NaN; NaN stays NaN), two to a float word.  F16C converts where the
+// tier has it (avx2 and up), _Float16 (the same rounding) on the scalar tier.
+static constexpr float HALF_MAX = 65504.0f;
+static inline void kv16_store(const float* x, int64_t d, float* dst) {
+  uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+  int64_t e = 0;
+#if defined(__F16C__)
+  const __m256 lo = _mm256_set1_ps(-HALF_MAX), hi = _mm256_set1_ps(HALF_MAX);
+  for (; e + 8 <= d; e += 8) {                    // max/min return their second operand on NaN
+    const __m256 v = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(x + e)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + e), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+#endif
+  for (; e < d; ++e) {
+    const float v = x[e] < -HALF_MAX ? -HALF_MAX : (x[e] > HALF_MAX ? HALF_MAX : x[e]);
+    h[e] = __builtin_bit_cast(uint16_t, (_Float16)v);
+  }
+}
+static inline void kv16_load(const float* src, int64_t n, int64_t d, int64_t dr, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(src + j * dr);
+    int64_t e = 0;
+#if defined(__F16C__)
+    for (; e + 8 <= d; e += 8)
+      _mm256_storeu_ps(out + j * d + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + e))));
+#endif
+    for (; e < d; ++e) out[j * d + e] = (float)__builtin_bit_cast(_Float16, h[e]);
+  }
+}
+
+// How the cache arrays hold a (position, head) row: KVCacheType.storage, as codegen passes it.
+enum KVStorage : int { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2 };
+static inline int64_t kv_row_words(int storage, int64_t d) {
+  return storage == KV_I8 ? d / 4 + 1 : storage == KV_F16 ? d / 2 : d;
+}
+static inline void kv_store(int storage, const float* x, int64_t d, float* dst) {
+  if (storage == KV_I8) kv8_store(x, d, dst);
+  else if (storage == KV_F16) kv16_store(x, d, dst);
+  else memcpy(dst, x, d * sizeof(float));
+}
+// n stored rows as float rows (d apart); only for the packed storages
+static inline void kv_load(int storage, const float* src, int64_t n, int64_t d, int64_t dr, float* out) {
+  if (storage == KV_I8) kv8_load(src, n, d, dr, out);
+  else kv16_load(src, n, d, dr, out);
+}
+
 // sc[j] = dot(q, k[j]) for n keys stored contiguously d apart, R independent chains at a time
 // (dot(x, y) == dot(y, x) bit for bit: the same fmas in the same order).  AVX2 keeps a dot in
 // two registers, and 8 of them spilled: 4 measured 5-7 % faster on the whole decode attention.
@@ -572,13 +620,15 @@ static inline void pv_run(const float* w, const float* v, int64_t n, int64_t d_r
 // for the keys j0..j1-1 (none: m = MASKED, l = 0, o = 0).  Keys are taken in runs that are
 // contiguous in the cache (the positions of one block); every score is amxc::dot's, and every
 // P.V sum adds w * v key by key in position order, so the bits do not depend on the runs.
-// With int8 rows (dr = d/4 + 1 words a row) each run is first decoded into float rows, which then
-// take exactly the float path: the reference dequantizes and attends the same way.
+// With packed rows (int8: dr = d/4 + 1 words a row; f16: d/2) each run is first decoded into
+// float rows, which then take exactly the float path: the reference dequantizes and attends the
+// same way.
 template <int D>
 static inline void chunk_partial_d(const float* qs, const float* kc, const float* vc, const StepArgs* a,
-                                   int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t dr, int64_t group,
+                                   int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int storage, int64_t group,
                                    int64_t j0, int64_t j1, float* mine) {
-  const bool kv8 = dr != d;
+  const bool packed = storage != KV_F32;
+  const int64_t dr = kv_row_words(storage, d);
   for (int64_t g = 0; g < group; ++g) {
     float* pg = mine + g * (d + 2);
     pg[0] = MASKED;
@@ -589,7 +639,7 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
   const int64_t n = j1 - j0, bs = a->block_size;
   // the runs: [j0, next block start), then whole blocks, then the tail
   auto run_end = [&](int64_t p) { return std::min(j1, (p / bs + 1) * bs); };
-  float* rows = kv8 ? scratch(3, bs * d) : nullptr;
+  float* rows = packed ? scratch(3, bs * d) : nullptr;
   for (int64_t p = j0; p < j1; p = run_end(p)) {
     const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, dr);
     if (run_end(p) < j1) {
@@ -599,7 +649,7 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
       prefetch_rows(vc + kv_slot(a, r, j0, hk, kv_heads, dr), std::min<int64_t>(bs - j0 % bs, n) * dr);
     }
     const float* keys = kc + off;
-    if (kv8) { kv8_load(keys, len, d, dr, rows); keys = rows; }
+    if (packed) { kv_load(storage, keys, len, d, dr, rows); keys = rows; }
     for (int64_t g = 0; g < group; ++g) score_run(qs + g * d, keys, len, d, sc + g * ATTN_CHUNK + (p - j0));
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -616,19 +666,19 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
     if (run_end(p) < j1)
       prefetch_rows(vc + kv_slot(a, r, run_end(p), hk, kv_heads, dr), std::min<int64_t>(bs, j1 - run_end(p)) * dr);
     const float* values = vc + off;
-    if (kv8) { kv8_load(values, len, d, dr, rows); values = rows; }
+    if (packed) { kv_load(storage, values, len, d, dr, rows); values = rows; }
     for (int64_t g = 0; g < group; ++g)
       pv_run<D>(sc + g * ATTN_CHUNK + (p - j0), values, len, d, mine + g * (d + 2) + 2);
   }
 }
 
 static inline void chunk_partial(const float* qs, const float* kc, const float* vc, const StepArgs* a,
-                                 int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int64_t dr, int64_t group,
+                                 int64_t r, int64_t hk, int64_t kv_heads, int64_t d, int storage, int64_t group,
                                  int64_t j0, int64_t j1, float* mine) {
   switch (d) {                                      // the head sizes of the families we compile
-    case 64: chunk_partial_d<64>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine); break;
-    case 128: chunk_partial_d<128>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine); break;
-    default: chunk_partial_d<0>(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, mine);
+    case 64: chunk_partial_d<64>(qs, kc, vc, a, r, hk, kv_heads, d, storage, group, j0, j1, mine); break;
+    case 128: chunk_partial_d<128>(qs, kc, vc, a, r, hk, kv_heads, d, storage, group, j0, j1, mine); break;
+    default: chunk_partial_d<0>(qs, kc, vc, a, r, hk, kv_heads, d, storage, group, j0, j1, mine);
   }
 }
 
@@ -667,7 +717,7 @@ static inline void scaled_queries(const float* q, int64_t r, int64_t i, int64_t 
 
 // Decode: one query per row; threads take the (row, kv head, chunk) partials, then the merge.
 static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
-                             const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d, int64_t dr,
+                             const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d, int storage,
                              float scale, int64_t window, float* out) {
   const int64_t b = a->b, group = heads / kv_heads;
   int64_t chunks = 1;
@@ -681,7 +731,7 @@ static void attention_decode(const float* q, const float* kc, const float* vc, c
     chunk_range(pos[r], window, c, &j0, &j1);
     float* qs = scratch(1, group * d);
     scaled_queries(q, r, 0, 1, heads, hk, group, d, scale, qs);
-    chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, P + t * part);
+    chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, storage, group, j0, j1, P + t * part);
   }
   for (int64_t r = 0; r < b; ++r)                   // merge the chunks, in order
     for (int64_t hk = 0; hk < kv_heads; ++hk)
@@ -738,11 +788,11 @@ static void lf_pairs(const float* x, const int64_t* pos, int64_t b, int64_t n, i
       }
 }
 
-// `kv8`: the cache holds int8 rows (storage=i8) of d/4 + 1 words, written by kv8_store.
+// `storage`: how the cache holds a row (KVStorage: f32 as it is, int8 or f16 packed).
 static void attention_cached(const float* q, const float* k, const float* v, const int64_t* pos,
                              const StepArgs* a, int layer, int64_t heads, int64_t kv_heads,
-                             int64_t d, float scale, int64_t window, float* out, bool kv8 = false) {
-  const int64_t b = a->b, s = a->s, bs = a->block_size, dr = kv8 ? d / 4 + 1 : d;
+                             int64_t d, float scale, int64_t window, float* out, int storage = KV_F32) {
+  const int64_t b = a->b, s = a->s, bs = a->block_size, dr = kv_row_words(storage, d);
   const int64_t layer_stride = a->num_blocks * kv_heads * bs * dr;
   float* kc = a->kcache + layer * layer_stride;
   float* vc = a->vcache + layer * layer_stride;
@@ -753,16 +803,11 @@ static void attention_cached(const float* q, const float* k, const float* v, con
         const int64_t slot = kv_slot(a, r, p, h, kv_heads, dr);
         const float* kr = k + ((r * kv_heads + h) * s + i) * d;
         const float* vr = v + ((r * kv_heads + h) * s + i) * d;
-        if (kv8) {
-          kv8_store(kr, d, kc + slot);
-          kv8_store(vr, d, vc + slot);
-        } else {
-          memcpy(kc + slot, kr, d * sizeof(float));
-          memcpy(vc + slot, vr, d * sizeof(float));
-        }
+        kv_store(storage, kr, d, kc + slot);
+        kv_store(storage, vr, d, vc + slot);
       }
   if (s == 1) {
-    attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, dr, scale, window, out);
+    attention_decode(q, kc, vc, pos, a, heads, kv_heads, d, storage, scale, window, out);
     return;
   }
   const int64_t group = heads / kv_heads, tasks = b * s * kv_heads, part = group * (d + 2);
@@ -776,7 +821,7 @@ static void attention_cached(const float* q, const float* k, const float* v, con
     for (int64_t c = 0; c < chunks; ++c) {
       int64_t j0, j1;
       chunk_range(p, window, c, &j0, &j1);
-      chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, dr, group, j0, j1, P + c * part);
+      chunk_partial(qs, kc, vc, a, r, hk, kv_heads, d, storage, group, j0, j1, P + c * part);
     }
     for (int64_t g = 0; g < group; ++g)
       merge_chunks(P + g * (d + 2), chunks, part, d, out + ((r * heads + hk * group + g) * s + i) * d);

@@ -16,14 +16,24 @@ from ._shapes import fail
 from .fused import _attention_infer, attend, position_mask
 
 
+#: the largest finite half-precision value: f16 rows saturate here (an overflow would be inf,
+#: and one inf key makes every score of its head NaN)
+HALF_MAX = np.float32(65504)
+
+
 def kv_quantize(x: np.ndarray, storage: str) -> np.ndarray:
-    """Rows [..., head_dim] of f32 as the cache stores them ([..., row] float32 words).  i8: codes
+    """Rows [..., head_dim] of f32 as the cache stores them ([..., row] float32 words).  f16:
+    binary16 rounded to nearest even after saturating to +-HALF_MAX (NaN stays NaN), value e in
+    the low half of word e // 2 (little-endian, as the native stores write it).  i8: codes
     rint(x / scale) with scale = absmax / 127 per row (0 for a zero row), the codes' bytes in the
     first head_dim/4 words, the scale in the last; the native kernels round the same way."""
     x = np.asarray(x, np.float32)
     if storage == "f32":
         return x
     d = x.shape[-1]
+    if storage == "f16":
+        half = np.ascontiguousarray(np.clip(x, -HALF_MAX, HALF_MAX).astype(np.float16))
+        return half.view(np.float32) if d else np.empty(x.shape[:-1] + (0,), np.float32)
     scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
     inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
     codes = np.rint(x * inv).astype(np.int8)
@@ -34,17 +44,19 @@ def kv_quantize(x: np.ndarray, storage: str) -> np.ndarray:
 
 
 def kv_dequantize(rows: np.ndarray, storage: str, head_dim: int) -> np.ndarray:
-    """The values stored rows hold: code * scale (float32) for i8."""
+    """The values stored rows hold: the halves as float32 for f16, code * scale for i8."""
     if storage == "f32":
         return rows
     rows = np.ascontiguousarray(rows, np.float32)
+    if storage == "f16":
+        return rows.view(np.float16)[..., :head_dim].astype(np.float32)
     codes = rows[..., :head_dim // 4].view(np.int8).astype(np.float32)
     return (codes * rows[..., head_dim // 4:]).astype(np.float32)
 
 
 class DenseKVCache:
     """Per layer, keys and values [batch, kv_heads, capacity, row] (row: head_dim float32, or
-    the packed int8 row of storage=i8), slot = position."""
+    the packed row of storage=f16 or i8), slot = position."""
 
     def __init__(self, type: KVCacheType, batch: int, capacity: int):
         self.type, self.batch, self.capacity = type, batch, capacity

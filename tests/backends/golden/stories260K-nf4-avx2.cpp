@@ -1899,7 +1899,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t rs20[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_10)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_14)), 3, rl20, rs20, 8, false);
   // attention_cached -> %attention_cached  [model.layers.0.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_prefill_13)), ((float*)(a->ws + OFF_prefill_14)), ((float*)(a->ws + OFF_prefill_12)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_15)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_prefill_13)), ((float*)(a->ws + OFF_prefill_14)), ((float*)(a->ws + OFF_prefill_12)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_15)), amxc::KV_F32);
   // permute -> %transpose_3  [model.layers.0.self_attn (modeling_llama.py:258)]
   const int64_t pshp22[] = {b, 8, s, 8};
   const int perm22[] = {0, 2, 1, 3};
@@ -1947,7 +1947,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t rs40[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_24)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_28)), 3, rl40, rs40, 8, false);
   // attention_cached -> %attention_1_cached  [model.layers.1.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_prefill_27)), ((float*)(a->ws + OFF_prefill_28)), ((float*)(a->ws + OFF_prefill_26)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_29)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_prefill_27)), ((float*)(a->ws + OFF_prefill_28)), ((float*)(a->ws + OFF_prefill_26)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_29)), amxc::KV_F32);
   // permute -> %transpose_7  [model.layers.1.self_attn (modeling_llama.py:258)]
   const int64_t pshp42[] = {b, 8, s, 8};
   const int perm42[] = {0, 2, 1, 3};
@@ -1995,7 +1995,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t rs60[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_38)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_42)), 3, rl60, rs60, 8, false);
   // attention_cached -> %attention_2_cached  [model.layers.2.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_prefill_41)), ((float*)(a->ws + OFF_prefill_42)), ((float*)(a->ws + OFF_prefill_40)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_43)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_prefill_41)), ((float*)(a->ws + OFF_prefill_42)), ((float*)(a->ws + OFF_prefill_40)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_43)), amxc::KV_F32);
   // permute -> %transpose_11  [model.layers.2.self_attn (modeling_llama.py:258)]
   const int64_t pshp62[] = {b, 8, s, 8};
   const int perm62[] = {0, 2, 1, 3};
@@ -2043,7 +2043,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t rs80[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_52)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_56)), 3, rl80, rs80, 8, false);
   // attention_cached -> %attention_3_cached  [model.layers.3.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_prefill_55)), ((float*)(a->ws + OFF_prefill_56)), ((float*)(a->ws + OFF_prefill_54)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_57)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_prefill_55)), ((float*)(a->ws + OFF_prefill_56)), ((float*)(a->ws + OFF_prefill_54)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_57)), amxc::KV_F32);
   // permute -> %transpose_15  [model.layers.3.self_attn (modeling_llama.py:258)]
   const int64_t pshp82[] = {b, 8, s, 8};
   const int perm82[] = {0, 2, 1, 3};
@@ -2091,7 +2091,7 @@ extern "C" int amxc_prefill(const StepArgs* a) {
   const int64_t rs100[] = {1*(s)*(1), 0, 1};
   amxc::rope(((float*)(a->ws + OFF_prefill_66)), ((float*)(a->ws + OFF_prefill_4)), ((float*)(a->ws + OFF_prefill_5)), ((float*)(a->ws + OFF_prefill_70)), 3, rl100, rs100, 8, false);
   // attention_cached -> %attention_4_cached  [model.layers.4.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_prefill_69)), ((float*)(a->ws + OFF_prefill_70)), ((float*)(a->ws + OFF_prefill_68)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_71)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_prefill_69)), ((float*)(a->ws + OFF_prefill_70)), ((float*)(a->ws + OFF_prefill_68)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_prefill_71)), amxc::KV_F32);
   // permute -> %transpose_19  [model.layers.4.self_attn (modeling_llama.py:258)]
   const int64_t pshp102[] = {b, 8, s, 8};
   const int perm102[] = {0, 2, 1, 3};
@@ -2241,7 +2241,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t rs20[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_8)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_11)), 3, rl20, rs20, 8, false);
   // attention_cached -> %attention_cached  [model.layers.0.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_decode_10)), ((float*)(a->ws + OFF_decode_11)), ((float*)(a->ws + OFF_decode_9)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_12)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_decode_10)), ((float*)(a->ws + OFF_decode_11)), ((float*)(a->ws + OFF_decode_9)), a->pos, a, 0, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_12)), amxc::KV_F32);
   // linear_nf4 -> %linear_3  [model.layers.0.self_attn.o_proj (modeling_llama.py:270)]
   { q8_ref_64(((float*)(a->ws + OFF_decode_12)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_1), (float*)((a->ws + TMP_decode_1) + 1024), (int32_t*)((a->ws + TMP_decode_1) + 1088), ((b)*(1)), ((const uint8_t*)a->W[7]) + 0, ((const uint8_t*)a->W[7]) + 2048, (const float*)(((const uint8_t*)a->W[7]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_0)), ((float*)(a->ws + OFF_decode_13)), nt); }
   // rms_norm -> %rms_norm_1  [model.layers.0.post_attention_layernorm (modeling_llama.py:67)]
@@ -2273,7 +2273,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t rs40[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_18)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_21)), 3, rl40, rs40, 8, false);
   // attention_cached -> %attention_1_cached  [model.layers.1.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_decode_20)), ((float*)(a->ws + OFF_decode_21)), ((float*)(a->ws + OFF_decode_19)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_22)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_decode_20)), ((float*)(a->ws + OFF_decode_21)), ((float*)(a->ws + OFF_decode_19)), a->pos, a, 1, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_22)), amxc::KV_F32);
   // linear_nf4 -> %linear_10  [model.layers.1.self_attn.o_proj (modeling_llama.py:270)]
   { q8_ref_64(((float*)(a->ws + OFF_decode_22)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_6), (float*)((a->ws + TMP_decode_6) + 1024), (int32_t*)((a->ws + TMP_decode_6) + 1088), ((b)*(1)), ((const uint8_t*)a->W[16]) + 0, ((const uint8_t*)a->W[16]) + 2048, (const float*)(((const uint8_t*)a->W[16]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_15)), ((float*)(a->ws + OFF_decode_23)), nt); }
   // rms_norm -> %rms_norm_3  [model.layers.1.post_attention_layernorm (modeling_llama.py:67)]
@@ -2305,7 +2305,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t rs60[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_28)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_31)), 3, rl60, rs60, 8, false);
   // attention_cached -> %attention_2_cached  [model.layers.2.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_decode_30)), ((float*)(a->ws + OFF_decode_31)), ((float*)(a->ws + OFF_decode_29)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_32)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_decode_30)), ((float*)(a->ws + OFF_decode_31)), ((float*)(a->ws + OFF_decode_29)), a->pos, a, 2, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_32)), amxc::KV_F32);
   // linear_nf4 -> %linear_17  [model.layers.2.self_attn.o_proj (modeling_llama.py:270)]
   { q8_ref_64(((float*)(a->ws + OFF_decode_32)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_11), (float*)((a->ws + TMP_decode_11) + 1024), (int32_t*)((a->ws + TMP_decode_11) + 1088), ((b)*(1)), ((const uint8_t*)a->W[25]) + 0, ((const uint8_t*)a->W[25]) + 2048, (const float*)(((const uint8_t*)a->W[25]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_25)), ((float*)(a->ws + OFF_decode_33)), nt); }
   // rms_norm -> %rms_norm_5  [model.layers.2.post_attention_layernorm (modeling_llama.py:67)]
@@ -2337,7 +2337,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t rs80[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_38)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_41)), 3, rl80, rs80, 8, false);
   // attention_cached -> %attention_3_cached  [model.layers.3.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_decode_40)), ((float*)(a->ws + OFF_decode_41)), ((float*)(a->ws + OFF_decode_39)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_42)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_decode_40)), ((float*)(a->ws + OFF_decode_41)), ((float*)(a->ws + OFF_decode_39)), a->pos, a, 3, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_42)), amxc::KV_F32);
   // linear_nf4 -> %linear_24  [model.layers.3.self_attn.o_proj (modeling_llama.py:270)]
   { q8_ref_64(((float*)(a->ws + OFF_decode_42)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_16), (float*)((a->ws + TMP_decode_16) + 1024), (int32_t*)((a->ws + TMP_decode_16) + 1088), ((b)*(1)), ((const uint8_t*)a->W[34]) + 0, ((const uint8_t*)a->W[34]) + 2048, (const float*)(((const uint8_t*)a->W[34]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_35)), ((float*)(a->ws + OFF_decode_43)), nt); }
   // rms_norm -> %rms_norm_7  [model.layers.3.post_attention_layernorm (modeling_llama.py:67)]
@@ -2369,7 +2369,7 @@ extern "C" int amxc_decode(const StepArgs* a) {
   const int64_t rs100[] = {1*(1)*(1), 0, 0};
   amxc::rope(((float*)(a->ws + OFF_decode_48)), ((float*)(a->ws + OFF_decode_4)), ((float*)(a->ws + OFF_decode_5)), ((float*)(a->ws + OFF_decode_51)), 3, rl100, rs100, 8, false);
   // attention_cached -> %attention_4_cached  [model.layers.4.self_attn (modeling_llama.py:258)]
-  amxc::attention_cached(((float*)(a->ws + OFF_decode_50)), ((float*)(a->ws + OFF_decode_51)), ((float*)(a->ws + OFF_decode_49)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_52)), false);
+  amxc::attention_cached(((float*)(a->ws + OFF_decode_50)), ((float*)(a->ws + OFF_decode_51)), ((float*)(a->ws + OFF_decode_49)), a->pos, a, 4, 8, 4, 8, 0.3535533905932738f, 0, ((float*)(a->ws + OFF_decode_52)), amxc::KV_F32);
   // linear_nf4 -> %linear_31  [model.layers.4.self_attn.o_proj (modeling_llama.py:270)]
   { q8_ref_64(((float*)(a->ws + OFF_decode_52)), ((b)*(1)), (int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088)); gemv_nf4_avx2_64_64_fp8_e4m3_256_acc64((int8_t*)(a->ws + TMP_decode_21), (float*)((a->ws + TMP_decode_21) + 1024), (int32_t*)((a->ws + TMP_decode_21) + 1088), ((b)*(1)), ((const uint8_t*)a->W[43]) + 0, ((const uint8_t*)a->W[43]) + 2048, (const float*)(((const uint8_t*)a->W[43]) + 2112), nullptr, ((float*)(a->ws + OFF_decode_45)), ((float*)(a->ws + OFF_decode_53)), nt); }
   // rms_norm -> %rms_norm_9  [model.layers.4.post_attention_layernorm (modeling_llama.py:67)]
