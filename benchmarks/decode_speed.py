@@ -11,7 +11,8 @@ Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Ins
                 4-bit files keep it in Q6_K or Q8_0), with lm_head in NF4 too:
                 nf4{keep="", skip=embed_tokens} for TinyLlama, nf4{keep="", skip=embed|wte|wpe,
                 untie=true} for SmolLM2, whose lm_head is the embedding table, and in f32
-                (nf4{keep=""})
+                (nf4{keep=""}); the q8-head artifact again with --kv f16 (llama.cpp's
+                default cache type; every other amxc row keeps the f32 cache)
   llama.cpp     llama-cpp-python (optional): F16, Q4_0 and IQ4_NL GGUFs of the same weights,
                 quantized by llama.cpp itself (its default keeps the output head in Q6_K/Q8_0),
                 and Q4_0/IQ4_NL "pure" (every matrix, the head too, in 4 bits: the same bytes
@@ -201,11 +202,15 @@ def prepare(model: str, work: Path, llamacpp: bool) -> dict:
         variants = {"nf4 (lm_head q8)": "nf4{method=rtn}",
                     "nf4 (lm_head NF4)": 'nf4{method=rtn, keep="", skip=embed|wte|wpe, untie=true}',
                     "nf4 (lm_head f32)": 'nf4{method=rtn, keep=""}'}
-    for label, quant in variants.items():
-        art = work / f"{model}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', quant).strip('_')}.amxc"
+    # the q8-head model again on a half-precision KV cache: the cache type llama.cpp reads by default
+    variants = {label: (quant, "f32") for label, quant in variants.items()}
+    variants["nf4 (lm_head q8, f16 KV)"] = (variants["nf4 (lm_head q8)"][0], "f16")
+    for label, (quant, kv) in variants.items():
+        name = re.sub(r'[^A-Za-z0-9_.-]+', '_', quant).strip('_') + ("" if kv == "f32" else f"-kv_{kv}")
+        art = work / f"{model}-{name}.amxc"
         if not (art / "manifest.json").exists():
             print(f"compiling {art.name} …", file=sys.stderr, flush=True)
-            amxc.compile(source, art, quant=quant, progress=False)
+            amxc.compile(source, art, quant=quant, kv=kv, progress=False)
         out["amxc"][label] = str(art)
     if llamacpp:
         from gguf_export import export_f16, quantize
@@ -233,7 +238,7 @@ def bytes_per_token(art: str) -> tuple[int, int]:
     """Bytes a decode step reads: (weights, cached keys and values at the mean context of the
     protocol's decode steps).  Weights: every parameter but the input embedding table (one row
     of it), unless the table is also the output head.  KV: K and V rows of every attention
-    layer, in the cache's storage (f32, or int8 rows of head_dim/4 + 1 words), for the
+    layer, in the cache's storage (f32, f16 or int8 rows: KVCacheType.row words), for the
     PROMPT_TOKENS + NEW_TOKENS / 2 positions a decode step attends over on average."""
     from amxc.runtime.artifact import load_artifact
     module, _ = load_artifact(art, check_hashes=False)

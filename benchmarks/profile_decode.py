@@ -36,8 +36,8 @@ def bytes_read(node, context: int, batch: int = 1) -> int:
         table = node.inputs[0]
         params = table.type.nbytes() // int(table.type.shape[0])
     if node.op == "attention_cached":
-        k = node.inputs[1].type                 # [b, kv_heads, s, head_dim]
-        params += 2 * int(k.shape[1]) * int(k.shape[3]) * 4 * context * batch
+        cache = node.inputs[4].type             # rows of KVCacheType.row float32 words (f32, f16, i8)
+        params += 2 * cache.kv_heads * cache.row * 4 * context * batch
     return params
 
 
