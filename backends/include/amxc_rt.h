@@ -409,6 +409,34 @@ static inline float dot(const float* AMXC_RESTRICT x, const float* AMXC_RESTRICT
   dot_rows<1>(x, 0, y, n, &s);
   return s;
 }
+
+// x[0] + ... + x[n-1] in dot()'s order (16 lane sums, folded 8-4-2-1, then the tail in order),
+// so every tier gets the same bits: a softmax's sum of weights, which added one key at a time was
+// a 4-cycle dependency chain per key and head (a sixth of decode attention's arithmetic)
+static inline float sum16(const float* AMXC_RESTRICT x, int64_t n) {
+  const int64_t n16 = n / 16 * 16;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + i));
+  float s = fold16(acc);
+#elif defined(__AVX2__)
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n16; i += 16) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+  }
+  float s = fold16(a0, a1);
+#else
+  float l[16] = {0};
+  for (int64_t i = 0; i < n16; i += 16)
+    for (int j = 0; j < 16; ++j) l[j] = l[j] + x[i + j];
+  for (int h = 8; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) l[j] = l[j] + l[j + h];
+  float s = l[0];
+#endif
+  for (int64_t i = n16; i < n; ++i) s = s + x[i];
+  return s;
+}
 // exp(x) for a score x minus its row max.  Below e^-69 ~ 1e-30 a weight cannot move an fp32
 // sum whose largest term is 1, and keeping it would make denormal products in P.V (microcode
 // assists, 100x slower).
@@ -656,10 +684,8 @@ static inline void chunk_partial_d(const float* qs, const float* kc, const float
     float* s = sc + g * ATTN_CHUNK;
     const float m = max_of(s, n);
     softmax_weights(s, n, m);
-    float l = 0.0f;
-    for (int64_t j = 0; j < n; ++j) l += s[j];      // in key order
     mine[g * (d + 2)] = m;
-    mine[g * (d + 2) + 1] = l;
+    mine[g * (d + 2) + 1] = sum16(s, n);
   }
   for (int64_t p = j0; p < j1; p = run_end(p)) {
     const int64_t len = run_end(p) - p, off = kv_slot(a, r, p, hk, kv_heads, dr);
