@@ -48,7 +48,15 @@ NF4_BLOCK = 64          # quantize-nf4 defaults (passes/quantize_nf4.py)
 NF4_SCALE_BLOCK = 256
 NF4_SKIP = "embed|lm_head|wte|wpe"      # quantize-nf4's default skip: these stay float
 QUANTS = ("fp32", "bf16", "nf4")
-KV_DTYPES = {"f32": 4, "bf16": 2, "f16": 2}
+#: the KV cache's storages, as the runtime keeps them (ir/types.py KVCacheType.STORAGES, --kv)
+KV_DTYPES = ("f32", "f16", "i8")
+
+
+def kv_row_bytes(kv_dtype: str, head_dim: int) -> int:
+    """Bytes of one (position, kv head) row of K or V: f32 4 a value, f16 2, i8 1 plus a float32
+    scale (ir/types.py row_words)."""
+    from amxc.ir.types import row_words
+    return 4 * row_words(kv_dtype, head_dim)
 LF_MODES = ("replicate", "shard")
 
 
@@ -836,8 +844,7 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
 
     # KV cache: K and V of each rank's kv heads; Yuan also keeps the LF state per sequence
     # (x_prev [h] and o1_prev [h/2], the vLLM form, research/yuan_tp.md §1.2), in f32
-    kvb = KV_DTYPES[d.kv_dtype]
-    kv_tok = 2 * m.layers * hs.kv_per_rank * m.head_dim * kvb
+    kv_tok = 2 * m.layers * hs.kv_per_rank * kv_row_bytes(d.kv_dtype, m.head_dim)
     state = 0
     if m.family == "yuan":
         o1 = m.hidden // 2 // (tp if d.lf == "shard" else 1)
@@ -917,7 +924,7 @@ def plan(m: ModelShape, d: Deployment) -> Plan:
             notes.append("LF convolutions sharded (conv1 column, conv2 row): 3 all-reduces per layer")
         notes.append("LF convs counted as linears over two taps: conv1 [h/2, 2h], conv2 [h, h]"
                      + (", quantized like the other linears" if d.quant == "nf4" else ""))
-    kv_what = f"KV cache {d.kv_dtype}" + (" (what the runtime stores)" if d.kv_dtype == "f32" else "")
+    kv_what = f"KV cache {d.kv_dtype} (--kv {d.kv_dtype})"
     notes.append(f"{kv_what}; a decode step reads the whole cache of its {d.batch} sequence{'s' * (d.batch > 1)}, "
                  f"counted at {context} tokens each (a generation's slowest step)")
     if tp > 1:

@@ -75,7 +75,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="tokens per sequence (default: the model's max_position_embeddings)")
     p.add_argument("--batch", type=_at_least(1), default=1, metavar="B", help="sequences decoded together")
     p.add_argument("--kv-dtype", choices=list(cap.KV_DTYPES), default="f32",
-                   help="KV-cache element type (default f32, what the runtime stores)")
+                   help="KV-cache storage, as amxc compile/run --kv (default f32)")
     p.add_argument("--memory", type=_positive, default=None, metavar="GB",
                    help="memory per rank (default: this host's MemTotal / NUMA nodes, shared by the "
                         "ranks on a node when there are more ranks than nodes)")
@@ -201,7 +201,8 @@ def format_plan(p: cap.Plan) -> str:
 
     hs = p.heads
     kv = (f"{_b(p.kv_bytes_per_token)}/token ({m.layers} layers x K,V x {hs.kv_per_rank} kv head"
-          f"{'s' * (hs.kv_per_rank > 1)} x {m.head_dim} x {cap.KV_DTYPES[d.kv_dtype]} B)")
+          f"{'s' * (hs.kv_per_rank > 1)} x {cap.kv_row_bytes(d.kv_dtype, m.head_dim)} B a row of {m.head_dim} "
+          f"{d.kv_dtype})")
     if p.state_bytes_per_seq:
         kv += f" + LF state {_b(p.state_bytes_per_seq)}/sequence"
     bw = p.rank_bandwidth

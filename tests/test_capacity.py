@@ -193,6 +193,18 @@ def test_smollm2_kv_groups_are_padded_at_tp2():
     assert cap.split_heads(cap.load_model("smollm2-135m"), 9) == cap.HeadSplit(1, 1, 3, 3)
 
 
+@pytest.mark.parametrize("kv", cap.KV_DTYPES)
+def test_kv_bytes_per_token_are_the_runtimes_for_each_storage(kv):
+    """The planner's KV bytes a token are what the runtime allocates (runtime/kv_cache.py) for the
+    same cache: SmolLM2, 30 layers x 3 kv heads x head_dim 64, f32 / f16 / int8 rows."""
+    import amxc.ir as ir
+    from amxc.ir.types import KVCacheType
+    from amxc.runtime.kv_cache import KVStorage
+    p = cap.plan(cap.load_model("smollm2-135m"), deploy(1, quant="nf4", kv_dtype=kv))
+    runtime = KVStorage.bytes_per_token(KVCacheType(30, 3, 64, ir.dtypes.f32, storage=kv))
+    assert p.kv_bytes_per_token == runtime == {"f32": 46080, "f16": 23040, "i8": 12240}[kv]
+
+
 def test_kv_heads_are_replicated_past_their_count():
     m = cap.shape_from_config(TINY["mistral"], "mqa")          # 4 heads, 1 kv head
     p = cap.plan(m, deploy(4))
