@@ -10,6 +10,8 @@ Tolerance: logits within 1e-4 abs of the interpreter (both fp32; they differ by 
 of dot products and the chunked softmax over <= 150 keys, ~1e-6 relative on O(1) logits)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,32 @@ def test_native_attention_matches_the_interpreter(random_models, tmp_path, famil
         np.testing.assert_array_equal(a, b, err_msg=f"{family}: step {step} depends on the thread count")
         np.testing.assert_allclose(a, w, rtol=0, atol=1e-4, err_msg=f"{family}: step {step}")
 
+
+def test_a_lone_rows_decode_does_not_depend_on_how_tasks_take_kv_heads(random_models, tmp_path):
+    """A decode step gives each task every kv head of one chunk once there are as many (row,
+    chunk) pairs as threads, and one kv head of one chunk before: one row decoding from 20 to 160
+    keys takes one kv head a task on 3 threads up to 192 keys, on 2 up to 128, and all heads on 1
+    thread from the first step.  The same step must give the same bits every way."""
+    art = compile(random_models["smollm2"], tmp_path / "smollm2.amxc", progress=False)
+    module, _ = load_artifact(art)
+    vocab = int(module.attrs["vocab_size"])
+    prompt = random_ids(vocab, 20, seed=3)[0]
+    counts = [t for t in (1, 2, 3) if t <= len(os.sched_getaffinity(0))]
+    runs = []
+    for threads in counts:
+        e = Stepper(NativeProgram(module, NativeOptions(gemv="exact", threads=threads)), kv_tokens=512)
+        e.reserve(0, 160)
+        last = int(np.argmax(e.step("prefill", [0], prompt[None], np.arange(20)[None])[0, -1]))
+        out = []
+        for p in range(20, 160):
+            logits = e.step("decode", [0], np.asarray([[last]]), np.asarray([[p]]))[0, -1]
+            out.append(logits)
+            last = int(np.argmax(logits))
+        runs.append(np.stack(out))
+    assert len(runs) >= 2, "needs 2 CPUs"
+    for threads, got in zip(counts[1:], runs[1:]):
+        assert np.array_equal(runs[0].view(np.uint32), got.view(np.uint32)), \
+            f"{threads} threads: first differing decode step {int(np.argmax((runs[0] != got).any(axis=1)))}"
 
 
 #: head sizes the kernels specialize (64, 128: register-held P.V) and ones they do not (8; gpt2's
