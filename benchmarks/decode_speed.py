@@ -2,7 +2,8 @@
 memory-bandwidth roofline measured in the same run (issue #6, show 3).  A measurement, not a test.
 
     python benchmarks/decode_speed.py [--models tinyllama,smollm2] [--reps 5] [--threads 2]
-                                      [--work /tmp/amxc-bench] [--no-llamacpp] [--no-torch]
+                                      [--prompt-tokens 128] [--work /tmp/amxc-bench]
+                                      [--no-llamacpp] [--no-torch]
 
 Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Instruct from
 ../shared/models.  Systems (each measurement a fresh process; peak RSS = its VmHWM):
@@ -18,7 +19,8 @@ Models: a seeded random Llama with TinyLlama-1.1B's config, and SmolLM2-135M-Ins
                 and Q4_0/IQ4_NL "pure" (every matrix, the head too, in 4 bits: the same bytes
                 as amxc's NF4-head row)
   PyTorch       HF transformers eager, fp32, with its KV cache
-Protocol (research/baselines.md): 128 pseudo-random prompt tokens, a warm-up pass, then one
+Protocol (research/baselines.md): 128 pseudo-random prompt tokens (--prompt-tokens: a long
+context, where decode reads the cache as much as the weights), a warm-up pass, then one
 prefill of the 128 tokens (prefill tok/s = 128 / its time) and 63 greedy decode steps (decode
 tok/s = 63 / their time), EOS ignored on every system (each reports the steps it ran);
 min / median / max of --reps processes, run round-robin across the systems.  Roofline: decode
@@ -70,7 +72,7 @@ def child_amxc(art: str, threads: int) -> dict:
 def child_llamacpp(gguf: str, threads: int) -> dict:
     import numpy as np
     import llama_cpp
-    llm = llama_cpp.Llama(model_path=gguf, n_ctx=512, n_batch=512, n_threads=threads,
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=max(512, PROMPT_TOKENS + NEW_TOKENS), n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     vocab = llm.n_vocab()
     prompt = prompt_ids(vocab)
@@ -138,7 +140,8 @@ CHILDREN = {"amxc": child_amxc, "llamacpp": child_llamacpp, "torch": child_torch
 
 
 def run_child(kind: str, target: str, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads)],
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, target, "--threads", str(threads),
+                           "--prompt-tokens", str(PROMPT_TOKENS)],
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]}
@@ -252,16 +255,19 @@ def bytes_per_token(art: str) -> tuple[int, int]:
 
 
 def main() -> int:
+    global PROMPT_TOKENS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("KIND", "TARGET"), help=argparse.SUPPRESS)
     ap.add_argument("--models", default="tinyllama,smollm2")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="prompt length (default 128)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/amxc-bench"))
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write all figures here")
     args = ap.parse_args()
+    PROMPT_TOKENS = args.prompt_tokens
     if args.child:
         kind, target = args.child
         result = CHILDREN[kind](target, args.threads) if kind != "bandwidth" else CHILDREN[kind](args.threads)
@@ -310,8 +316,8 @@ def main() -> int:
 def print_table(model: str, rows: dict, bw: float, bw_range: tuple[float, float]) -> None:
     amxc_rows = [k for k in rows if k.startswith("amxc") and "error" not in rows[k]]
     ref = {k: rows[k] for k in rows if "error" not in rows[k]}
-    print(f"\n## {model} ({len(next(iter(rows.values())).get('runs', [])) or 0} runs each: median "
-          f"[min-max]); read bandwidth {bw:.1f} GB/s [{bw_range[0]:.1f}-{bw_range[1]:.1f}]\n")
+    print(f"\n## {model}, {PROMPT_TOKENS}-token prompt ({len(next(iter(rows.values())).get('runs', [])) or 0} runs "
+          f"each: median [min-max]); read bandwidth {bw:.1f} GB/s [{bw_range[0]:.1f}-{bw_range[1]:.1f}]\n")
     print("| system | prefill tok/s | decode tok/s | decode steps | peak RSS MB | decode % of roofline (weights + KV) |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -128,7 +128,7 @@ def _to_r16k4(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.nda
     n, k = codes.shape
     groups, nb = -(-n // ROWS), k // BLOCK
     u = np.full((groups * ROWS, k), 128, np.uint8)                 # padding rows: code 0
-    u[:n] = (codes.astype(np.int16) + 128).astype(np.uint8)
+    u[:n] = codes.view(np.uint8) ^ np.uint8(0x80)                 # c + 128 mod 256, no int16 copies
     # [g, r, b, half, j, t] -> [g, b, j, half, r, t]: half 0 is k = 4j + t, half 1 k = 4(j + 8) + t
     u = u.reshape(groups, ROWS, nb, 2, 8, 4).transpose(0, 2, 4, 3, 1, 5)
     sc = np.zeros((groups * ROWS, nb), np.float32)
@@ -143,6 +143,10 @@ def _codes_from_r16k4(raw: np.ndarray, shape) -> np.ndarray:
     return (u.astype(np.int16) - 128).astype(np.int8)
 
 
+#: rows quantize() takes at a time (row-wise arithmetic: any split gives the same bytes)
+QUANTIZE_ROWS = 2048
+
+
 def quantize(weight: np.ndarray, layout: Layout) -> np.ndarray:
     """The q8 parameter bytes of a float weight (flat or packed, as `layout` says)."""
     w = np.ascontiguousarray(weight, dtype=np.float32)
@@ -151,12 +155,15 @@ def quantize(weight: np.ndarray, layout: Layout) -> np.ndarray:
     if not np.isfinite(w).all():
         raise ValueError("weight has NaN or infinite values")
     n, k = w.shape
-    blocks = w.reshape(n, k // BLOCK, BLOCK)
-    absmax = np.abs(blocks).max(axis=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(absmax > 0, np.float32(127) / absmax, np.float32(0)).astype(np.float32)
-    codes = np.clip(np.rint(blocks * inv[..., None]), -127, 127).astype(np.int8)
-    return layout.join(codes.reshape(n, k), absmax.astype(np.float32))
+    codes, absmax = np.empty((n, k), np.int8), np.empty((n, k // BLOCK), np.float32)
+    for r in range(0, n, QUANTIZE_ROWS):       # rows at a time: a 49152-row head's float temporaries
+        blocks = w[r:r + QUANTIZE_ROWS].reshape(-1, k // BLOCK, BLOCK)     # were 0.1 GB each
+        amax = np.abs(blocks).max(axis=2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        codes[r:r + QUANTIZE_ROWS] = np.clip(np.rint(blocks * inv[..., None]), -127, 127).reshape(len(blocks), k)
+        absmax[r:r + QUANTIZE_ROWS] = amax
+    return layout.join(codes, absmax)
 
 
 def repack(blob: np.ndarray, layout: Layout, pack: str = "r16k4") -> tuple[np.ndarray, Layout]:

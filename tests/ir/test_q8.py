@@ -63,3 +63,22 @@ def test_linear_q8_equals_torch_on_the_decoded_weight():
     assert np.abs(decoded - w).max() <= np.abs(w).max() / 254 * (1 + 1e-6)
     want = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(decoded), torch.from_numpy(bias)).numpy()
     np.testing.assert_allclose(ir.run(m, [x])[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", q8.PACKS)
+def test_quantize_gives_the_absmax_codes_whatever_rows_it_takes_at_a_time(pack, monkeypatch):
+    """quantize() works QUANTIZE_ROWS rows at a time (a tied head's float temporaries were 0.1 GB
+    each); the bytes are those of each block's rint(127 x / absmax), a zero block all zeros, over
+    rows that straddle the slices (here 7 rows at a time, 37 rows: a short last slice)."""
+    monkeypatch.setattr(q8, "QUANTIZE_ROWS", 7)
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((37, 128)) * rng.uniform(0.01, 5, (37, 1))).astype(np.float32)
+    w[6, :64] = 0.0                                               # a zero block at a slice's end
+    layout = q8.Layout((37, 128), pack=pack)
+    blob = q8.quantize(w, layout)
+    absmax = np.abs(w.reshape(37, 2, 64)).max(axis=2)
+    inv = np.where(absmax > 0, np.float32(127) / np.where(absmax > 0, absmax, 1), 0).astype(np.float32)
+    want = np.rint(w.reshape(37, 2, 64) * inv[..., None])
+    assert np.array_equal(layout.codes(blob), want.reshape(37, 128).astype(np.int8))
+    assert np.array_equal(layout.block_scales(blob), absmax)
+    assert not layout.codes(blob)[6, :64].any()
