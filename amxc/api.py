@@ -44,7 +44,8 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     out = DEFAULT_PIPELINE if pipeline is None else pipeline
     from amxc.ir.types import KVCacheType
     if kv not in KVCacheType.STORAGES:
-        raise UsageError(f"--kv {kv}: the KV cache stores {' or '.join(KVCacheType.STORAGES)}")
+        *first, last = KVCacheType.STORAGES
+        raise UsageError(f"--kv {kv}: the KV cache stores {', '.join(first)} or {last}")
     if kv != "f32":                 # the KV cache's storage (kv-cache{storage=f16|i8}: packed rows)
         if "kv-cache{" in out:
             raise UsageError("--kv: the pipeline already configures kv-cache; set storage= there")

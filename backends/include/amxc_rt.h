@@ -493,9 +493,10 @@ static inline void softmax_weights(float* s, int64_t n, float m) {
 //   * chunk_partial: per chunk and query head, the chunk's max m, sum of exp l and
 //     unnormalized P.V, from amxc::dot scores;
 //   * merge_chunks: the partials combined in chunk order (flash-decoding).
-// Decode spreads the (row, kv head, chunk) partials over threads (few kv heads still give every
-// thread work), prefill the (row, query, kv head) triples; either way each partial and each merge
-// is the same function of the same inputs, so the thread count does not matter either.  The
+// Decode spreads the (row, chunk) partials of every kv head over threads (the (row, kv head,
+// chunk) ones while there are fewer (row, chunk) pairs than threads), prefill the (row, query,
+// kv head) triples; either way each partial and each merge is the same function of the same
+// inputs, so neither the thread count nor the grouping of kv heads matters.  The
 // query heads sharing a kv head (GQA) read each cached key and value once.
 static constexpr int64_t ATTN_CHUNK = 64;
 
@@ -583,7 +584,8 @@ static inline void kv16_load(const float* src, int64_t n, int64_t d, int64_t dr,
   }
 }
 
-// How the cache arrays hold a (position, head) row: KVCacheType.storage, as codegen passes it.
+// How the cache arrays hold a (position, head) row: KVCacheType.storage, as codegen passes it;
+// kv_row_words is ir/types.py row_words, the words a row takes (the same map on each side).
 enum KVStorage : int { KV_F32 = 0, KV_I8 = 1, KV_F16 = 2 };
 static inline int64_t kv_row_words(int storage, int64_t d) {
   return storage == KV_I8 ? d / 4 + 1 : storage == KV_F16 ? d / 2 : d;
@@ -748,7 +750,8 @@ static inline void scaled_queries(const float* q, int64_t r, int64_t i, int64_t 
   }
 }
 
-// Decode: one query per row; threads take the (row, kv head, chunk) partials, then the merge.
+// Decode: one query per row; threads take (row, chunk) tasks over every kv head (or, with fewer
+// (row, chunk) pairs than threads, one kv head a task), then the merge.
 static void attention_decode(const float* q, const float* kc, const float* vc, const int64_t* pos,
                              const StepArgs* a, int64_t heads, int64_t kv_heads, int64_t d, int storage,
                              float scale, int64_t window, float* out) {
