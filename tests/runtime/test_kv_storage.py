@@ -112,9 +112,10 @@ def test_every_tier_gives_the_interpreters_logits(packed, tier):
 #: native vs interpreter logits on stories260K.  f16: about 1 value in 10^4 (22 keys and 73
 #: values of 655,360 in one prompt, measured) lies close enough to a rounding boundary that the
 #: float32 summation order decides its half, a 2^-11 relative step, which moved logits by
-#: 1.5e-3 (ref) to 4.7e-3 (amx-emulated); int8's codes are 24x coarser, so flips are that much
-#: rarer and none has occurred here (summation order alone: below 1e-4)
-FLIP = {"f16": 1e-2, "i8": 1e-4}
+#: 1.5e-3 (ref) to 4.7e-3 (amx-emulated) on a Zen 4; which values flip depends on the host's
+#: BLAS, so the bound leaves 4x; a misread row moves them by 0.1 and more.  int8's codes are 24x
+#: coarser, so flips are that much rarer and none has occurred (summation order alone: < 1e-4)
+FLIP = {"f16": 2e-2, "i8": 1e-4}
 
 
 #: the largest logit change each storage's rounding may cause on stories260K, relative to the
