@@ -32,8 +32,7 @@ def kv_quantize(x: np.ndarray, storage: str) -> np.ndarray:
         return x
     d = x.shape[-1]
     if storage == "f16":
-        half = np.ascontiguousarray(np.clip(x, -HALF_MAX, HALF_MAX).astype(np.float16))
-        return half.view(np.float32) if d else np.empty(x.shape[:-1] + (0,), np.float32)
+        return np.ascontiguousarray(np.clip(x, -HALF_MAX, HALF_MAX).astype(np.float16)).view(np.float32)
     scale = (np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
     inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0).astype(np.float32)
     codes = np.rint(x * inv).astype(np.int8)

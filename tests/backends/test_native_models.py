@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -362,21 +363,40 @@ def test_weights_copied_to_huge_pages_give_the_mapped_weights_logits(artifacts):
     assert fed_a == fed_b and np.array_equal(bits(a), bits(b))
 
 
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps: the kernel's count,
+    not the code under test's)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
 def test_resident_weights_copy_bytes_and_release_the_file_pages(tmp_path):
     """Each copy holds its source's bytes at a 64-byte aligned offset; a source that is a view of
-    an np.memmap has its pages unmapped from the process (madvise DONTNEED) and still reads
-    back right from the page cache."""
+    an np.memmap has its pages unmapped from the process (madvise DONTNEED: the mapping's
+    resident size falls by them) and still reads back right from the page cache; where the
+    kernel has transparent huge pages the region is advised for them."""
     from amxc.backends.resident import ResidentWeights
     data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)
     path = tmp_path / "w.bin"
     data.tofile(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mm.sum()) == int(data.sum())                     # every page of the file resident
+    before = _mapped_rss_kb(path)
     sources = [mm[5:1000], mm[4096:(2 << 20) + 77].view(np.uint8), np.arange(10, dtype=np.float32)]
     res = ResidentWeights(sources)
+    dropped = before - _mapped_rss_kb(path)
+    assert (2 << 20) // 1024 <= dropped <= before, (before, dropped)   # the sources' ~2 MiB of pages
     for src, copy in zip(sources, res.arrays):
         assert copy.ctypes.data % 64 == 0
         assert np.array_equal(copy, np.ascontiguousarray(src).reshape(-1).view(np.uint8))
     assert np.array_equal(mm[5:1000], data[5:1000])            # faulted back in from the page cache
+    if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
+        assert res.huge_pages                                   # the madvise range was accepted
 
 
 def test_unknown_weights_mode_is_a_clear_error(artifacts, monkeypatch):
