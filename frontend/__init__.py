@@ -70,9 +70,9 @@ def write_tokenizer(spec: str | os.PathLike, out_dir: Path) -> bool:
         for f in files:
             shutil.copyfile(f, out_dir / f.name)
         return True
-    if kind == "gguf":
-        from .gguf import GGUFCheckpoint
-        GGUFCheckpoint(path).save_tokenizer(out_dir)
+    if kind == "gguf":                   # transformers converts the vocabulary: in a child process
+        from .child_jobs import gguf_tokenizer
+        gguf_tokenizer(path, out_dir)
         return True
     return False
 

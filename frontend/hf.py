@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,42 @@ def trace(config, name: str):
     return ep, buffers, aliases
 
 
-def import_config(config, source: WeightSource, name: str, attrs: dict | None = None,
-                  bnb_4bit: bool = False) -> Module:
+def trace_config(kind: str, config: dict, name: str, where: str):
+    """The weightless module of a transformers config (frontend/child_jobs.py runs this in a child
+    process): `kind` "hf" (config.json's object) or "gguf" (AutoConfig.for_model keywords).
+    Returns (module, computed buffers, tied aliases, base-model prefixes); no loaders set."""
+    from transformers import AutoConfig
+
     from .torch_export import import_exported_program
 
+    if kind == "gguf":
+        config = AutoConfig.for_model(**config)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
+            try:
+                config = AutoConfig.from_pretrained(tmp)
+            except Exception as e:      # transformers raises many kinds for values it cannot use
+                raise FrontendError(f"{where}: transformers cannot read this config ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
     check_family(config, name)
     ep, buffers, aliases = trace(config, name)
     prefix = getattr(config, "base_model_prefix", None) or ""
-    prefixes = (prefix + ".",) if prefix else ()
+    module = import_exported_program(ep, name, dim_names=DIM_NAMES, param_data=lambda target, kind: None)
+    module.attrs.update({"source": name, **model_summary(config)})
+    return module, buffers, aliases, (prefix + ".",) if prefix else ()
+
+
+def import_config(kind: str, config: dict, source: WeightSource, name: str, where: str,
+                  attrs: dict | None = None, bnb_4bit: bool = False) -> Module:
+    """The module of a transformers model (traced in a child process, frontend/child_jobs.py) with
+    loaders that read `source`."""
+    from .child_jobs import traced_module
+
+    module, buffers, aliases, prefixes = traced_module(kind, config, name, where)
     param_data = resolver(source, aliases, prefixes, buffers)
-    module = import_exported_program(ep, name, dim_names=DIM_NAMES, param_data=param_data)
+    for p in module.params.values():
+        p.loader = param_data(p.name, None)
     if bnb_4bit:
         from .bnb import import_quantized
         import_quantized(module, source, param_data.find)
@@ -103,13 +130,11 @@ def import_config(config, source: WeightSource, name: str, attrs: dict | None = 
     if missing:
         raise FrontendError(f"{name}: weights not found in the checkpoint: {', '.join(missing[:5])}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    module.attrs.update({"source": name, **model_summary(config), **(attrs or {})})
+    module.attrs.update(attrs or {})
     return module
 
 
 def import_hf_checkpoint(model_dir: str | os.PathLike) -> Module:
-    from transformers import AutoConfig
-
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     if not cfg_path.exists():
@@ -130,27 +155,17 @@ def import_hf_checkpoint(model_dir: str | os.PathLike) -> Module:
         return import_yuan(model_dir, _model_name(model_dir.name))
     from .bnb import check_config
     bnb_4bit = check_config(raw, str(cfg_path))
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except Exception as e:          # transformers raises many kinds for values it cannot use
-        raise FrontendError(f"{cfg_path}: transformers cannot read this config ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if bnb_4bit:            # trace the float model; the quantized weights replace its linears
-        config.quantization_config = None
-        del config.quantization_config
-    return import_config(config, SafetensorsSource(model_dir), _model_name(model_dir.name),
+        raw = {k: v for k, v in raw.items() if k != "quantization_config"}
+    return import_config("hf", raw, SafetensorsSource(model_dir), _model_name(model_dir.name), str(cfg_path),
                          {"source_quantization": "bitsandbytes-nf4"} if bnb_4bit else None, bnb_4bit)
 
 
 def import_gguf(path: str | os.PathLike) -> Module:
-    from transformers import AutoConfig
-
     from .gguf import GGUFCheckpoint
 
     ckpt = GGUFCheckpoint(path)
-    cfg = dict(ckpt.config)
-    config = AutoConfig.for_model(**cfg)
-    return import_config(config, GGUFSource(ckpt), _model_name(Path(path).stem),
+    return import_config("gguf", dict(ckpt.config), GGUFSource(ckpt), _model_name(Path(path).stem), str(path),
                          {"gguf_architecture": ckpt.architecture})
 
 

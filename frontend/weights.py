@@ -43,7 +43,7 @@ class SafetensorsSource:
                 raise FrontendError(f"{self.dir}: no *.safetensors weights found")
             self.files = {}
             for f in shards:
-                with self._open(f, "pt") as h:
+                with self._open(f, "np") as h:
                     for k in h.keys():
                         self.files[k] = f
         for f in set(self.files.values()):
@@ -64,10 +64,15 @@ class SafetensorsSource:
         return set(self.files)
 
     def load(self, name: str) -> np.ndarray:
-        import torch
-        with self._open(self.files[name], "pt") as h:
-            t = h.get_tensor(name)
-        return np.ascontiguousarray(t.to(torch.float32).numpy())
+        """float32, without torch: numpy has no bfloat16, so BF16 tensors are read as their
+        bits and widened (bf16 is float32's top half: exact)."""
+        path = self.files[name]
+        with self._open(path, "np") as h:
+            if h.get_slice(name).get_dtype() != "BF16":
+                return np.ascontiguousarray(h.get_tensor(name), np.float32)
+        wide = _bf16_bits(path, name).astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
 
     def load_raw(self, name: str) -> np.ndarray:
         """A tensor in its stored dtype (quantized codes, scales)."""
@@ -75,6 +80,24 @@ class SafetensorsSource:
             raise FrontendError(f"{self.dir}: tensor {name} is missing")
         with self._open(self.files[name], "np") as h:
             return np.ascontiguousarray(h.get_tensor(name))
+
+
+def _bf16_bits(path: Path, name: str) -> np.ndarray:
+    """The bits (uint16, shaped as stored) of BF16 tensor `name` of a safetensors file: an
+    8-byte little-endian header size, the JSON header, then the data.  safetensors opened the
+    file first, which checks the header; the entry's size is checked against its shape here."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(size))[name]
+        start, end = (int(o) for o in entry["data_offsets"])
+        shape = tuple(int(d) for d in entry["shape"])
+        if entry["dtype"] != "BF16" or end - start != 2 * int(np.prod(shape, dtype=np.int64)):
+            raise FrontendError(f"{path}: tensor {name} is not BF16 of shape {list(shape)}")
+        f.seek(8 + size + start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise FrontendError(f"{path}: tensor {name} is cut short")
+    return np.frombuffer(data, "<u2").reshape(shape)
 
 
 class GGUFSource:
