@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -108,20 +107,74 @@ def write_shards(out: Path, config: dict, shapes: dict[str, tuple[int, ...]], sh
     return total
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[int, float]:
-    """Run cmd in a child and return (peak RSS bytes of that child, seconds)."""
-    code = ("import resource,subprocess,sys,time;t=time.time();"
-            "r=subprocess.run(sys.argv[1:]);"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024, time.time()-t,"
-            " file=sys.stderr);sys.exit(r.returncode)")
-    proc = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+def peak_rss_of(cmd: list[str], env: dict | None = None) -> tuple[int, float]:
+    """Run cmd and return (peak RSS bytes, seconds): the peak of the process tree's summed RSS
+    (cmd and the children it starts, such as the frontend's trace child), sampled every 20 ms,
+    and never below the largest single process's own peak (rusage), which sampling could miss.
+    Measured from a fresh small interpreter: a child forked from a large process (pytest's)
+    inherits that process's high-water mark in its rusage.  `env`: cmd's environment."""
+    proc = subprocess.run([sys.executable, __file__, "--peak-rss-of", *cmd], capture_output=True, text=True,
+                          env=env)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     peak, secs = proc.stderr.strip().splitlines()[-1].split()
     return int(peak), float(secs)
 
 
+def empty_cache_env(cache: Path) -> dict:
+    """The environment with an empty amxc cache at `cache`, so the step traces the model (in the
+    frontend's child process, whose memory counts) instead of reading a traced entry."""
+    shutil.rmtree(cache, ignore_errors=True)
+    return {**os.environ, "AMXC_CACHE": str(cache)}
+
+
+def _measure(cmd: list[str], interval: float = 0.02) -> int:
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while True:                 # wait4: this child's rusage (with the children it waited for)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(interval)
+    err = proc.stderr.read()
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        print(err[-3000:], file=sys.stderr)
+        return code
+    print(max(peak, usage.ru_maxrss * 1024), time.time() - t0, file=sys.stderr)
+    return 0
+
+
+def _tree_rss(root: int) -> int:
+    """Summed VmRSS (bytes) of `root` and its descendants (0 for any that exit meanwhile)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parents.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--peak-rss-of"]:
+        return _measure(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
@@ -142,7 +195,7 @@ def main() -> int:
                                       "-o", str(work / "stats.txt")]),
                           ("compile", [*amxc, "compile", str(work / "tinyllama-random"), "-o",
                                        str(work / "tinyllama.amxc"), "-q", "--no-prebuild"])):
-            peak, secs = peak_rss_of(cmd)
+            peak, secs = peak_rss_of(cmd, env=empty_cache_env(work / f"cache-{step}"))
             results[step] = peak
             print(f"{step:8s} peak RSS {peak / 1e9:6.2f} GB = {peak / fp32:.2f}x fp32 weights  ({secs:.0f} s)")
         art = work / "tinyllama.amxc" / "weights.bin"

@@ -487,6 +487,7 @@ def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bo
         # the activations of the last weight are at hand: finish the op from them (a fused MLP's
         # gate and up products are not computed a second time)
         outs = [op.weight_output(x, *args, **node.attrs, types=types)]
+        x = None       # the quantized stream's hidden layer goes before the float stream's product
         if floats is not None:
             outs.insert(0, op.weight_output(xf, *floats, **node.attrs, types=types))
         return Computed(outs)

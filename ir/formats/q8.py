@@ -119,9 +119,14 @@ class Layout:
         return raw.reshape(n, nb).copy()
 
     def dequantize(self, blob: np.ndarray) -> np.ndarray:
-        """The f32 weight: code * absmax / 127."""
-        scale = np.repeat(self.block_scales(blob) / np.float32(127), BLOCK, axis=1).astype(np.float32)
-        return (self.codes(blob).astype(np.float32) * scale).astype(np.float32)
+        """The f32 weight: code * absmax / 127, scaled in place with the block scales broadcast
+        (one weight-sized array: a repeated scale array and a product took two more, 0.23 GB of
+        the compile's peak at SmolLM2's 49152 x 576 head)."""
+        n, k = self.shape
+        out = self.codes(blob).astype(np.float32)
+        scale = (self.block_scales(blob) / np.float32(127)).astype(np.float32)
+        out.reshape(n, k // BLOCK, BLOCK)[...] *= scale[:, :, None]
+        return out
 
 
 def _to_r16k4(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -32,12 +32,16 @@ def test_tinyllama_trace_and_compile_stream_the_weights(tmp_path):
     fp32, largest = 4 * n, trace_memory.largest_fp32_bytes()
     assert largest == 4 * 32000 * 2048                  # embed_tokens, lm_head
     amxc = [sys.executable, "-m", "amxc"]
+    fresh = trace_memory.empty_cache_env       # every step traces (in the frontend's child)
     baseline, _ = trace_memory.peak_rss_of(
-        [*amxc, "inspect", str(tmp_path / "ckpt-2"), "--stats", "-o", str(tmp_path / "stats-2.txt")])
+        [*amxc, "inspect", str(tmp_path / "ckpt-2"), "--stats", "-o", str(tmp_path / "stats-2.txt")],
+        env=fresh(tmp_path / "cache-baseline"))
     trace_peak, _ = trace_memory.peak_rss_of(
-        [*amxc, "inspect", str(tmp_path / "ckpt"), "--stats", "-o", str(tmp_path / "stats.txt")])
+        [*amxc, "inspect", str(tmp_path / "ckpt"), "--stats", "-o", str(tmp_path / "stats.txt")],
+        env=fresh(tmp_path / "cache-trace"))
     compile_peak, _ = trace_memory.peak_rss_of(
-        [*amxc, "compile", str(tmp_path / "ckpt"), "-o", str(tmp_path / "a.amxc"), "-q", "--no-prebuild"])
+        [*amxc, "compile", str(tmp_path / "ckpt"), "-o", str(tmp_path / "a.amxc"), "-q", "--no-prebuild"],
+        env=fresh(tmp_path / "cache-compile"))
     bound = trace_memory.bounds(baseline)
     print(f"baseline {baseline / 1e9:.2f} GB; trace {trace_peak / 1e9:.2f} GB (bound {bound['trace'] / 1e9:.2f}); "
           f"compile {compile_peak / 1e9:.2f} GB (bound {bound['compile'] / 1e9:.2f}); fp32 weights {fp32 / 1e9:.2f} GB")
