@@ -23,6 +23,7 @@ from amxc.backends.plan import TILE_ROWS
 from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.runtime.artifact import load_artifact
 from amxc.runtime.engine import Engine
+from support.checks import mapped_rss_kb
 from support.native import ALL_TIERS, require_tier, runnable_tiers
 from support.steps import Stepper
 
@@ -363,18 +364,6 @@ def test_weights_copied_to_huge_pages_give_the_mapped_weights_logits(artifacts):
     assert fed_a == fed_b and np.array_equal(bits(a), bits(b))
 
 
-def _mapped_rss_kb(path) -> int:
-    """Resident kB of this process's mappings of `path` (/proc/self/smaps: the kernel's count,
-    not the code under test's)."""
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 def test_resident_weights_copy_bytes_and_release_the_file_pages(tmp_path):
     """Each copy holds its source's bytes at a 64-byte aligned offset; a source that is a view of
     an np.memmap has its pages unmapped from the process (madvise DONTNEED: the mapping's
@@ -386,10 +375,10 @@ def test_resident_weights_copy_bytes_and_release_the_file_pages(tmp_path):
     data.tofile(path)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     assert int(mm.sum()) == int(data.sum())                     # every page of the file resident
-    before = _mapped_rss_kb(path)
+    before = mapped_rss_kb(path)
     sources = [mm[5:1000], mm[4096:(2 << 20) + 77].view(np.uint8), np.arange(10, dtype=np.float32)]
     res = ResidentWeights(sources)
-    dropped = before - _mapped_rss_kb(path)
+    dropped = before - mapped_rss_kb(path)
     assert (2 << 20) // 1024 <= dropped <= before, (before, dropped)   # the sources' ~2 MiB of pages
     for src, copy in zip(sources, res.arrays):
         assert copy.ctypes.data % 64 == 0

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import SHARED_MODELS
+from support.checks import mapped_rss_kb
 
 from amxc.frontend.gguf import GGUFCheckpoint, GGUFError
 
@@ -51,19 +52,6 @@ def test_every_tensor_equals_transformers(smollm, hf_smollm):
         assert np.array_equal(actual, expected), f"{name}: max abs diff {np.abs(actual - expected).max()}"
 
 
-def _mapped_rss_kb(path) -> int:
-    """Resident kB of this process's mappings of `path`, as the kernel counts them."""
-    import re
-    from pathlib import Path
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 @needs_smollm
 def test_reading_every_tensor_leaves_its_file_pages_out_of_the_process():
     """A compile reads each tensor once or twice; the pages it touched must not stay resident
@@ -72,7 +60,7 @@ def test_reading_every_tensor_leaves_its_file_pages_out_of_the_process():
     path = (SMOLLM_DIR / SMOLLM_FILE).resolve()
     ckpt = GGUFCheckpoint(path)
     first = {n: ckpt.load(n) for n in [*ckpt.tensor_names()[:40], "model.embed_tokens.weight"]}
-    assert _mapped_rss_kb(path) < path.stat().st_size // 1024 // 20
+    assert mapped_rss_kb(path) < path.stat().st_size // 1024 // 20
     for n, a in first.items():
         assert np.array_equal(ckpt.load(n), a), n
 

@@ -70,3 +70,17 @@ def check_default_pipeline(module: ir.Module, ids, pos, hf_logits) -> None:
     cache = DenseKVCache(module.functions["prefill"].args[-1].type, ids.shape[0], ids.shape[1])
     logits = ir.run(module, [ids, pos, cache], function="prefill")[0]
     assert_matches_hf(logits, hf_logits, "after the default pipeline")
+
+
+def mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of file `path` (/proc/self/smaps: the kernel's
+    count, not the code under test's)."""
+    import re
+    from pathlib import Path
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
