@@ -75,8 +75,11 @@ def _entry(request: dict) -> Path:
 
 
 def _key(request: dict) -> str:
+    """The entry's name: what the job reads, the library versions and amxc's code; not `where`,
+    which only names the config in an error (and an entry is written only on success)."""
     versions = {p: _version(p) for p in ("torch", "transformers", "tokenizers")}
-    text = json.dumps({"request": request, "versions": versions, "code": _code_digest()}, sort_keys=True)
+    what = {k: v for k, v in request.items() if k != "where"}
+    text = json.dumps({"request": what, "versions": versions, "code": _code_digest()}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -99,7 +102,12 @@ def _code_digest() -> str:
 
 
 def _run_into(entry: Path, request: dict) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = entry.parent.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:      # as the kernel cache (backends/toolchain.py)
+        raise FrontendError(f"refusing amxc's cache {entry.parent}: owned by uid {st.st_uid} with mode "
+                            f"{st.st_mode & 0o777:o}, so others could plant the graphs amxc compiles; "
+                            f"`chmod go-w` it if it is yours, or set AMXC_CACHE to a private directory")
     tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=entry.parent))
     try:
         if "transformers" in sys.modules or os.environ.get("AMXC_FRONTEND_IN_PROCESS") == "1":

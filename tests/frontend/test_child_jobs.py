@@ -56,10 +56,19 @@ def test_an_entry_is_traced_once_and_then_read(stories_dir, tmp_path, monkeypatc
     def no_tracing(*args):
         raise AssertionError("traced again")
     monkeypatch.setattr(child_jobs, "_run_into", no_tracing)
-    again = child_jobs.traced_module("hf", config, "stories", "config.json")[0]
+    again = child_jobs.traced_module("hf", config, "stories", "elsewhere/config.json")[0]   # same config
     assert print_module(again) == print_module(first)
     with pytest.raises(AssertionError, match="traced again"):     # another config: another entry
         child_jobs.traced_module("hf", {**config, "rope_theta": 5000.0}, "stories", "config.json")
+
+
+def test_a_cache_others_can_write_is_refused(stories_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AMXC_CACHE", str(tmp_path))
+    (tmp_path / "frontend").mkdir(mode=0o777)
+    (tmp_path / "frontend").chmod(0o777)
+    config = json.loads((stories_dir / "config.json").read_text())
+    with pytest.raises(FrontendError, match="refusing amxc's cache .*mode 777"):
+        child_jobs.traced_module("hf", config, "stories", "config.json")
 
 
 def test_an_upgrade_of_the_code_or_of_transformers_changes_the_key(monkeypatch):
