@@ -38,7 +38,12 @@ import numpy as np
 
 from .errors import FrontendError, UnsupportedOpError
 
-_ERRORS = {"FrontendError": FrontendError, "UnsupportedOpError": UnsupportedOpError}
+
+def _reported_errors() -> dict[str, type]:
+    """The errors a child reports by name (its message is for the user) and this process raises
+    again; anything else is a crash, reported with the child's stderr."""
+    from .gguf import GGUFError
+    return {e.__name__: e for e in (FrontendError, UnsupportedOpError, GGUFError)}
 
 
 def traced_module(kind: str, config: dict, name: str, where: str):
@@ -133,10 +138,8 @@ def _run_in_child(request: dict, out: Path) -> None:
         request_path.unlink(missing_ok=True)
     error = out / "error.json"
     if error.is_file():
-        from .gguf import GGUFError
-        _ERRORS["GGUFError"] = GGUFError
         err = json.loads(error.read_text(encoding="utf-8"))
-        raise _ERRORS.get(err["type"], FrontendError)(err["message"])
+        raise _reported_errors().get(err["type"], FrontendError)(err["message"])
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         what = request.get("where") or request.get("path")
@@ -161,12 +164,10 @@ def run_job(request: dict, out: Path) -> None:
 
 
 def _child(request_path: str, out: str) -> int:
-    from .gguf import GGUFError
-    _ERRORS["GGUFError"] = GGUFError
     out_dir = Path(out)
     try:
         run_job(json.loads(Path(request_path).read_text(encoding="utf-8")), out_dir)
-    except (FrontendError, UnsupportedOpError, GGUFError) as e:
+    except tuple(_reported_errors().values()) as e:
         (out_dir / "error.json").write_text(json.dumps({"type": type(e).__name__, "message": str(e)}))
         return 2
     return 0
