@@ -72,3 +72,24 @@ def test_missing_weights_are_named(tmp_path, random_models):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(FrontendError, match=r"model.layers.1.mlp.up_proj.weight"):
         import_hf_checkpoint(tmp_path)
+
+
+def test_safetensors_tensors_load_as_torch_widens_them(tmp_path):
+    """SafetensorsSource reads without torch: BF16 from its bits, the rest through safetensors'
+    numpy view; torch's own float32 conversion is the oracle.  A BF16 widening that shifts by
+    the wrong amount, reads the wrong offset or loses the shape fails it."""
+    from safetensors.torch import save_file
+
+    from amxc.frontend.weights import SafetensorsSource
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.bf16": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+               "b.f16": torch.randn(7, generator=gen).to(torch.float16),
+               "c.f32": torch.randn(2, 2, generator=gen),
+               "d.bf16": torch.randn(4, 6, generator=gen).to(torch.bfloat16),
+               "e.empty": torch.zeros(0, 3, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    source = SafetensorsSource(tmp_path)
+    for name, t in tensors.items():
+        got = source.load(name)
+        assert got.dtype == np.float32 and got.shape == tuple(t.shape), name
+        assert np.array_equal(got, t.float().numpy()), name

@@ -81,6 +81,20 @@ def test_weight_input_is_the_mlps_own_math():
     assert get_op("linear_nf4").activation_of(1, [x, None], {}, []) is x
 
 
+def test_the_swiglu_hidden_layer_taken_rows_at_a_time_is_the_whole_products(monkeypatch):
+    """Above SWIGLU_ROWS rows the hidden layer is built a chunk of rows at a time (calibration's
+    16 K tokens): a chunk written to the wrong rows, or a last partial chunk dropped, fails it."""
+    from amxc.ir.ops import fused
+    monkeypatch.setattr(fused, "SWIGLU_ROWS", 4)
+    x = rng.standard_normal((3, 7, 8)).astype(np.float32)          # 21 rows: 5 chunks, the last of 1
+    wg, wu = (rng.standard_normal((12, 8)) * 0.3).astype(np.float32), (rng.standard_normal((12, 8)) * 0.3).astype(np.float32)
+    types = [TensorType(f32, a.shape) for a in (x, wg, wu, wu.T)]
+    hidden = get_op("mlp_swiglu").activation_of(3, [x, wg, wu, wu.T], {}, types)
+    g = linear(x, wg)
+    assert hidden.shape == (3, 7, 12)
+    np.testing.assert_array_equal(hidden, (g / (1.0 + np.exp(-g))) * linear(x, wu))
+
+
 def test_swap_to_nf4_follows_the_declared_variant():
     module = ir.parse_module("""module @m {
   param @w : f32[4, 64]

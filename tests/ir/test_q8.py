@@ -82,3 +82,19 @@ def test_quantize_gives_the_absmax_codes_whatever_rows_it_takes_at_a_time(pack, 
     assert np.array_equal(layout.codes(blob), want.reshape(37, 128).astype(np.int8))
     assert np.array_equal(layout.block_scales(blob), absmax)
     assert not layout.codes(blob)[6, :64].any()
+
+
+@pytest.mark.parametrize("pack", ["flat", "r16k4"])
+def test_dequantize_is_code_times_its_block_absmax_over_127(pack):
+    """Against the plain formula, each element on its own (the kernel scales in place with
+    broadcast block scales): a scale applied to the wrong block or row fails it."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((37, 192)) * rng.uniform(0.1, 3, (37, 1))).astype(np.float32)
+    layout = q8.Layout(w.shape, pack=pack)
+    blob = q8.quantize(w, layout)
+    codes, scales = layout.codes(blob), layout.block_scales(blob)
+    expected = np.empty_like(w)
+    for n in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            expected[n, k] = np.float32(codes[n, k]) * np.float32(scales[n, k // 64] / np.float32(127))
+    assert np.array_equal(layout.dequantize(blob).view(np.uint32), expected.view(np.uint32))
