@@ -53,17 +53,28 @@ class InputStats:
         return np.diag(self.h)
 
 
-def input_stats(x: np.ndarray, x_float: np.ndarray | None = None, *, damp: float = 0.01,
-                act_order: bool = True) -> InputStats:
+def input_stats(x, x_float=None, *, damp: float = 0.01, act_order: bool = True) -> InputStats:
     """Statistics of calibration inputs `x` [..., K] (and of the float model's inputs to the
-    same weight, `x_float`, for toward_float), in float32 (see the module's docstring)."""
-    xs = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
-    h = gram(xs)
-    cross = None
-    if x_float is not None:
-        xf = np.ascontiguousarray(x_float, np.float32).reshape(-1, x_float.shape[-1])
-        cross = xs.T @ xf
+    same weight, `x_float`, for toward_float), in float32 (see the module's docstring).  Each
+    may be one array or chunks of the tokens (the same chunking for both; `x_float` may be an
+    iterator, read once in order): H and C are sums over tokens, taken chunk by chunk."""
+    xs = _token_chunks(x)
+    xfs = iter(() if x_float is None else _token_chunks(x_float, lazy=True))
+    h = cross = None
+    for c in xs:
+        h = gram(c) if h is None else np.add(h, gram(c), out=h)
+        if x_float is not None:
+            xf = next(xfs)
+            cross = c.T @ xf if cross is None else np.add(cross, c.T @ xf, out=cross)
     return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)
+
+
+def _token_chunks(x, lazy: bool = False):
+    """An array [..., K] or a sequence or iterator of them, as float32 [tokens, K] chunks (views
+    where possible); `lazy`: as an iterator, each chunk taken when reached."""
+    chunks = (np.ascontiguousarray(c, np.float32).reshape(-1, c.shape[-1])
+              for c in ([x] if isinstance(x, np.ndarray) else x))
+    return chunks if lazy else list(chunks)
 
 
 def gram(x: np.ndarray) -> np.ndarray:
@@ -270,22 +281,33 @@ def sweep_numpy(w: np.ndarray, u: np.ndarray, scale: np.ndarray, column_block: n
     return codes
 
 
-def output_error(weight: np.ndarray, decoded: np.ndarray, stats: InputStats, x: np.ndarray | None = None,
+def output_error(weight: np.ndarray, decoded: np.ndarray, stats: InputStats, x=None,
                  tokens: int = 1024) -> float:
     """Relative error of the layer's outputs on the calibration inputs: ||(W - Q) X|| / ||W X||,
     from H (tr(D H D^T) / tr(W H W^T): 4 N K^2), or, given the inputs `x` [..., K] and K over
     `tokens`, directly on `tokens` calibration tokens evenly spaced (4 N K tokens: a fifth of the
     work at TinyLlama's K = 5632; a ratio of sums over tokens x N outputs, so the sample is ample
-    for a reported figure and for keep_worst's ranking).  In float32: a reported figure."""
+    for a reported figure and for keep_worst's ranking).  `x`: an array or a list of token
+    chunks.  In float32: a reported figure."""
     w = np.asarray(weight, np.float32)
     both = np.concatenate([w - np.asarray(decoded, np.float32), w])
     k = w.shape[1]
     if x is not None and k > tokens:
-        xs = x.reshape(-1, k)
-        xs = xs[::max(1, len(xs) // tokens)][:tokens].astype(np.float32, copy=False)
+        xs = _evenly_spaced_rows(_token_chunks(x), tokens)
         out = both @ xs.T
         quad = (out * out).sum(axis=1, dtype=np.float64)
     else:
         quad = ((both @ stats.h.astype(np.float32, copy=False)) * both).sum(axis=1, dtype=np.float64)
     num, den = float(quad[:len(w)].sum()), float(quad[len(w):].sum())
     return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def _evenly_spaced_rows(chunks: list[np.ndarray], count: int) -> np.ndarray:
+    """Every (total // count)-th row of the chunks taken as one [tokens, K] array, `count` at most."""
+    total = sum(len(c) for c in chunks)
+    step, picked, start = max(1, total // count), [], 0
+    for c in chunks:
+        first = (-start) % step                    # the first multiple of step at or after start
+        picked.append(c[first::step])
+        start += len(c)
+    return np.concatenate(picked)[:count]

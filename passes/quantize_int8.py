@@ -27,7 +27,8 @@ from amxc.ir.core import Param
 from amxc.ir.transform import replace_param
 
 from .base import Option, Pass, PassError, register_pass
-from .quantize_nf4 import QuantizeNF4, load_calibration_ids, run_calibration_streams
+from .calibration import run_calibration_streams
+from .quantize_nf4 import QuantizeNF4, load_calibration_ids
 
 #: where a norm's output may go: op -> the weight positions that multiply it (input 0)
 _READERS = {"linear": (1,), "mlp_swiglu": (1, 2), "mlp_gelu": (1,)}
@@ -96,8 +97,8 @@ class QuantizeInt8(Pass):
         def observe(node, streams):
             x = node.inputs[0] if node.op in _READERS else None
             if x is not None and id(x) in wanted and id(x) not in amax:
-                a = streams[0][0]
-                amax[id(x)] = np.abs(a.reshape(-1, a.shape[-1])).max(axis=0)
+                amax[id(x)] = np.max([np.abs(args[0].reshape(-1, x.type.shape[-1])).max(axis=0)
+                                      for args in streams[0]], axis=0)
             return None
 
         run_calibration_streams(module, ids, 1, observe)

@@ -65,6 +65,7 @@ from amxc.ir.formats import q8 as q8fmt
 from amxc.ir.transform import is_weight_use, swap_to_quantized, weight_uses
 
 from .base import Option, Pass, PassError, register_pass
+from .calibration import CalibrationDone, calibration_run
 
 SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
 
@@ -159,9 +160,9 @@ class QuantizeNF4(Pass):
         `todo` with GPTQ when the run reaches it (sequential GPTQ: later layers see the earlier
         ones quantized); returns the nf4 bytes by name, spilled to disk.  With toward_float > 0
         the float model runs beside it in lockstep (interpreter streams), so each weight also
-        sees the inputs the float model gives it.  Memory: the activations of the node being
-        run, per stream (tokens x width x 4 bytes), one weight and one input's K x K statistics
-        at a time."""
+        sees the inputs the float model gives it.  Memory: per stream, the activations live at
+        the node being run (tokens x width x 4 bytes, in chunks: passes/calibration.py; an op's
+        temporaries are a chunk's), one weight and one input's K x K statistics at a time."""
         from .gptq import input_stats, output_error, quantize_gptq, toward_float
 
         if enc["scale"] == "bnb_dynamic8":
@@ -173,15 +174,15 @@ class QuantizeNF4(Pass):
         wanted = {p.name for p in todo}
         blobs = _BlobSpill()
         layouts: dict[str, fmt.Layout] = {}
-        last: list = [None, None]                      # (activation array, its InputStats)
+        last: list = [None, None]                      # (activation chunks, their InputStats)
         progress = _Progress(len(wanted), ids.size)
 
-        def quantized(name: str, w: np.ndarray, x: np.ndarray, x_float: np.ndarray | None) -> np.ndarray:
+        def quantized(name: str, w: np.ndarray, x: list, x_float: list | None) -> np.ndarray:
             if name not in wanted:
                 return w
             if name in blobs:                          # read again: decode the bytes (no f32 copy kept)
                 return layouts[name].dequantize(blobs.get(name))
-            if last[0] is not x:                       # q/k/v and gate/up share their input's stats
+            if last[0] is None or last[0][0] is not x[0]:   # q/k/v and gate/up share their input's stats
                 last[:] = [x, input_stats(x, x_float if amount > 0 else None,
                                           act_order=self.opts["act_order"])]
             stats = last[1]
@@ -199,7 +200,7 @@ class QuantizeNF4(Pass):
                 raise CalibrationDone            # what is left (the logits head) changes nothing
             return decoded
 
-        _calibration_run(module, ids, quantized, with_float=amount > 0)
+        calibration_run(module, ids, quantized, with_float=amount > 0)
         progress.close()
         return blobs
 
@@ -454,71 +455,6 @@ class _BlobSpill:
 
     def loader(self, name: str):
         return lambda: self.get(name)
-
-
-class CalibrationDone(Exception):
-    """Raised by a calibration run's observer once it has seen every weight it wanted."""
-
-
-def _calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False) -> None:
-    """Run @prefill (or @forward) on `ids` through the reference interpreter; every weight an op
-    reads (its `weights`) goes through `weight_for(name, weight, its input, the float model's
-    input or None)`, whose result the node then uses.  With `with_float` a second stream runs
-    the unchanged model in lockstep and supplies the float inputs.  Weights go in input order
-    and each one's input comes from the op's own `weight_input` over the weights returned so
-    far, so a fused MLP's down projection sees the hidden layer its just-quantized gate and up
-    produce."""
-    from amxc.ir.interpreter import Computed
-
-    def observe(node, streams):
-        op = node.opdef
-        if not op.weights:
-            return None
-        args, types = list(streams[-1]), [v.type for v in node.inputs]
-        floats = streams[0] if with_float else None
-        x = xf = None
-        for i in op.weights:
-            if i < len(args):
-                x = op.activation_of(i, args, node.attrs, types)
-                xf = None if floats is None else op.activation_of(i, floats, node.attrs, types)
-                args[i] = weight_for(node.inputs[i].name, args[i], x, xf)
-        if op.weight_output is None or op.weights[-1] >= len(args):
-            return streams[:-1] + [args]
-        # the activations of the last weight are at hand: finish the op from them (a fused MLP's
-        # gate and up products are not computed a second time)
-        outs = [op.weight_output(x, *args, **node.attrs, types=types)]
-        x = None       # the quantized stream's hidden layer goes before the float stream's product
-        if floats is not None:
-            outs.insert(0, op.weight_output(xf, *floats, **node.attrs, types=types))
-        return Computed(outs)
-
-    try:
-        run_calibration_streams(module, ids, 2 if with_float else 1, observe)
-    except CalibrationDone:
-        pass
-
-
-def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe) -> None:
-    """@prefill (or @forward) on calibration `ids`, `count` streams in lockstep through the
-    interpreter with float32 accumulation (statistics, not an oracle: float32 BLAS is 2-3x
-    faster), `observe` as in interpreter.run_streams."""
-    from amxc.ir.ops.nn import accumulate_in
-
-    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-    with accumulate_in(np.float32):
-        _run_streams(module, ids, pos, count, observe)
-
-
-def _run_streams(module: Module, ids, pos, count: int, observe) -> None:
-    from amxc.ir.interpreter import run_streams
-    from amxc.ir.ops.cache import OneLayerKVCache
-
-    if "prefill" in module.functions:
-        kv = module.functions["prefill"].args[-1].type
-        streams = [[ids, pos, OneLayerKVCache(kv, ids.shape[0], ids.shape[1])] for _ in range(count)]
-        run_streams(module, streams, function="prefill", observe=observe)
-    else:
-        run_streams(module, [{"input_ids": ids, "position_ids": pos}] * count, observe=observe)
 
 
 class _Progress:

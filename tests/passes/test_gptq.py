@@ -260,16 +260,20 @@ def test_auto_method_without_calibration_or_with_tp_is_round_to_nearest(stories_
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])          # mlp_swiglu, mlp_gelu
-def test_calibration_run_computes_what_the_model_computes(random_models, family, monkeypatch):
+@pytest.mark.parametrize("chunk_tokens", [48, 24])             # the 2 sequences as one chunk, as two
+@pytest.mark.parametrize("reads_float", [True, False])         # the float inputs drawn out, or left
+def test_calibration_run_computes_what_the_model_computes(random_models, family, chunk_tokens, reads_float,
+                                                          monkeypatch):
     """The calibration run finishes a fused MLP from the activation it computed for the down
-    projection (weight_output) instead of running the op again: with weights left as they are,
-    both streams must still give the plain prefill's logits, and every weight is offered once,
-    with an input of its width."""
+    projection (weight_output) instead of running the op again, chunk by chunk: with weights
+    left as they are, both streams' chunks must still give the plain prefill's logits, and
+    every weight is offered once, with its input in chunks of its width.  The float stream's
+    outputs come from its inputs whether or not the observer reads them."""
     from amxc.api import optimize
     from amxc.ir import interpreter
     from amxc.ir.ops.cache import DenseKVCache
     from amxc.ir.ops.nn import accumulate_in
-    from amxc.passes import quantize_nf4
+    from amxc.passes import calibration
 
     module = import_hf_checkpoint(random_models[family])
     optimize(module)
@@ -281,10 +285,14 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
         want = interpreter.run_streams(module, [[ids, pos, DenseKVCache(prefill.args[-1].type, 2, 24)]],
                                        function="prefill")[0][0]
     seen, results = [], []
+    chunks = 48 // chunk_tokens
 
     def same(name, w, x, xf):
         seen.append(name)
-        assert x.shape[-1] == w.shape[1] and xf is not None and xf.shape == x.shape
+        assert len(x) == chunks and all(c.shape[-1] == w.shape[1] for c in x)
+        if reads_float:
+            xf = list(xf)                      # an iterator for a fused MLP's down projection
+            assert len(xf) == chunks and all(f.shape == c.shape for c, f in zip(x, xf))
         return w
 
     def keep_results(*args, **kwargs):
@@ -294,12 +302,33 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
 
     run_streams = interpreter.run_streams
     monkeypatch.setattr(interpreter, "run_streams", keep_results)
-    quantize_nf4._calibration_run(module, ids, same, with_float=True)
+    calibration.calibration_run(module, ids, same, with_float=True, chunk_tokens=chunk_tokens)
     weights = [n.inputs[i].name for n in prefill.nodes for i in n.opdef.weights if i < len(n.inputs)]
     assert sorted(seen) == sorted(weights)
-    assert len(results) == 2
-    for got in results:
-        np.testing.assert_array_equal(got, want)
+    assert len(results) == 2 * chunks
+    for stream in (results[:chunks], results[chunks:]):
+        np.testing.assert_allclose(np.concatenate(stream), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
+    """Calibration ids go in chunks of whole sequences (at least one), and GPTQ's H and C from
+    chunks equal those of the whole array: a dropped or repeated chunk changes both."""
+    from amxc.passes.calibration import chunks_of
+    from amxc.passes.gptq import input_stats, output_error
+
+    ids = np.arange(7 * 5).reshape(7, 5)
+    assert [c.shape[0] for c in chunks_of(ids, 10)] == [2, 2, 2, 1]
+    assert [c.shape[0] for c in chunks_of(ids, 3)] == [1] * 7
+    np.testing.assert_array_equal(np.concatenate(chunks_of(ids, 10)), ids)
+    rng = np.random.default_rng(1)
+    x, xf = (rng.standard_normal((6, 50, 32)).astype(np.float32) for _ in range(2))
+    whole, parts = input_stats(x, xf), input_stats([x[:2], x[2:3], x[3:]], [xf[:2], xf[2:3], xf[3:]])
+    np.testing.assert_allclose(parts.h, whole.h, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(parts.cross_damped, whole.cross_damped, rtol=1e-5, atol=1e-4)
+    w = rng.standard_normal((8, 32)).astype(np.float32)
+    q = w + 0.1 * rng.standard_normal(w.shape).astype(np.float32)
+    assert output_error(w, q, whole, x, tokens=7) == pytest.approx(
+        output_error(w, q, parts, [x[:2], x[2:3], x[3:]], tokens=7), rel=1e-6)
 
 
 @pytest.mark.parametrize("k", [200, 1024, 1536, 1600])

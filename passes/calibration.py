@@ -1,0 +1,136 @@
+"""The calibration run: @prefill (or @forward) on calibration token ids through the reference
+interpreter, for passes that quantize from activation statistics (quantize-nf4's GPTQ,
+quantize-int8's SmoothQuant).
+
+The ids are cut into chunks of whole sequences (CHUNK_TOKENS tokens), and every chunk of every
+stream runs as its own interpreter state, all in lockstep node by node.  An op then works on a
+chunk at a time: its temporaries are a chunk's size, not the whole run's (a calibration of
+SmolLM2 on 16 K tokens had 38 MB activations and 100 MB MLP hidden layers, each a fresh mmap
+faulted in page by page, 10-20 % of the run), and they are reused from the heap.  Statistics
+over tokens (GPTQ's H = X^T X and C = X^T X_f, SmoothQuant's absmax) are sums or maxima, so an
+observer accumulates them over the chunks before it quantizes the weight that every chunk then
+reads.
+
+`observe(node, streams)` sees, for each node, `streams[s][c]`: the input arrays of stream s's
+chunk c.  It may return replacements in the same shape, a `Computed` of results in the same
+shape (stream, then chunk), or None.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from amxc.ir.core import Module
+
+#: tokens of a chunk (whole sequences, at least one): small enough that a chunk's widest
+#: activation (SmolLM2's 1536-wide hidden layer, 12.6 MB) stays under glibc's 32 MB mmap
+#: threshold, so its memory is reused rather than mapped and faulted in again; large enough
+#: that each product is a full-speed GEMM
+CHUNK_TOKENS = 2048
+
+
+class CalibrationDone(Exception):
+    """Raised by a calibration run's observer once it has seen every weight it wanted."""
+
+
+def chunks_of(ids: np.ndarray, tokens: int = CHUNK_TOKENS) -> list[np.ndarray]:
+    """Token ids [sequences, length] in chunks of whole sequences, about `tokens` each."""
+    per = max(1, tokens // max(1, ids.shape[1]))
+    return [ids[i:i + per] for i in range(0, ids.shape[0], per)]
+
+
+def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe,
+                            chunk_tokens: int = CHUNK_TOKENS) -> None:
+    """@prefill (or @forward) on calibration `ids`, `count` streams in lockstep, each in chunks,
+    through the interpreter with float32 accumulation (statistics, not an oracle: float32 BLAS
+    is 2-3x faster); `observe` as in the module's docstring."""
+    from amxc.ir.interpreter import Computed, run_streams
+    from amxc.ir.ops.cache import OneLayerKVCache
+    from amxc.ir.ops.nn import accumulate_in
+
+    chunks = chunks_of(ids, chunk_tokens)
+    if len({c.shape for c in chunks}) > 1:       # the interpreter binds sizes from the first state
+        chunks = [ids]
+    per = len(chunks)
+
+    def nested(flat):
+        return [flat[s * per:(s + 1) * per] for s in range(count)]
+
+    def flat_observe(node, flat):
+        got = observe(node, nested(flat))
+        if got is None:
+            return None
+        out = [c for stream in got for c in stream]
+        return Computed(out) if isinstance(got, Computed) else out
+
+    def inputs(c: np.ndarray):
+        pos = np.broadcast_to(np.arange(c.shape[1], dtype=np.int64), c.shape).copy()
+        if "prefill" in module.functions:
+            kv = module.functions["prefill"].args[-1].type
+            return [c, pos, OneLayerKVCache(kv, c.shape[0], c.shape[1])]
+        return {"input_ids": c, "position_ids": pos}
+
+    function = "prefill" if "prefill" in module.functions else None
+    with accumulate_in(np.float32):
+        run_streams(module, [inputs(c) for _ in range(count) for c in chunks], function=function,
+                    observe=flat_observe)
+
+
+def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False,
+                    chunk_tokens: int = CHUNK_TOKENS) -> None:
+    """Run the model on `ids`; every weight an op reads (its `weights`) goes through
+    `weight_for(name, weight, its input, the float model's input or None)`, the inputs as lists
+    of chunks, and the node uses its result.  With `with_float` a second stream runs the
+    unchanged model in lockstep and supplies the float inputs (an iterator of chunks, read in
+    order, for an op's last weight when the op finishes from its activations).  Weights go in input order and
+    each one's input comes from the op's own `weight_input` over the weights returned so far,
+    so a fused MLP's down projection sees the hidden layer its just-quantized gate and up
+    produce.  Ends early when `weight_for` raises CalibrationDone."""
+    from amxc.ir.interpreter import Computed
+
+    def observe(node, streams):
+        op = node.opdef
+        if not op.weights:
+            return None
+        chunks, types = [list(a) for a in streams[-1]], [v.type for v in node.inputs]
+        floats = streams[0] if with_float else None
+        finishes = op.weight_output is not None and op.weights[-1] < len(chunks[0])
+        x, float_outs = None, []
+        for i in op.weights:
+            if i < len(chunks[0]):
+                x = [op.activation_of(i, a, node.attrs, types) for a in chunks]
+                if floats is None:
+                    xf = None
+                elif finishes and i == op.weights[-1]:
+                    xf = _finishing(op, i, floats, node.attrs, types, float_outs)
+                else:
+                    xf = [op.activation_of(i, f, node.attrs, types) for f in floats]
+                w = weight_for(node.inputs[i].name, chunks[0][i], x, xf)
+                for a in chunks:
+                    a[i] = w
+        if not finishes:
+            return streams[:-1] + [chunks]
+        for _ in xf or ():                       # the float outputs weight_for did not draw out
+            pass
+        # the activations of the last weight are at hand: finish the op from them (a fused MLP's
+        # gate and up products are not computed a second time), each chunk's hidden layer going
+        # as its output comes
+        outs = []
+        for c, args in enumerate(chunks):
+            outs.append(op.weight_output(x[c], *args, **node.attrs, types=types))
+            x[c] = None
+        return Computed(([float_outs] if floats is not None else []) + [outs])
+
+    try:
+        run_calibration_streams(module, ids, 2 if with_float else 1, observe, chunk_tokens)
+    except CalibrationDone:
+        pass
+
+
+def _finishing(op, i: int, floats: list, attrs: dict, types: list, outs: list):
+    """The float stream's input to its last weight, chunk by chunk, each chunk's output made
+    (into `outs`) once the consumer moves past it: the float model's weights are fixed, so its
+    100 MB hidden layer (SmolLM2, 16 K tokens) is never held whole."""
+    for args in floats:
+        act = op.activation_of(i, args, attrs, types)
+        yield act
+        outs.append(op.weight_output(act, *args, **attrs, types=types))
