@@ -33,8 +33,10 @@ class CalibrationDone(Exception):
 
 
 def chunks_of(ids: np.ndarray, tokens: int = CHUNK_TOKENS) -> list[np.ndarray]:
-    """Token ids [sequences, length] in chunks of whole sequences, about `tokens` each."""
-    per = max(1, tokens // max(1, ids.shape[1]))
+    """Token ids [sequences, length] in equal chunks of whole sequences, at most `tokens` each
+    (at least one sequence): the interpreter binds symbolic sizes from the first chunk."""
+    cap = max(1, tokens // max(1, ids.shape[1]))
+    per = max(d for d in range(1, min(cap, ids.shape[0]) + 1) if ids.shape[0] % d == 0)
     return [ids[i:i + per] for i in range(0, ids.shape[0], per)]
 
 
@@ -48,8 +50,6 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
     from amxc.ir.ops.nn import accumulate_in
 
     chunks = chunks_of(ids, chunk_tokens)
-    if len({c.shape for c in chunks}) > 1:       # the interpreter binds sizes from the first state
-        chunks = [ids]
     per = len(chunks)
 
     def nested(flat):

@@ -311,15 +311,17 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
 
 
 def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
-    """Calibration ids go in chunks of whole sequences (at least one), and GPTQ's H and C from
+    """Calibration ids go in equal chunks of whole sequences (at least one), and GPTQ's H and C from
     chunks equal those of the whole array: a dropped or repeated chunk changes both."""
     from amxc.passes.calibration import chunks_of
     from amxc.passes.gptq import input_stats, output_error
 
-    ids = np.arange(7 * 5).reshape(7, 5)
-    assert [c.shape[0] for c in chunks_of(ids, 10)] == [2, 2, 2, 1]
-    assert [c.shape[0] for c in chunks_of(ids, 3)] == [1] * 7
-    np.testing.assert_array_equal(np.concatenate(chunks_of(ids, 10)), ids)
+    ids = np.arange(8 * 5).reshape(8, 5)
+    assert [c.shape[0] for c in chunks_of(ids, 15)] == [2] * 4     # equal: 3 does not divide 8
+    assert [c.shape[0] for c in chunks_of(ids, 3)] == [1] * 8
+    assert [c.shape[0] for c in chunks_of(ids, 1000)] == [8]
+    assert [c.shape[0] for c in chunks_of(ids[:7], 15)] == [1] * 7
+    np.testing.assert_array_equal(np.concatenate(chunks_of(ids, 15)), ids)
     rng = np.random.default_rng(1)
     x, xf = (rng.standard_normal((6, 50, 32)).astype(np.float32) for _ in range(2))
     whole, parts = input_stats(x, xf), input_stats([x[:2], x[2:3], x[3:]], [xf[:2], xf[2:3], xf[3:]])
