@@ -165,8 +165,9 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
     """Give each pass that calibrates and has no calib= of its own (quantize-nf4 with method auto
     or gptq; quantize-int8 with smooth > 0, on at most 2,048 tokens) the token ids of `text`
     (default CALIBRATION_CORPUS) in the model's tokenizer.  Where it cannot (tensor parallelism:
-    calibration sees the unsharded model; no tokenizer) a pass that may go uncalibrated does
-    (nf4 auto: round to nearest; int8: no migration), and says so."""
+    calibration sees the unsharded model; no tokenizer; nf4 options GPTQ does not calibrate) a
+    pass that may go uncalibrated does (nf4 auto: round to nearest; int8: no migration), and
+    says so."""
     from amxc.errors import UsageError
     from amxc.passes.quantize_int8 import QuantizeInt8
     from amxc.passes.quantize_nf4 import QuantizeNF4
@@ -175,6 +176,9 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
         if isinstance(p, QuantizeNF4) and p.opts["method"] != "rtn":
             count, required, what = tokens, p.opts["method"] == "gptq", "quantizing round-to-nearest"
             uncalibrated = lambda p: None                  # method=auto without calib is rtn
+            if p.opts["method"] == "auto" and not p.opts["calib"] and p.gptq_unsupported():
+                _say(f"{p.name}: GPTQ {p.gptq_unsupported().split(' (')[0]}: {what}", progress)
+                continue
         elif isinstance(p, QuantizeInt8) and p.opts["smooth"] > 0:
             count, required, what = min(tokens, 2048), False, "no SmoothQuant migration"
             uncalibrated = lambda p: p.opts.__setitem__("smooth", 0.0)

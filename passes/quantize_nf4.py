@@ -165,8 +165,9 @@ class QuantizeNF4(Pass):
         temporaries are a chunk's), one weight and one input's K x K statistics at a time."""
         from .gptq import input_stats, output_error, quantize_gptq, toward_float
 
-        if enc["scale"] == "bnb_dynamic8":
-            raise PassError("quantize-nf4{method=gptq} supports double=fp8 or double=none")
+        unsupported = self.gptq_unsupported()
+        if unsupported:
+            raise PassError(f"quantize-nf4{{method=gptq}}: {unsupported}")
         amount = self.opts["toward_float"]
         if not 0.0 <= amount <= 1.0:
             raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
@@ -203,6 +204,14 @@ class QuantizeNF4(Pass):
         calibration_run(module, ids, quantized, with_float=amount > 0)
         progress.close()
         return blobs
+
+    def gptq_unsupported(self) -> str | None:
+        """Why these options cannot be calibrated (GPTQ), or None."""
+        if self.opts["double"] == "bnb":
+            return "calibrates double=fp8 or double=none scales, not double=bnb (use method=rtn)"
+        if self.opts["block"] != 64:
+            return f"calibrates block=64 only, not block={self.opts['block']} (use method=rtn)"
+        return None
 
     def _method(self, module: Module) -> str:
         method = self.opts["method"]

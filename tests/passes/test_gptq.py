@@ -41,6 +41,9 @@ def test_gptq_needs_calibration_and_a_supported_scale(stories_dir, tmp_path):
     with pytest.raises(PassError, match="double=fp8 or double=none"):
         for p in parse_pipeline(f'quantize-nf4{{method=gptq,double=bnb,calib="{tmp_path / "ids.npy"}"}}'):
             p.run(module)
+    with pytest.raises(PassError, match="calibrates block=64 only, not block=32"):
+        for p in parse_pipeline(f'quantize-nf4{{method=gptq,block=32,calib="{tmp_path / "ids.npy"}"}}'):
+            p.run(module)
     np.save(tmp_path / "bad.npy", np.ones(8, np.float32))
     with pytest.raises(PassError, match=r"must hold int64 \[sequences, tokens\]"):
         for p in parse_pipeline(f'quantize-nf4{{method=gptq,calib="{tmp_path / "bad.npy"}"}}'):
@@ -247,6 +250,15 @@ def test_keep_worst_stores_the_matrices_of_largest_measured_error_in_q8(stories_
     assert min(p.kept_for_error.values()) >= max(p.errors[n] for n in rest)
     with pytest.raises(PassError, match="keep_worst .* needs method=gptq"):
         QuantizeNF4(keep_worst=2).run(import_hf_checkpoint(stories_dir))
+
+
+def test_nf4_options_gptq_cannot_calibrate_compile_round_to_nearest_and_say_so(stories_dir, tmp_path, capsys):
+    """`--quant nf4{block=32}` (a valid block size that GPTQ does not calibrate) compiles to
+    nearest with a message, instead of failing with a traceback mid-calibration."""
+    out = tmp_path / "b32.amxc"
+    assert main(["compile", str(stories_dir), "-o", str(out), "--quant", "nf4{block=32}", "--no-prebuild"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["method"] == "rtn"
+    assert "GPTQ calibrates block=64 only, not block=32: quantizing round-to-nearest" in capsys.readouterr().err
 
 
 def test_auto_method_without_calibration_or_with_tp_is_round_to_nearest(stories_dir):
