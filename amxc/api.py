@@ -89,7 +89,9 @@ def calibration_file(model, text_path: str | os.PathLike | Sequence[str | os.Pat
     """Token ids of the first `tokens` tokens of a text file, cut into sequences of `length`,
     as the .npy quantize-nf4{method=gptq,calib=...} reads (written into the amxc cache).  Given
     several files, their sequences are taken in turn (first of each, second of each, ...; a
-    file that runs out drops out), so any count of tokens samples every file."""
+    file that runs out drops out), so any count of tokens samples every file.  Texts with fewer
+    than `length` tokens in all are a UsageError: a handful of tokens gives GPTQ a rank-deficient
+    H, and its compile looked calibrated (1 token of text had compiled, its errors near 0)."""
     import hashlib
     import tempfile
 
@@ -107,7 +109,10 @@ def calibration_file(model, text_path: str | os.PathLike | Sequence[str | os.Pat
             raise UsageError(f"{model}: no tokenizer to turn the calibration text into tokens")
         tokenizer = Tokenizer.from_dir(Path(tmp))
         streams = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-    length = min(length, *(len(ids) for ids in streams))
+    if all(len(ids) < length for ids in streams):        # a file shorter than a window adds none
+        counts = ", ".join(f"{p}: {len(ids)} tokens" for p, ids in zip(paths, streams))
+        raise UsageError(f"calibration text too short ({counts}): calibrating needs at least {length} "
+                         f"tokens (one window); give a longer text, or quantize with nf4{{method=rtn}}")
     windows = [[ids[i:i + length] for i in range(0, len(ids) - length + 1, length)] for ids in streams]
     turns = [w for group in itertools.zip_longest(*windows) for w in group if w is not None]
     rows = np.asarray(turns[:max(1, tokens // length)], np.int64).reshape(-1, length)

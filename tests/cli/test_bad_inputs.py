@@ -82,6 +82,7 @@ def world(tmp_path_factory, stories_art, stories_dir):
     (tmp / "broken.ir").write_text("module @m {\n  func @f(%x: f32[4]) -> (f32[4]) {\n    %y = nope(%x) : f32[4]\n")
     (tmp / "good.ir").write_text((stories_art / "graph.ir").read_text())
     (tmp / "file.txt").write_text("keep me")
+    (tmp / "empty.txt").write_text("")
     (tmp / "userdir").mkdir()
     (tmp / "userdir" / "thesis.tex").write_text("years of work")
     (tmp / "sub" / "deeper").mkdir(parents=True)
@@ -146,6 +147,9 @@ CASES = [
     ("compile-unknown-quant", "compile {model} -o {tmp}/o.amxc --quant int3", {}, "int3"),
     ("compile-unknown-target", "compile {model} -o {tmp}/o.amxc --target z80", {}, "--target"),
     ("compile-calib-without-gptq", "compile {model} -o {tmp}/o.amxc --calib {tmp}/file.txt", {}, "--calib"),
+    ("compile-calib-empty", "compile {model} -o {tmp}/o.amxc --quant nf4 --calib {tmp}/empty.txt", {}, "empty.txt"),
+    ("compile-calib-too-short", "compile {model} -o {tmp}/o.amxc --quant nf4 --calib {tmp}/file.txt", {},
+     "file.txt: 6 tokens"),
     ("compile-missing-plugin", "compile {model} -o {tmp}/o.amxc --pass-plugin {tmp}/none.py:P", {}, "none.py"),
     ("compile-bad-dump-spec", "compile {model} -o {tmp}/o.amxc --dump-ir sometimes", {}, "sometimes"),
     ("compile-truncated-weights", "compile {models[trunc]} -o {tmp}/o.amxc", {}, "model.safetensors"),
