@@ -182,7 +182,7 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
             count, required, what = tokens, p.opts["method"] == "gptq", "quantizing round-to-nearest"
             uncalibrated = lambda p: None                  # method=auto without calib is rtn
             if p.opts["method"] == "auto" and not p.opts["calib"] and p.gptq_unsupported():
-                _say(f"{p.name}: GPTQ {p.gptq_unsupported().split(' (')[0]}: {what}", progress)
+                _say(f"{p.name}: GPTQ {p.gptq_unsupported()}: {what}", progress)
                 continue
         elif isinstance(p, QuantizeInt8) and p.opts["smooth"] > 0:
             count, required, what = min(tokens, 2048), False, "no SmoothQuant migration"

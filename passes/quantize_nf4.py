@@ -167,7 +167,7 @@ class QuantizeNF4(Pass):
 
         unsupported = self.gptq_unsupported()
         if unsupported:
-            raise PassError(f"quantize-nf4{{method=gptq}}: {unsupported}")
+            raise PassError(f"quantize-nf4{{method=gptq}}: GPTQ {unsupported} (use method=rtn)")
         amount = self.opts["toward_float"]
         if not 0.0 <= amount <= 1.0:
             raise PassError(f"quantize-nf4: toward_float={amount} is not in [0, 1]")
@@ -178,7 +178,7 @@ class QuantizeNF4(Pass):
         last: list = [None, None]                      # (activation chunks, their InputStats)
         progress = _Progress(len(wanted), ids.size)
 
-        def quantized(name: str, w: np.ndarray, x: list, x_float: list | None) -> np.ndarray:
+        def quantized(name: str, w: np.ndarray, x: list, x_float) -> np.ndarray:
             if name not in wanted:
                 return w
             if name in blobs:                          # read again: decode the bytes (no f32 copy kept)
@@ -206,11 +206,11 @@ class QuantizeNF4(Pass):
         return blobs
 
     def gptq_unsupported(self) -> str | None:
-        """Why these options cannot be calibrated (GPTQ), or None."""
+        """Why GPTQ cannot calibrate these options ("calibrates ..."), or None."""
         if self.opts["double"] == "bnb":
-            return "calibrates double=fp8 or double=none scales, not double=bnb (use method=rtn)"
+            return "calibrates double=fp8 or double=none scales, not double=bnb"
         if self.opts["block"] != 64:
-            return f"calibrates block=64 only, not block={self.opts['block']} (use method=rtn)"
+            return f"calibrates block=64 only, not block={self.opts['block']}"
         return None
 
     def _method(self, module: Module) -> str:

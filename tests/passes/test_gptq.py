@@ -337,8 +337,12 @@ def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
     rng = np.random.default_rng(1)
     x, xf = (rng.standard_normal((6, 50, 32)).astype(np.float32) for _ in range(2))
     whole, parts = input_stats(x, xf), input_stats([x[:2], x[2:3], x[3:]], [xf[:2], xf[2:3], xf[3:]])
+    x64, xf64 = (a.reshape(-1, 32).astype(np.float64) for a in (x, xf))
+    np.testing.assert_allclose(parts.h, x64.T @ x64, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(parts.h, whole.h, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(parts.cross_damped, whole.cross_damped, rtol=1e-5, atol=1e-4)
+    lam = parts.cross_damped[0, 0] - (x64.T @ xf64)[0, 0]          # the ridge on C's diagonal
+    np.testing.assert_allclose(parts.cross_damped, x64.T @ xf64 + lam * np.eye(32), rtol=1e-5, atol=1e-4)
     w = rng.standard_normal((8, 32)).astype(np.float32)
     q = w + 0.1 * rng.standard_normal(w.shape).astype(np.float32)
     assert output_error(w, q, whole, x, tokens=7) == pytest.approx(
