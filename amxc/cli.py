@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'q8': every linear in int8 (1.06 bytes/weight), the near-lossless choice "
                         "for weights that are already 4-bit (ONNX int4 files)")
     c.add_argument("--calib", metavar="TEXT", default=None,
-                   help="calibration text for --quant nf4 (tokenized with the model's tokenizer; the "
-                        "first --calib-tokens tokens are used; default: the corpus in amxc/data/calibration)")
+                   help="calibration text for --quant nf4 (tokenized with the model's tokenizer, at least "
+                        "512 tokens; the first --calib-tokens tokens are used, in 512-token windows; "
+                        "default: the corpus in amxc/data/calibration)")
     c.add_argument("--calib-tokens", type=at_least(1), default=None,
                    help="calibration tokens (default 8192)")
     c.add_argument("--target", default="auto", choices=["auto", "ref", "avx2", "avx512", "amx"],

@@ -73,7 +73,8 @@ SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
 @register_pass("quantize-nf4", version=2)   # 2: calibration statistics computed faster (rounding may differ)
 class QuantizeNF4(Pass):
     options = {
-        "block": Option(int, 64, "elements per block scale (32 ... 4096)"),
+        "block": Option(int, 64, "elements per block scale (32 ... 4096; GPTQ and the native kernels "
+                                 "take 64, other sizes run decoded to f32)"),
         "double": Option(str, "fp8", "how block scales are stored: fp8 | bnb | none"),
         "scale_block": Option(int, 256, "block scales per second-level fp32 scale"),
         "skip": Option(str, "embed|lm_head|wte|wpe", "regex: weights whose names match stay float"),
