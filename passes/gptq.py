@@ -59,12 +59,12 @@ def input_stats(x, x_float=None, *, damp: float = 0.01, act_order: bool = True) 
     may be one array or chunks of the tokens (the same chunking for both; `x_float` may be an
     iterator, read once in order): H and C are sums over tokens, taken chunk by chunk."""
     xs = _token_chunks(x)
-    xfs = iter(() if x_float is None else _token_chunks(x_float, lazy=True))
+    pairs = ((c, None) for c in xs) if x_float is None else \
+        zip(xs, _token_chunks(x_float, lazy=True), strict=True)      # other chunkings: ValueError
     h = cross = None
-    for c in xs:
+    for c, xf in pairs:
         h = gram(c) if h is None else np.add(h, gram(c), out=h)
-        if x_float is not None:
-            xf = next(xfs)
+        if xf is not None:
             cross = c.T @ xf if cross is None else np.add(cross, c.T @ xf, out=cross)
     return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)
 

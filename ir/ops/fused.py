@@ -178,7 +178,8 @@ def _swiglu_input(position, x, w_gate, w_up, w_down, *, types):
         g = linear(rows, wg)
         return np.multiply(silu_in_place(g), linear(rows, wu), out=g).reshape(x.shape[:-1] + (wg.shape[0],))
     # rows at a time into the result: whole-input gate and up products are two more arrays of
-    # the result's size (2 x 0.1 GB a stream at a 16 K-token calibration run of SmolLM2)
+    # the result's size (a direct interpreter run on many tokens; calibration already hands
+    # ops 2,048-token chunks, passes/calibration.py)
     h = np.empty((len(rows), wg.shape[0]), x.dtype)
     for r in range(0, len(rows), SWIGLU_ROWS):
         g = linear(rows[r:r + SWIGLU_ROWS], wg)

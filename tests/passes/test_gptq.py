@@ -337,6 +337,8 @@ def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
     rng = np.random.default_rng(1)
     x, xf = (rng.standard_normal((6, 50, 32)).astype(np.float32) for _ in range(2))
     whole, parts = input_stats(x, xf), input_stats([x[:2], x[2:3], x[3:]], [xf[:2], xf[2:3], xf[3:]])
+    with pytest.raises(ValueError):                        # float chunks that do not pair up
+        input_stats([x[:2], x[2:]], [xf[:2], xf[2:3], xf[3:]])
     x64, xf64 = (a.reshape(-1, 32).astype(np.float64) for a in (x, xf))
     np.testing.assert_allclose(parts.h, x64.T @ x64, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(parts.h, whole.h, rtol=1e-5, atol=1e-4)
