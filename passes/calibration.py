@@ -6,8 +6,8 @@ The ids are cut into chunks of whole sequences (CHUNK_TOKENS tokens), and every 
 stream runs as its own interpreter state, all in lockstep node by node.  An op then works on a
 chunk at a time: its temporaries are a chunk's size, not the whole run's.  A calibration of
 SmolLM2 on 16 K tokens had 38 MB activations and 100 MB MLP hidden layers, each a fresh mmap
-faulted in page by page (a fifth of its 176 s); in chunks it takes 138 s and peaks 0.10 GB
-lower (Zen 4).  Statistics
+faulted in page by page (a fifth of its 176 s); in chunks it took 138 s and peaked 0.10 GB
+lower, and 122 s with numpy's huge-page advice off (small_pages; Zen 4).  Statistics
 over tokens (GPTQ's H = X^T X and C = X^T X_f, SmoothQuant's absmax) are sums or maxima, so an
 observer accumulates them over the chunks before it quantizes the weight that every chunk then
 reads.
@@ -17,6 +17,8 @@ chunk c.  It may return replacements in the same shape, a `Computed` of results 
 shape (stream, then chunk), or None.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -71,9 +73,29 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
         return {"input_ids": c, "position_ids": pos}
 
     function = "prefill" if "prefill" in module.functions else None
-    with accumulate_in(np.float32):
+    with accumulate_in(np.float32), small_pages():
         run_streams(module, [inputs(c) for _ in range(count) for c in chunks], function=function,
                     observe=flat_observe)
+
+
+@contextlib.contextmanager
+def small_pages():
+    """numpy asks for transparent huge pages (madvise) on every array of 4 MB or more.  Where THP
+    defragments on such faults (`defrag` = madvise, a common default) a fault may first compact
+    memory, and a calibration run allocates and frees chunk-sized arrays over and over: a
+    SmolLM2 gate product's first call ran at 50-90 GFLOP/s against 200 into a warm buffer,
+    and 16 K tokens took 133 s against 117 s without the advice (Zen 4 VM, same peak RSS).
+    The GEMMs gain nothing measurable from huge pages here."""
+    advise = getattr(getattr(np, "_core", getattr(np, "core", None)), "multiarray", None)
+    advise = getattr(advise, "_set_madvise_hugepage", None)   # private numpy API: if gone, as before
+    if advise is None:
+        yield
+        return
+    was = advise(False)
+    try:
+        yield
+    finally:
+        advise(was)
 
 
 def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False,

@@ -322,6 +322,34 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
         np.testing.assert_allclose(np.concatenate(stream), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("ends_early", [False, True])
+def test_calibration_run_asks_numpy_for_small_pages_and_gives_the_setting_back(random_models, ends_early):
+    """numpy's huge-page advice costs a calibration run its chunk-sized arrays' faults (the
+    small_pages docstring): it is off while ops run, and as it was afterwards, also when the
+    observer ends the run early."""
+    from amxc.api import optimize
+    from amxc.passes import calibration
+
+    advise = np._core.multiarray._set_madvise_hugepage
+    module = import_hf_checkpoint(random_models["llama"])
+    optimize(module)
+    ids = np.random.default_rng(0).integers(3, 250, size=(2, 24)).astype(np.int64)
+    during = []
+
+    def look(name, w, x, xf):
+        during.append(advise(False))                      # reading it means setting it
+        if ends_early:
+            raise calibration.CalibrationDone
+        return w
+
+    for before in (True, False):
+        advise(before)
+        calibration.calibration_run(module, ids, look)
+        assert during and not any(during)
+        assert advise(True) is before
+        during.clear()
+
+
 def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
     """Calibration ids go in equal chunks of whole sequences (at least one), and GPTQ's H and C from
     chunks equal those of the whole array: a dropped or repeated chunk changes both."""
