@@ -36,13 +36,15 @@ def calibration_flops(model: str, tokens: int, window: int = 512, streams: int =
     """Float32 FLOPs of a GPTQ calibration with the float model beside it (toward_float > 0):
     per token and layer, each stream's q/k/v/o/gate/up/down products and attention over its
     window (scores and values, masked half included, as the interpreter computes them), H of
-    each of the 4 distinct layer inputs (a symmetric product: half a GEMM) and C of each."""
+    each of the 4 distinct layer inputs (a symmetric product: half a GEMM) and C = X^T X_f of
+    the first 3, X^T Y_f of the down projection (its float outputs: d wide, not f)."""
     d, f, layers, heads, kv_heads = SHAPES[model]
     hd = d // heads
     linear = 2 * (2 * d * d + 2 * d * kv_heads * hd + 3 * d * f)
     attention = 2 * 2 * heads * hd * window
     gram = 3 * d * d + f * f
-    return tokens * layers * (streams * (linear + attention) + gram + 2 * gram)
+    cross = 2 * (3 * d * d + f * d)
+    return tokens * layers * (streams * (linear + attention) + gram + cross)
 
 
 def gemm_rate(rows: int = 2048, k: int = 576, n: int = 1536, reps: int = 5) -> float:

@@ -103,8 +103,9 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
     """Run the model on `ids`; every weight an op reads (its `weights`) goes through
     `weight_for(name, weight, its input, the float model's input or None)`, the inputs as lists
     of chunks, and the node uses its result.  With `with_float` a second stream runs the
-    unchanged model in lockstep and supplies the float inputs (for an op's last weight, when
-    the op finishes from its activations, an iterator of chunks read in order).  Weights go in
+    unchanged model in lockstep and supplies the float inputs; for an op's last weight, when
+    the op finishes from its activations, it supplies that weight's float outputs instead
+    (FloatOutputs: chunks read once, in order).  Weights go in
     input order and each one's input comes from the op's own `weight_input` over the weights
     returned so far, so a fused MLP's down projection sees the hidden layer its just-quantized
     gate and up produce.  Ends early when `weight_for` raises CalibrationDone."""
@@ -124,7 +125,7 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
                 if floats is None:
                     xf = None
                 elif finishes and i == op.weights[-1]:
-                    xf = _finishing(op, i, floats, node.attrs, types, float_outs)
+                    xf = FloatOutputs(_float_outputs(op, i, floats, node.attrs, types, float_outs))
                 else:
                     xf = [op.activation_of(i, f, node.attrs, types) for f in floats]
                 w = weight_for(node.inputs[i].name, chunks[0][i], x, xf)
@@ -149,11 +150,24 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
         pass
 
 
-def _finishing(op, i: int, floats: list, attrs: dict, types: list, outs: list):
-    """The float stream's input to its last weight, chunk by chunk, each chunk's output made
-    (into `outs`) once the consumer moves past it: the float model's weights are fixed, so its
-    100 MB hidden layer (SmolLM2, 16 K tokens) is never held whole."""
+class FloatOutputs:
+    """The float model's outputs of one weight, chunk by chunk (an iterator, read once, in
+    order), given where its inputs would be: a fused MLP's down projection, whose float outputs
+    the float stream needs anyway.  A consumer after C W^T (C = X^T X_f) takes X^T Y_f from them,
+    against N outputs rather than K inputs (SmolLM2's down projection: 576 against 1536)."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+
+    def __iter__(self):
+        return self._chunks
+
+
+def _float_outputs(op, i: int, floats: list, attrs: dict, types: list, outs: list):
+    """The float stream's outputs of the op's last weight, chunk by chunk, each also kept (in
+    `outs`) as the op's output: the float model's weights are fixed, so its 100 MB hidden layer
+    (SmolLM2, 16 K tokens) is never held whole."""
     for args in floats:
-        act = op.activation_of(i, args, attrs, types)
-        yield act
-        outs.append(op.weight_output(act, *args, **attrs, types=types))
+        out = op.weight_output(op.activation_of(i, args, attrs, types), *args, **attrs, types=types)
+        outs.append(out)
+        yield out

@@ -47,26 +47,39 @@ class InputStats:
     # W B^T H^-1 by itself (3 N K^2 against 2 K^3: TinyLlama's down projection, N = 2048 of 5632)
     cross_damped: np.ndarray | None = None
     to_float: np.ndarray | None = None
+    # toward_float for the one weight W whose float outputs Y_f = X_f W^T were given instead of
+    # X_f (a fused MLP's down projection): X^T Y_f = C W^T [K, N], and the ridge l, so that
+    # W B^T = (X^T Y_f)^T + l W without C
+    cross_out: np.ndarray | None = None
+    ridge: float = 0.0
 
     @property
     def diag(self) -> np.ndarray:
         return np.diag(self.h)
 
 
-def input_stats(x, x_float=None, *, damp: float = 0.01, act_order: bool = True) -> InputStats:
-    """Statistics of calibration inputs `x` [..., K] (and of the float model's inputs to the
-    same weight, `x_float`, for toward_float), in float32 (see the module's docstring).  Each
-    may be one array or chunks of the tokens (the same chunking for both; `x_float` may be an
-    iterator, read once in order): H and C are sums over tokens, taken chunk by chunk."""
+def input_stats(x, x_float=None, *, float_out=None, damp: float = 0.01, act_order: bool = True) -> InputStats:
+    """Statistics of calibration inputs `x` [..., K] (and, for toward_float, of the float
+    model's inputs to the same weight, `x_float`, or its outputs of the one weight these
+    statistics serve, `float_out`), in float32 (see the module's docstring).  Each may be one
+    array or chunks of the tokens (the same chunking for all; the float ones may be an iterator,
+    read once in order): H and C (or X^T Y_f) are sums over tokens, taken chunk by chunk."""
+    if x_float is not None and float_out is not None:
+        raise ValueError("input_stats takes the float model's inputs or its outputs, not both")
+    floats = x_float if float_out is None else float_out
     xs = _token_chunks(x)
-    pairs = ((c, None) for c in xs) if x_float is None else \
-        zip(xs, _token_chunks(x_float, lazy=True), strict=True)      # other chunkings: ValueError
+    pairs = ((c, None) for c in xs) if floats is None else \
+        zip(xs, _token_chunks(floats, lazy=True), strict=True)       # other chunkings: ValueError
     h = cross = None
-    for c, xf in pairs:
+    for c, f in pairs:
         h = gram(c) if h is None else np.add(h, gram(c), out=h)
-        if xf is not None:
-            cross = c.T @ xf if cross is None else np.add(cross, c.T @ xf, out=cross)
-    return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)
+        if f is not None:
+            cross = c.T @ f if cross is None else np.add(cross, c.T @ f, out=cross)
+    if float_out is None:
+        return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)
+    stats = stats_from_hessian(h, damp=damp, act_order=act_order)
+    stats.cross_out = cross.astype(stats.h.dtype, copy=False)
+    return stats
 
 
 def _token_chunks(x, lazy: bool = False):
@@ -99,10 +112,10 @@ def stats_from_hessian(hessian: np.ndarray, cross: np.ndarray | None = None, *, 
     if u.dtype != h.dtype:                                   # float32 failed: all in float64
         h = h.astype(np.float64)
     if cross is None:
-        return InputStats(h, dead, perm, u)
+        return InputStats(h, dead, perm, u, ridge=lam)
     b = np.asarray(cross).astype(h.dtype, copy=not overwrite_cross)   # W*^T = (H + l I)^-1 (C + l I) W^T
     b[np.diag_indices(k)] += b.dtype.type(lam)
-    return InputStats(h, dead, perm, u, b)
+    return InputStats(h, dead, perm, u, b, ridge=lam)
 
 
 def _inverse_factor(h: np.ndarray, dead: np.ndarray, lam: float, rev: np.ndarray) -> np.ndarray:
@@ -137,9 +150,14 @@ def _inverse_times(stats: InputStats, m: np.ndarray) -> np.ndarray:
 def float_target(w: np.ndarray, stats: InputStats) -> np.ndarray:
     """W* = W B^T (H + l I)^-1, the weight that maps the quantized stream's inputs to the float
     model's outputs (in the statistics' dtype)."""
-    if stats.cross_damped is None:
-        raise ValueError("toward_float needs statistics made with the float model's inputs")
     w = w.astype(stats.h.dtype, copy=False)
+    if stats.cross_out is not None:                          # (X^T Y_f + l W^T)^T = W B^T
+        if stats.cross_out.shape != w.T.shape:
+            raise ValueError(f"these statistics hold float outputs {stats.cross_out.shape[::-1]}, "
+                             f"not those of a weight {w.shape}")
+        return _inverse_times(stats, stats.cross_out + stats.ridge * w.T).T
+    if stats.cross_damped is None:
+        raise ValueError("toward_float needs statistics made with the float model's inputs or outputs")
     if stats.to_float is None and 3 * w.shape[0] < 2 * w.shape[1]:
         return _inverse_times(stats, stats.cross_damped @ w.T).T
     if stats.to_float is None:

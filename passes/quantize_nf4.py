@@ -65,7 +65,7 @@ from amxc.ir.formats import q8 as q8fmt
 from amxc.ir.transform import is_weight_use, swap_to_quantized, weight_uses
 
 from .base import Option, Pass, PassError, register_pass
-from .calibration import CalibrationDone, calibration_run
+from .calibration import CalibrationDone, FloatOutputs, calibration_run
 
 SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
 
@@ -185,8 +185,9 @@ class QuantizeNF4(Pass):
             if name in blobs:                          # read again: decode the bytes (no f32 copy kept)
                 return layouts[name].dequantize(blobs.get(name))
             if last[0] is None or last[0][0] is not x[0]:   # q/k/v and gate/up share their input's stats
-                last[:] = [x, input_stats(x, x_float if amount > 0 else None,
-                                          act_order=self.opts["act_order"])]
+                floats = {} if amount == 0 else \
+                    {"float_out" if isinstance(x_float, FloatOutputs) else "x_float": x_float}
+                last[:] = [x, input_stats(x, **floats, act_order=self.opts["act_order"])]
             stats = last[1]
             target = toward_float(w, stats, amount=amount) if amount > 0 else w
             lay = layouts[name] = fmt.Layout(tuple(module.params[name].type.shape), **enc)

@@ -84,6 +84,33 @@ def test_toward_float_target_undoes_input_error():
     assert err(aimed) < 0.9 * err(plain)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_float_target_from_the_float_outputs_equals_the_one_from_the_float_inputs(chunked):
+    """Statistics given one weight's float outputs Y_f = X_f W^T (a fused MLP's down projection)
+    hold X^T Y_f = C W^T, not C: W* = (X^T Y_f + l W^T)^T (H + l I)^-1 must be the direct solve,
+    and refuse a weight of another shape.  A ridge left out (or added twice) fails it."""
+    from amxc.passes.gptq import float_target, input_stats
+    rng = np.random.default_rng(7)
+    k, n = 96, 40
+    x = (rng.standard_normal((400, k)) * np.linspace(0.2, 2, k)).astype(np.float32)
+    xf = x + np.float32(0.1) * rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    yf = xf @ w.T
+    split = (lambda a: [a[:150], a[150:]]) if chunked else (lambda a: a)
+    stats = input_stats(split(x), float_out=iter(split(yf)) if chunked else yf)   # chunks: an iterator
+    assert stats.cross_damped is None and stats.cross_out.shape == (k, n)
+    h, c = (x.astype(np.float64).T @ a.astype(np.float64) for a in (x, xf))
+    lam = 0.01 * np.mean(np.diag(h))
+    direct = np.linalg.solve(h + lam * np.eye(k), (c + lam * np.eye(k)) @ w.T.astype(np.float64)).T
+    np.testing.assert_allclose(float_target(w, stats), direct, rtol=0, atol=2e-4 * np.abs(direct).max())
+    np.testing.assert_allclose(float_target(w, stats), float_target(w, input_stats(x, xf)),
+                               rtol=0, atol=2e-4 * np.abs(direct).max())
+    with pytest.raises(ValueError, match="not those of a weight"):
+        float_target(w[:10], stats)
+    with pytest.raises(ValueError, match="inputs or its outputs, not both"):
+        input_stats(x, xf, float_out=yf)
+
+
 def test_float_target_per_weight_and_shared_equal_the_direct_solve():
     """W* = W B^T (H + l I)^-1: a weight under 2/3 of K tall takes it by itself, a taller one
     forms the shared T first; both equal numpy's solve (float64, act_order's reversal undone)."""
@@ -296,15 +323,18 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
     with accumulate_in(np.float32):
         want = interpreter.run_streams(module, [[ids, pos, DenseKVCache(prefill.args[-1].type, 2, 24)]],
                                        function="prefill")[0][0]
-    seen, results = [], []
+    seen, results, float_seen = [], [], []
     chunks = 48 // chunk_tokens
 
     def same(name, w, x, xf):
         seen.append(name)
         assert len(x) == chunks and all(c.shape[-1] == w.shape[1] for c in x)
         if reads_float:
-            xf = list(xf)                      # an iterator for a fused MLP's down projection
-            assert len(xf) == chunks and all(f.shape == c.shape for c, f in zip(x, xf))
+            outputs = isinstance(xf, calibration.FloatOutputs)    # a fused MLP's down projection
+            xf = list(xf)
+            assert len(xf) == chunks
+            assert all(f.shape == (c.shape[:-1] + (w.shape[0],) if outputs else c.shape) for c, f in zip(x, xf))
+            float_seen.append(outputs)
         return w
 
     def keep_results(*args, **kwargs):
@@ -318,6 +348,7 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
     weights = [n.inputs[i].name for n in prefill.nodes for i in n.opdef.weights if i < len(n.inputs)]
     assert sorted(seen) == sorted(weights)
     assert len(results) == 2 * chunks
+    assert not reads_float or sum(float_seen) == sum(n.opdef.weight_output is not None for n in prefill.nodes)
     for stream in (results[:chunks], results[chunks:]):
         np.testing.assert_allclose(np.concatenate(stream), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
