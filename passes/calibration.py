@@ -84,7 +84,7 @@ def small_pages():
     defragments on such faults (`defrag` = madvise, a common default) a fault may first compact
     memory, and a calibration run allocates and frees chunk-sized arrays over and over: a
     SmolLM2 gate product's first call ran at 50-90 GFLOP/s against 200 into a warm buffer,
-    and 16 K tokens took 133 s against 117 s without the advice (Zen 4 VM, same peak RSS).
+    and 16 K tokens took 134 s against 122 s without the advice (Zen 4 VM, same peak RSS).
     The GEMMs gain nothing measurable from huge pages here."""
     advise = getattr(getattr(np, "_core", getattr(np, "core", None)), "multiarray", None)
     advise = getattr(advise, "_set_madvise_hugepage", None)   # private numpy API: if gone, as before
@@ -151,8 +151,8 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
 
 
 class FloatOutputs:
-    """The float model's outputs of one weight, chunk by chunk (an iterator, read once, in
-    order), given where its inputs would be: a fused MLP's down projection, whose float outputs
+    """The float model's outputs of one weight, Y_f = X_f W^T without a bias, chunk by chunk (an
+    iterator, read once, in order), given where its inputs would be: a fused MLP's down projection, whose float outputs
     the float stream needs anyway.  A consumer after C W^T (C = X^T X_f) takes X^T Y_f from them,
     against N outputs rather than K inputs (SmolLM2's down projection: 576 against 1536)."""
 
@@ -164,10 +164,17 @@ class FloatOutputs:
 
 
 def _float_outputs(op, i: int, floats: list, attrs: dict, types: list, outs: list):
-    """The float stream's outputs of the op's last weight, chunk by chunk, each also kept (in
-    `outs`) as the op's output: the float model's weights are fixed, so its 100 MB hidden layer
-    (SmolLM2, 16 K tokens) is never held whole."""
+    """The float stream's products of the op's last weight, X_f W^T, chunk by chunk; each
+    chunk's whole output (bias included) is kept in `outs` as the op's output.  The float
+    model's weights are fixed, so its 100 MB hidden layer (SmolLM2, 16 K tokens) is never held
+    whole.  A weight_output is that product plus a fixed offset (a bias, as in GPT-2's MLP):
+    the output of a zero activation, taken away from what is handed on."""
+    offset = None
     for args in floats:
-        out = op.weight_output(op.activation_of(i, args, attrs, types), *args, **attrs, types=types)
+        act = op.activation_of(i, args, attrs, types)
+        out = op.weight_output(act, *args, **attrs, types=types)
         outs.append(out)
-        yield out
+        if offset is None:
+            offset = op.weight_output(np.zeros((1, act.shape[-1]), act.dtype), *args, **attrs, types=types)
+        del act
+        yield out - offset if offset.any() else out

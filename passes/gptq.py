@@ -22,7 +22,10 @@ fails is factored again in float64.
 `toward_float` is the asymmetric target of GPTAQ (Li et al. 2025, "GPTQv2"): with X the inputs
 the quantized model feeds a layer and X_f those the float model feeds it, the W* that best maps
 X to the float outputs W X_f is W C^T H^-1 (C = X^T X_f, ridge-damped); quantizing a blend of
-W and W* with GPTQ also undoes part of the error that earlier layers left in X.
+W and W* with GPTQ also undoes part of the error that earlier layers left in X.  Given one
+weight's float outputs Y_f = X_f W^T instead (`float_out`: a fused MLP's down projection, whose
+outputs the float model makes anyway), W C^T = (X^T Y_f)^T without C: N x K products per token
+rather than K x K.
 """
 from __future__ import annotations
 

@@ -307,7 +307,8 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
     projection (weight_output) instead of running the op again, chunk by chunk: with weights
     left as they are, both streams' chunks must still give the plain prefill's logits, and
     every weight is offered once, with its input in chunks of its width.  The float stream's
-    outputs come from its inputs whether or not the observer reads them."""
+    outputs come from its inputs whether or not the observer reads them; a fused MLP's last
+    weight gets its float products X_f W^T instead, without GPT-2's bias."""
     from amxc.api import optimize
     from amxc.ir import interpreter
     from amxc.ir.ops.cache import DenseKVCache
@@ -335,6 +336,9 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
             assert len(xf) == chunks
             assert all(f.shape == (c.shape[:-1] + (w.shape[0],) if outputs else c.shape) for c, f in zip(x, xf))
             float_seen.append(outputs)
+            for c, f in zip(x, xf) if outputs else ():      # weights unchanged: the float stream's
+                want = c @ w.T                              # hidden layer is x; products, no bias
+                np.testing.assert_allclose(f, want, rtol=0, atol=1e-5 * np.abs(want).max())
         return w
 
     def keep_results(*args, **kwargs):
