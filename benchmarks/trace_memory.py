@@ -109,6 +109,7 @@ def write_shards(out: Path, config: dict, shapes: dict[str, tuple[int, ...]], sh
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
+
 def peak_rss_of(cmd: list[str], env: dict | None = None) -> tuple[int, float]:
     """Run cmd and return (peak RSS bytes, seconds): the peak of the process tree's summed RSS
     (cmd and the children it starts, such as the frontend's trace child), sampled every 20 ms,

@@ -337,8 +337,8 @@ def test_calibration_run_computes_what_the_model_computes(random_models, family,
             assert all(f.shape == (c.shape[:-1] + (w.shape[0],) if outputs else c.shape) for c, f in zip(x, xf))
             float_seen.append(outputs)
             for c, f in zip(x, xf) if outputs else ():      # weights unchanged: the float stream's
-                want = c @ w.T                              # hidden layer is x; products, no bias
-                np.testing.assert_allclose(f, want, rtol=0, atol=1e-5 * np.abs(want).max())
+                product = c @ w.T                           # hidden layer is x; products, no bias
+                np.testing.assert_allclose(f, product, rtol=0, atol=1e-5 * np.abs(product).max())
         return w
 
     def keep_results(*args, **kwargs):
@@ -365,7 +365,7 @@ def test_calibration_run_asks_numpy_for_small_pages_and_gives_the_setting_back(r
     from amxc.api import optimize
     from amxc.passes import calibration
 
-    advise = np._core.multiarray._set_madvise_hugepage
+    advise = (getattr(np, "_core", None) or np.core).multiarray._set_madvise_hugepage
     module = import_hf_checkpoint(random_models["llama"])
     optimize(module)
     ids = np.random.default_rng(0).integers(3, 250, size=(2, 24)).astype(np.int64)
@@ -377,12 +377,16 @@ def test_calibration_run_asks_numpy_for_small_pages_and_gives_the_setting_back(r
             raise calibration.CalibrationDone
         return w
 
-    for before in (True, False):
-        advise(before)
-        calibration.calibration_run(module, ids, look)
-        assert during and not any(during)
-        assert advise(True) is before
-        during.clear()
+    original = advise(True)
+    try:
+        for before in (True, False):
+            advise(before)
+            calibration.calibration_run(module, ids, look)
+            assert during and not any(during)
+            assert advise(before) is before
+            during.clear()
+    finally:
+        advise(original)
 
 
 def test_chunks_are_whole_sequences_and_statistics_sum_over_them():
