@@ -152,9 +152,10 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
 
 class FloatOutputs:
     """The float model's outputs of one weight, Y_f = X_f W^T without a bias, chunk by chunk (an
-    iterator, read once, in order), given where its inputs would be: a fused MLP's down projection, whose float outputs
-    the float stream needs anyway.  A consumer after C W^T (C = X^T X_f) takes X^T Y_f from them,
-    against N outputs rather than K inputs (SmolLM2's down projection: 576 against 1536)."""
+    iterator, read once, in order), given where its inputs would be: a fused MLP's down
+    projection, whose float outputs the float stream needs anyway.  A consumer after C W^T
+    (C = X^T X_f) takes X^T Y_f from them, against N outputs rather than K inputs (SmolLM2's
+    down projection: 576 against 1536)."""
 
     def __init__(self, chunks):
         self._chunks = iter(chunks)
