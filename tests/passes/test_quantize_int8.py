@@ -31,7 +31,10 @@ def test_migration_keeps_the_float_function(stories_dir, monkeypatch):
     real_run = quantize_int8.run_calibration_streams
 
     def recording_run(module, ids, count, observe):
-        return real_run(module, ids, count, lambda node, streams: (reached.append(node), observe(node, streams))[1])
+        def recording_observe(node, streams):
+            reached.append(node)
+            return observe(node, streams)
+        return real_run(module, ids, count, recording_observe)
     monkeypatch.setattr(quantize_int8, "run_calibration_streams", recording_run)
     p._smooth(module, 0.5, ids)
     # the run stops at the last norm it measures: the logits head (SmolLM2: 0.4 GB of logits a

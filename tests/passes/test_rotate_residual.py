@@ -142,8 +142,8 @@ def test_quantize_nf4_rotate_option_reports_what_it_did(stories_graph):
 
 def test_a_large_table_is_rotated_in_pieces_with_float64_products():
     """A 49,152-row head rotated in one float64 piece held ~5x its float32 size in temporaries
-    (SmolLM2 rotate=true compiled at 0.96 GB instead of 0.42); in pieces the temporaries are a
-    piece's.  The result is the one-piece float64 product rounded once, for any row count."""
+    (SmolLM2's rotate=true compile peaked at 0.96 GB; 0.42 GB in pieces); in pieces the
+    temporaries are a piece's.  The result is the one-piece float64 product rounded once, for any row count."""
     rng = np.random.default_rng(1)
     q, g = orthogonal(128, 0), rng.uniform(0.5, 2.0, 128)
     a = rng.standard_normal((10_001, 128)).astype(np.float32)          # not a multiple of a piece
