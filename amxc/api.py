@@ -34,7 +34,8 @@ def trace(model, *, progress: bool = False) -> Module:
 def compile_pipeline(pipeline: str | None = None, quant: str | None = None, target: str = "auto",
                      tp: int = 1, kv: str = "f32") -> str:
     """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
-    passes), then shard-tp{ways=tp} for tensor parallelism (before quantization: each rank's
+    passes), then pad-ffn when quantizing (zero hidden units up to whole 64-wide blocks, so every
+    MLP's down projection quantizes), then shard-tp{ways=tp} for tensor parallelism (before quantization: each rank's
     slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
     'nf4{double=bnb,block=128}'; 'q8' is nf4{keep=".*"}: every linear in int8), then
     lower{target} when the pipeline makes the cache-aware form and does not lower itself."""
@@ -52,6 +53,8 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
         out = ",".join(f"kv-cache{{storage={kv}}}" if p == "kv-cache" else p for p in out.split(","))
     if not isinstance(tp, int) or not 1 <= tp <= 8:
         raise UsageError(f"--tp {tp}: tensor parallelism runs 1 to 8 ranks")
+    if quant not in (None, "", "none") and "pad-ffn" not in out:
+        out += ",pad-ffn"        # a hidden width like 172 quantizes too (zero units, same function)
     if tp > 1:
         out += f",shard-tp{{ways={tp}}}"
     if quant == "q8":            # every linear in int8 (0.7 % PPL at 1.06 B/weight): the near-lossless

@@ -92,12 +92,14 @@ def format_rows(rows: list[Row]) -> str:
 
 
 def _artifact_size(engine) -> tuple[int, int, int, int]:
-    """(bytes, parameters) of the whole model and of the 2-D weights inside its layers."""
+    """(bytes, parameters) of the whole model and of the 2-D weights inside its layers; parameters
+    leave out pad-ffn's zero padding, which bytes include."""
+    from amxc.passes.pad_ffn import true_numel
     from amxc.passes.quantize_nf4 import layer_of
     params = list(engine.module.params.values())
     layer = [p for p in params if p.type.rank == 2 and layer_of(p.name) != "other"]
-    return (sum(p.type.nbytes() for p in params), sum(p.type.numel() for p in params),
-            sum(p.type.nbytes() for p in layer), sum(p.type.numel() for p in layer))
+    return (sum(p.type.nbytes() for p in params), sum(true_numel(p) for p in params),
+            sum(p.type.nbytes() for p in layer), sum(true_numel(p) for p in layer))
 
 
 class _LlamaCpp:

@@ -23,7 +23,8 @@ what `keep` does not match.
 
 Weights whose names match `skip` (default: embeddings and lm_head) stay in float, as do weights
 with another use (a tied embedding) or whose input size is not a multiple of `block` (their
-blocks would straddle rows, which the kernels do not stream).  `untie=true` quantizes a tied
+blocks would straddle rows, which the kernels do not stream; pad-ffn, which `amxc compile` runs
+first, widens an MLP's hidden layer with zero units so its down projection fits).  `untie=true` quantizes a tied
 embedding's weight uses anyway, into a copy `@NAME.nf4`: the embedding keeps reading the float
 rows (one row per token), while the lm_head GEMV, which reads the whole matrix every decode
 step, streams 0.52 instead of 4 bytes per weight.  Opt-in: a 4-bit output head costs quality
@@ -66,6 +67,7 @@ from amxc.ir.transform import is_weight_use, swap_to_quantized, weight_uses
 
 from .base import Option, Pass, PassError, register_pass
 from .calibration import CalibrationDone, FloatOutputs, calibration_run
+from .pad_ffn import true_numel
 
 SCALE_OF = {"fp8": "fp8_e4m3", "bnb": "bnb_dynamic8", "none": "f32"}
 
@@ -394,6 +396,8 @@ def _quantized_param(old: Param, t: TensorType, layout, weights: list, blobs: li
     stats = fmt.error_stats(*pairs[0]) if len(pairs) == 1 else \
         fmt.error_stats(np.concatenate([w for w, _ in pairs]), np.concatenate([d for _, d in pairs]))
     attrs = {k: round(v, 6) for k, v in stats.items()} | extra
+    if "padded_from" in old.attrs:                 # pad-ffn's zeros: not parameters (pad_ffn.true_numel)
+        attrs["padded_from"] = old.attrs["padded_from"]
     if old.sharded:
         return Param(old.name, t, attrs=attrs | ({"tp": old.attrs["tp"]} if "tp" in old.attrs else {}),
                      shards=[lambda b=b: b for b in blobs])
@@ -499,7 +503,7 @@ def quant_summary(module: Module, skipped: dict[str, str] | None = None) -> dict
             continue
         for key in (layer_of(p.name), "total"):
             r = rows.setdefault(key, {"weights": 0, "elements": 0, "bytes": 0, "err": 0.0})
-            n = p.type.numel()
+            n = true_numel(p)
             r["weights"] += 1
             r["elements"] += n
             r["bytes"] += p.type.nbytes()

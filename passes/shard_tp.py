@@ -279,7 +279,8 @@ class ShardTP(Pass):
             shape = list(old.type.shape)
             shape[split.axis] = len(split.index[0])
             shards = [_slicer(old, split, r) for r in range(plan.ways)]
-            new = Param(name, old.type.with_shape(shape), attrs={**old.attrs, "tp": f"{split.role}, {plan.ways} ways"},
+            attrs = {k: v for k, v in old.attrs.items() if k != "padded_from"}   # a whole-model shape
+            new = Param(name, old.type.with_shape(shape), attrs={**attrs, "tp": f"{split.role}, {plan.ways} ways"},
                         shards=shards)
             module.params[name] = new
             for fn in module.functions.values():

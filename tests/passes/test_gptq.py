@@ -225,7 +225,7 @@ def test_default_nf4_calibrates_on_the_shipped_corpus(stories_dir, shared_eval, 
     assert main(["compile", str(stories_dir), "-o", str(rtn), "--quant", "nf4{method=rtn}", "-q"]) == 0
     manifest = json.loads((default / "manifest.json").read_text())
     assert manifest["quantization"]["method"] == "gptq"
-    assert len(manifest["quantization"]["output_error"]) == 30      # every nf4 weight, measured
+    assert len(manifest["quantization"]["output_error"]) == 35      # every nf4 weight, measured
     assert json.loads((rtn / "manifest.json").read_text())["quantization"]["method"] == "rtn"
     held_out = (shared_eval / "tinystories_dev.txt").read_text()[:8000]
     p_default, p_rtn = (Engine.load(a).perplexity(held_out, window=256, stride=256).perplexity

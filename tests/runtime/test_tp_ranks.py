@@ -218,8 +218,9 @@ def test_a_model_name_with_tp_compiles_sharded_on_first_use(stories_dir, tmp_pat
 @pytest.mark.parametrize("tp", [2, 4])
 def test_stories_nf4_ranks_give_the_unsharded_tokens_bit_for_bit(arts, tp):
     """stories260K's heads are 8 wide, so a rank's heads are narrower than a 64 block: shard-tp
-    gathers them and splits o_proj by rows (whole blocks), and its f32 down_proj (K=172) sums
-    in float64 like the NF4 row-parallel products; the int8 path then gives TP=1's floats."""
+    gathers them and splits o_proj by rows (whole blocks); its 172-unit MLP, padded to 192 by
+    pad-ffn and on to a multiple of 64 x tp by shard-tp, splits down_proj in whole NF4 blocks,
+    whose row-parallel products sum in float64; the int8 path then gives TP=1's floats."""
     want, want_logits, _ = _run(arts[NF4, 1])
     got, logits, _ = _run(arts[NF4, tp])
     assert got == want
