@@ -102,5 +102,12 @@ def _pad(module: Module, p: Param, extra: int, axis: int) -> None:
 
 
 def true_numel(p: Param) -> int:
-    """A parameter's element count without pad-ffn's padding."""
-    return int(np.prod(p.attrs["padded_from"])) if "padded_from" in p.attrs else p.type.numel()
+    """A parameter's element count without pad-ffn's padding.  `padded_from` comes from IR text a
+    user may hand in: a value that is not a shape within the type's (ints, same rank, no larger)
+    is ignored rather than trusted."""
+    shape, was = p.type.shape, p.attrs.get("padded_from")
+    if isinstance(was, (list, tuple)) and len(was) == len(shape) and all(
+            isinstance(w, int) and not isinstance(w, bool) and isinstance(d, int) and 0 <= w <= d
+            for w, d in zip(was, shape)):
+        return int(np.prod(was, dtype=np.int64))
+    return p.type.numel()
