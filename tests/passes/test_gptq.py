@@ -3,6 +3,7 @@ is unchanged (ordinary nf4 parameters); what changes is which codes and scales a
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -260,21 +261,45 @@ def test_calibration_windows_take_the_corpus_files_in_turn(stories_dir, tmp_path
 
 
 def test_keep_worst_stores_the_matrices_of_largest_measured_error_in_q8(stories_dir, tmp_path):
+    """keep_worst=N picks the N weights of the largest output error in a plain calibration and
+    stores them q8; the rest are calibrated again with those in q8 from the start (later layers
+    no longer make up for an NF4 error the kept weights do not have)."""
     from amxc.api import CALIBRATION_TEXT, calibration_file, optimize
     from amxc.passes.quantize_nf4 import QuantizeNF4
-    module = import_hf_checkpoint(stories_dir)
-    optimize(module)
+
+    def quantize(**opts):
+        module = import_hf_checkpoint(stories_dir)
+        optimize(module)
+        p = QuantizeNF4(calib=str(calib), **opts)
+        p.run(module)
+        return p, module
+
     calib = calibration_file(stories_dir, CALIBRATION_TEXT, 1024)
-    p = QuantizeNF4(calib=str(calib), keep_worst=3)
-    p.run(module)
+    plain, plain_module = quantize()
+    p, module = quantize(keep_worst=3)
     assert p.method == "gptq" and len(p.kept_for_error) == 3
-    worst = sorted(p.errors, key=lambda n: -p.errors[n])[:3]
-    assert sorted(p.kept_for_error) == sorted(worst)
-    for name in worst:
-        assert module.params[name].type.dtype.name == "q8"
-    rest = [n for n in p.errors if n not in worst]
-    assert all(module.params[n].type.dtype.name == "nf4" for n in rest)
-    assert min(p.kept_for_error.values()) >= max(p.errors[n] for n in rest)
+    worst = sorted(plain.errors, key=lambda n: -plain.errors[n])[:3]
+    assert p.kept_for_error == {n: plain.errors[n] for n in worst}
+    assert all(module.params[n].type.dtype.name == "q8" for n in worst)
+    assert set(p.errors) == set(plain.errors) - set(worst)
+    assert all(module.params[n].type.dtype.name == "nf4" for n in p.errors)
+    # the oracle: the kept weights replaced by their q8 rounding and left out of NF4 (skip) from
+    # the start, then a plain calibration: the same NF4 bytes for every other weight (without
+    # the float stream, toward_float=0, which in the oracle would see the q8 rounding too)
+    p, module = quantize(keep_worst=3, toward_float=0.0)
+    from amxc.ir.formats import q8
+    from amxc.ir.transform import replace_param
+    oracle = import_hf_checkpoint(stories_dir)
+    optimize(oracle)
+    kept = list(p.kept_for_error)                # this calibration's own worst three
+    for name in kept:
+        old = oracle.params[name]
+        replace_param(oracle, old, old.derive(name, old.type, lambda w: q8.Layout(w.shape).dequantize(
+            q8.quantize(w, q8.Layout(w.shape)))))
+    QuantizeNF4(calib=str(calib), toward_float=0.0, skip="|".join(re.escape(n) for n in kept)).run(oracle)
+    for name in p.errors:
+        assert np.array_equal(module.params[name].load(), oracle.params[name].load()), name
+    assert any(not np.array_equal(module.params[n].load(), plain_module.params[n].load()) for n in p.errors)
     with pytest.raises(PassError, match="keep_worst .* needs method=gptq"):
         QuantizeNF4(keep_worst=2).run(import_hf_checkpoint(stories_dir))
 
