@@ -35,8 +35,8 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
                      tp: int = 1, kv: str = "f32") -> str:
     """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
     passes), then pad-ffn when quantizing (zero hidden units up to whole 64-wide blocks, so every
-    MLP's down projection quantizes), then shard-tp{ways=tp} for tensor parallelism (before quantization: each rank's
-    slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
+    MLP's down projection quantizes), then shard-tp{ways=tp} for tensor parallelism (before
+    quantization: each rank's slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
     'nf4{double=bnb,block=128}'; 'q8' is nf4{keep=".*"}: every linear in int8), then
     lower{target} when the pipeline makes the cache-aware form and does not lower itself."""
     from amxc.errors import UsageError

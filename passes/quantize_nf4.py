@@ -24,12 +24,13 @@ what `keep` does not match.
 Weights whose names match `skip` (default: embeddings and lm_head) stay in float, as do weights
 with another use (a tied embedding) or whose input size is not a multiple of `block` (their
 blocks would straddle rows, which the kernels do not stream; pad-ffn, which `amxc compile` runs
-first, widens an MLP's hidden layer with zero units so its down projection fits).  `untie=true` quantizes a tied
-embedding's weight uses anyway, into a copy `@NAME.nf4`: the embedding keeps reading the float
-rows (one row per token), while the lm_head GEMV, which reads the whole matrix every decode
-step, streams 0.52 instead of 4 bytes per weight.  Opt-in: a 4-bit output head costs quality
-(SmolLM2-135M perplexity +41 % over fp32 against +25 % with the head in f32).  Each quantized parameter records
-its error (relative RMS, max abs) in its attributes, so the IR dump shows where precision went.
+first, widens an MLP's hidden layer with zero units so its down projection fits).  `untie=true`
+quantizes a tied embedding's weight uses anyway, into a copy `@NAME.nf4`: the embedding keeps
+reading the float rows (one row per token), while the lm_head GEMV, which reads the whole matrix
+every decode step, streams 0.52 instead of 4 bytes per weight.  Opt-in: a 4-bit output head
+costs quality (SmolLM2-135M perplexity +41 % over fp32 against +25 % with the head in f32).
+Each quantized parameter records its error (relative RMS, max abs) in its attributes, so the IR
+dump shows where precision went.
 
     method=auto  gptq when calibration tokens are given (`calib`; amxc compile supplies them:
                  --calib TEXT, or the corpus in amxc/data/calibration), rtn otherwise (the default)
@@ -154,7 +155,7 @@ class QuantizeNF4(Pass):
                     todo.remove(p)
                     eight_bit.append(p)
                 self.errors = {}
-                blobs = self._gptq(module, todo, layout, in_q8=set(worst))
+                blobs = self._gptq(module, todo, layout, in_q8=frozenset(worst))
         else:
             blobs = None
         from tqdm import tqdm
@@ -167,15 +168,16 @@ class QuantizeNF4(Pass):
             self.quantized.append(old.name)
         return bool(todo or eight_bit)
 
-    def _gptq(self, module: Module, todo: list[Param], enc: dict, in_q8: set[str] = frozenset()) -> "_BlobSpill":
+    def _gptq(self, module: Module, todo: list[Param], enc: dict,
+              in_q8: frozenset[str] = frozenset()) -> "_BlobSpill":
         """Run @prefill (or @forward) once on the calibration tokens, quantizing every weight in
         `todo` with GPTQ when the run reaches it (sequential GPTQ: later layers see the earlier
         ones quantized, and the weights named in `in_q8` as q8 rounds them); returns the nf4
-        bytes by name, spilled to disk.  With toward_float > 0
-        the float model runs beside it in lockstep (interpreter streams), so each weight also
-        sees the inputs the float model gives it.  Memory: per stream, the activations live at
-        the node being run (tokens x width x 4 bytes, in chunks: passes/calibration.py; an op's
-        temporaries are a chunk's), one weight and one input's K x K statistics at a time."""
+        bytes by name, spilled to disk.  With toward_float > 0 the float model runs beside it in
+        lockstep (interpreter streams), so each weight also sees the inputs the float model
+        gives it.  Memory: per stream, the activations live at the node being run (tokens x
+        width x 4 bytes, in chunks: passes/calibration.py; an op's temporaries are a chunk's),
+        one weight and one input's K x K statistics at a time."""
         from .gptq import input_stats, output_error, quantize_gptq, toward_float
 
         unsupported = self.gptq_unsupported()
