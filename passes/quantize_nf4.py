@@ -306,7 +306,9 @@ class QuantizeNF4(Pass):
             return f"name matches skip={self.opts['skip']!r}"
         block = q8fmt.BLOCK if eight_bit else self.opts["block"]
         if p.type.shape[1] % block:
-            return f"input size {p.type.shape[1]} is not a multiple of block {block}"
+            hint = " (pad-ffn widens a fused MLP's hidden layer to fit)" if \
+                any(n.op in ("mlp_swiglu", "mlp_gelu") for n, _ in uses) else ""
+            return f"input size {p.type.shape[1]} is not a multiple of block {block}{hint}"
         return None
 
     def _quantize(self, old: Param, enc: dict, spill: "_BlobSpill | None" = None) -> Param:

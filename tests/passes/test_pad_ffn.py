@@ -89,3 +89,11 @@ def test_a_padded_from_that_is_not_a_smaller_shape_is_not_trusted(claim):
     p = Param("w", TensorType(f32, (64, 192)), attrs={"padded_from": claim})
     assert true_numel(p) == 64 * 192
     assert true_numel(Param("w", TensorType(f32, (64, 192)), attrs={"padded_from": [64, 172]})) == 64 * 172
+
+
+def test_without_pad_ffn_the_skip_reason_names_it(stories_dir):
+    module = _graph(stories_dir)
+    q = QuantizeNF4(method="rtn")
+    q.run(module)
+    why = q.skipped["model.layers.0.mlp.down_proj.weight"]
+    assert why == "input size 172 is not a multiple of block 64 (pad-ffn widens a fused MLP's hidden layer to fit)"
