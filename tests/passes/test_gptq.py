@@ -10,7 +10,8 @@ import pytest
 
 from amxc.cli import main
 from amxc.frontend.hf import import_hf_checkpoint
-from amxc.ir.formats import nf4
+from amxc.ir.formats import nf4, q8
+from amxc.ir.transform import replace_param
 from amxc.passes import PassError, parse_pipeline
 from amxc.passes.gptq import quantize_gptq
 from amxc.runtime.engine import Engine
@@ -287,8 +288,6 @@ def test_keep_worst_stores_the_matrices_of_largest_measured_error_in_q8(stories_
     # the start, then a plain calibration: the same NF4 bytes for every other weight (without
     # the float stream, toward_float=0, which in the oracle would see the q8 rounding too)
     p, module = quantize(keep_worst=3, toward_float=0.0)
-    from amxc.ir.formats import q8
-    from amxc.ir.transform import replace_param
     oracle = import_hf_checkpoint(stories_dir)
     optimize(oracle)
     kept = list(p.kept_for_error)                # this calibration's own worst three

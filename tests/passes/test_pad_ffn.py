@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from amxc.api import compile_pipeline, optimize, trace
+from amxc.ir import Param, TensorType
+from amxc.ir.dtypes import f32
 from amxc.ir.interpreter import run
 from amxc.passes import PassError
 from amxc.passes.pad_ffn import PadFFN, true_numel
@@ -84,8 +86,6 @@ def test_compile_pads_before_sharding_and_quantizing(quant, tp, expect):
 def test_a_padded_from_that_is_not_a_smaller_shape_is_not_trusted(claim):
     """Counts read `padded_from` from IR text a user may hand in: a claim that is not ints of the
     type's rank within its shape counts the type's elements instead (and never raises)."""
-    from amxc.ir import Param, TensorType
-    from amxc.ir.dtypes import f32
     p = Param("w", TensorType(f32, (64, 192)), attrs={"padded_from": claim})
     assert true_numel(p) == 64 * 192
     assert true_numel(Param("w", TensorType(f32, (64, 192)), attrs={"padded_from": [64, 172]})) == 64 * 172
