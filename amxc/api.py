@@ -252,6 +252,9 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     last = runs[-1]
     summary = quant_summary(module, getattr(last, "skipped", {}))
     summary["method"] = getattr(last, "method", "rtn")
+    padded = {name: width for p in passes if p.name == "pad-ffn" for name, width in getattr(p, "padded", {}).items()}
+    if padded:               # pad-ffn widened hidden layers so their down projections quantize
+        summary["padded_ffn"] = {"weights": len(padded), "widths": [list(w) for w in sorted(set(padded.values()))]}
     rotation = getattr(last, "rotation", None)
     if rotation is not None:  # rotate=true: done, or why the model's graph did not allow it
         summary["rotated"] = rotation or True
@@ -385,15 +388,18 @@ def stats(module: Module) -> dict:
         d["params"] += 1
         d["elements"] += p.type.numel()
         d["bytes"] += p.type.nbytes()
+    from amxc.passes.pad_ffn import true_numel
     return {"ops": dict(ops.most_common()), "nodes": sum(ops.values()), "params": by_dtype,
             "param_elements": sum(d["elements"] for d in by_dtype.values()),
+            "padding_elements": sum(p.type.numel() - true_numel(p) for p in module.params.values()),
             "param_bytes": sum(d["bytes"] for d in by_dtype.values())}
 
 
 def format_stats(module: Module) -> str:
     from amxc.passes.quantize_nf4 import format_quant_summary, quant_summary
     s = stats(module)
-    lines = [f"module @{module.name}: {s['nodes']} ops, {s['param_elements']:,} parameter elements, "
+    padding = f" ({s['padding_elements']:,} of them pad-ffn's zeros)" if s["padding_elements"] else ""
+    lines = [f"module @{module.name}: {s['nodes']} ops, {s['param_elements']:,} parameter elements{padding}, "
              f"{s['param_bytes']:,} bytes", "", "ops:"]
     lines += [f"  {op:<14} {n:>6}" for op, n in s["ops"].items()]
     lines += ["", "parameters:", f"  {'dtype':<10} {'tensors':>8} {'elements':>15} {'bytes':>15} {'B/elem':>7}"]

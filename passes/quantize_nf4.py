@@ -546,6 +546,10 @@ def format_quant_summary(summary: dict) -> str:
                      f"{r['bytes_per_element']:>8.5f} {r['rel_rms']:>8.4f}")
     for name, why in summary.get("skipped", {}).items():
         lines.append(f"  kept float: @{name} ({why})")
+    padded = summary.get("padded_ffn")
+    if padded:
+        widths = ", ".join(f"{a} -> {b}" for a, b in padded["widths"])
+        lines.append(f"  pad-ffn: {padded['weights']} MLP weights widened {widths} (zero units, same function)")
     errors = summary.get("output_error", {})
     if errors:
         worst = ", ".join(f"@{n} {e:.4f}" for n, e in list(errors.items())[:3])

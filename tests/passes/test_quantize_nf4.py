@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import amxc.ir as ir
-from amxc.api import compile
+from amxc.api import compile, format_stats
 from amxc.cli import main
 from amxc.frontend.hf import import_hf_checkpoint
 from amxc.ir.ops.cache import DenseKVCache
@@ -53,6 +53,9 @@ def test_artifact_bytes_per_quantized_weight(stories_nf4, stories_art):
     # (46 % while the down projections stayed f32)
     assert written < 0.3 * (stories_art / "weights.bin").stat().st_size
     assert not manifest["quantization"]["skipped"]
+    assert manifest["quantization"]["padded_ffn"] == {"weights": 15, "widths": [[172, 192]]}
+    # 5 layers x (20 zero rows of gate and of up, 20 zero columns of down) x 64
+    assert "(19,200 of them pad-ffn's zeros)" in format_stats(module).splitlines()[0]
 
 
 def test_quantized_prefill_then_decode_equals_full_sequence(stories_dir):
