@@ -39,6 +39,10 @@ def test_bench_reports_speed_and_memory(stories_art):
                               "--json").stdout)
     assert figures["prompt_tokens"] == 16 and figures["new_tokens"] == 8
     assert figures["decode_tok_s"] > 0 and figures["prefill_tok_s"] > 0 and figures["peak_rss_mb"] > 0
+    assert figures["warm_up_s"] is not None and figures["warm_up_s"] >= 0   # timed after a warm-up run
+    cold = json.loads(amxc("bench", stories_art, "--prompt-tokens", "16", "--new-tokens", "8", "--json",
+                           "--cold").stdout)
+    assert cold["warm_up_s"] is None and cold["prompt_tokens"] == 16
 
 
 def test_compile_quant_nf4_then_run(stories_dir, tmp_path):
