@@ -59,7 +59,9 @@ def prompt_ids(vocab: int) -> list[int]:
 def child_amxc(art: str, threads: int) -> dict:
     os.environ["AMXC_NUM_THREADS"] = str(threads)
     from amxc.runtime.engine import Engine
-    engine = Engine.load(art)
+    # a KV cache of llama.cpp's n_ctx here (the cache is allocated and touched whole at load, so
+    # its size is in the peak RSS of both)
+    engine = Engine.load(art, kv_tokens=max(512, PROMPT_TOKENS + NEW_TOKENS))
     prompt = prompt_ids(int(engine.config["vocab_size"]))
     engine.generate(prompt[:16], max_new_tokens=4, ignore_eos=True)                 # warm-up
     engine.reset_prefix_cache()                                                     # a cold prefill

@@ -15,12 +15,13 @@ import amxc.ir as ir
 from amxc.api import compile
 from amxc.backends.program import InterpreterProgram, NativeOptions, NativeProgram
 from amxc.errors import UsageError
+from amxc.ir.dtypes import f32
 from amxc.ir.ops.cache import kv_dequantize, kv_quantize
 from amxc.ir.types import KVCacheType
 from amxc.passes import PassError
 from amxc.runtime.artifact import load_artifact
 from amxc.runtime.engine import Engine
-from amxc.runtime.kv_cache import KVStorage
+from amxc.runtime.kv_cache import KVCacheError, KVStorage
 from amxc.runtime.tokenizer import Tokenizer
 from support.native import ALL_TIERS
 
@@ -196,3 +197,25 @@ def test_tensor_parallel_ranks_keep_their_heads_packed(stories_dir, packed, tmp_
         assert [two.generate(p, max_new_tokens=40).ids for p in prompts] == want
     finally:
         two.close()
+
+
+def _resident_bytes() -> int:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_cache_is_touched_when_made_and_refused_beyond_free_memory(monkeypatch):
+    """The KV cache's pages are faulted in when it is made (the first prefill stalled on huge-page
+    compaction otherwise), so a cache larger than the memory available is refused then, with the
+    sizes, not met by the OOM killer later."""
+    kv = KVCacheType(layers=8, kv_heads=2, head_dim=64, dtype=f32)
+    before = _resident_bytes()
+    storage = KVStorage(kv, num_blocks=512, block_size=16)         # 2 x 32 MiB
+    assert storage.nbytes == 64 << 20
+    assert _resident_bytes() - before >= 0.9 * storage.nbytes
+    del storage
+    monkeypatch.setattr("amxc.runtime.kv_cache.available_memory", lambda: 48 << 20)
+    with pytest.raises(KVCacheError, match=r"a KV cache of 8192 tokens needs 0\.06 GiB .* more than the "
+                                           r"0\.05 GiB this machine has available; ask for fewer KV tokens"):
+        KVStorage(kv, num_blocks=512, block_size=16)
