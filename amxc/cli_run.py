@@ -264,9 +264,10 @@ def cmd_bench(args) -> int:
     engine = _engine(args)
     vocab = int(engine.config.get("vocab_size", 256))
     prompt = np.random.default_rng(0).integers(3, vocab, args.prompt_tokens).tolist()
-    # a process's first generation pays one-time costs (thread start-up, first touch of the KV
-    # cache's huge pages, which can stall on memory compaction: SmolLM2's first 128-token
-    # prefill took 0.09-1.5 s here against 0.07 s after), as llama-bench's warm-up run skips them
+    # a process's first generation pays one-time costs (thread start-up, first touches of memory,
+    # which can stall on huge-page compaction: SmolLM2's first 128-token prefill took 0.09-1.5 s
+    # here against 0.07 s after, before the KV cache was touched at load); llama-bench's warm-up
+    # run skips them too
     warm_up_s = None if args.cold else engine.warm_up()
     t0 = time.perf_counter()
     engine.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
