@@ -36,9 +36,9 @@ def compile_pipeline(pipeline: str | None = None, quant: str | None = None, targ
     """The pipeline `compile` runs: `pipeline` (default: amxc.passes.DEFAULT_PIPELINE, the graph
     passes), then pad-ffn when quantizing (zero hidden units up to whole 64-wide blocks, so every
     MLP's down projection quantizes), then shard-tp{ways=tp} for tensor parallelism (before
-    quantization: each rank's slice is quantized by itself), then quantize-nf4 if `quant` is 'nf4' or 'nf4{options}' (e.g.
-    'nf4{double=bnb,block=128}'; 'q8' is nf4{keep=".*"}: every linear in int8), then
-    lower{target} when the pipeline makes the cache-aware form and does not lower itself."""
+    quantization: each rank's slice is quantized by itself), then quantize-nf4 if `quant` is
+    'nf4' or 'nf4{options}' (e.g. 'nf4{double=bnb,block=128}'; 'q8' is nf4{keep=".*"}: every
+    linear in int8), then lower{target} when the pipeline makes the cache-aware form and does not lower itself."""
     from amxc.errors import UsageError
     from amxc.passes import DEFAULT_PIPELINE
 
@@ -252,9 +252,11 @@ def _quant_report(module: Module, passes, progress: bool) -> dict:
     last = runs[-1]
     summary = quant_summary(module, getattr(last, "skipped", {}))
     summary["method"] = getattr(last, "method", "rtn")
-    padded = {name: width for p in passes if p.name == "pad-ffn" for name, width in getattr(p, "padded", {}).items()}
+    padded = {name: width for p in passes if p.name == "pad-ffn"
+              for name, width in getattr(p, "padded", {}).items()}
     if padded:               # pad-ffn widened hidden layers so their down projections quantize
-        summary["padded_ffn"] = {"weights": len(padded), "widths": [list(w) for w in sorted(set(padded.values()))]}
+        widths = sorted(set(padded.values()))
+        summary["padded_ffn"] = {"weights": len(padded), "widths": [list(w) for w in widths]}
     rotation = getattr(last, "rotation", None)
     if rotation is not None:  # rotate=true: done, or why the model's graph did not allow it
         summary["rotated"] = rotation or True
