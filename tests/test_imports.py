@@ -68,3 +68,15 @@ def test_running_an_artifact_loads_no_torch_and_no_frontend():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_importing_amxc_first_shortens_openblas_spin_unless_the_user_set_it():
+    """amxc sets OPENBLAS_THREAD_TIMEOUT (read once, when numpy loads OpenBLAS) so BLAS workers do
+    not spin ~0.1 s after each call on the cores its native kernels need; a user's value stays."""
+    import os
+    code = "import amxc, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                                   check=True).stdout.strip()
+    assert run(env) == "4"
+    assert run({**env, "OPENBLAS_THREAD_TIMEOUT": "12"}) == "12"
