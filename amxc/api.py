@@ -207,6 +207,7 @@ def _supply_calibration(model, passes, text, tokens: int, tp: int, progress: boo
                 continue
         if isinstance(p, QuantizeNF4):                     # it calibrates: GPTQ's loops in native code
             p.sweep, p.block_scales = _native_gptq(progress)
+            p.bf16_gemm = _bf16_gemm(p.opts["products"], progress)
 
 
 def _native_gptq(progress: bool):
@@ -220,6 +221,21 @@ def _native_gptq(progress: bool):
     except (BuildError, CacheError, OSError) as e:
         _say(f"quantize-nf4: native GPTQ loops unavailable ({str(e).splitlines()[0]}); using numpy's", progress)
         return None, None
+
+
+def _bf16_gemm(products: str, progress: bool):
+    """For products=bf16, the native bf16 GEMM (backends/calibrate.native_bf16_gemm) where the
+    avx512 tier runs, else None (f32: numpy's float32; bf16 elsewhere: the pass's emulation)."""
+    from amxc.backends.calibrate import native_bf16_gemm
+    from amxc.backends.toolchain import BuildError, CacheError
+
+    if products != "bf16":
+        return None
+    try:
+        return native_bf16_gemm()
+    except (BuildError, CacheError, OSError) as e:
+        _say(f"quantize-nf4: no native bf16 GEMM ({str(e).splitlines()[0]}); emulating it in numpy (slow)", progress)
+        return None
 
 
 def _fusion_report(module: Module, passes, strict: bool, progress: bool) -> dict:

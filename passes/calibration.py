@@ -43,11 +43,22 @@ def chunks_of(ids: np.ndarray, tokens: int = CHUNK_TOKENS) -> list[np.ndarray]:
     return [ids[i:i + per] for i in range(0, ids.shape[0], per)]
 
 
+def bf16_gemm_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The contract of a calibration `gemm` with bf16 products, in numpy: a @ b of float32 inputs
+    rounded to bf16 (round to nearest even), summed in float32 (each product of two bf16 is exact
+    in float32, so only the order of the sums may differ).  The oracle of the native one
+    (backends/calibrate.native_bf16_gemm, which amxc.api hands the passes), and what
+    `products=bf16` runs where none is given."""
+    from amxc.ir.formats import bf16
+    return np.matmul(bf16.round_f32(a), bf16.round_f32(b))
+
+
 def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe,
-                            chunk_tokens: int = CHUNK_TOKENS) -> None:
+                            chunk_tokens: int = CHUNK_TOKENS, gemm=None) -> None:
     """@prefill (or @forward) on calibration `ids`, `count` streams in lockstep, each in chunks,
     through the interpreter with float32 accumulation (statistics, not an oracle: float32 BLAS
-    is 2-3x faster); `observe` as in the module's docstring."""
+    is 2-3x faster), the products through `gemm` when given (nn.accumulate_in); `observe` as in
+    the module's docstring."""
     from amxc.ir.interpreter import Computed, run_streams
     from amxc.ir.ops.cache import OneLayerKVCache
     from amxc.ir.ops.nn import accumulate_in
@@ -73,7 +84,7 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
         return {"input_ids": c, "position_ids": pos}
 
     function = "prefill" if "prefill" in module.functions else None
-    with accumulate_in(np.float32), small_pages():
+    with accumulate_in(np.float32, gemm), small_pages():
         run_streams(module, [inputs(c) for _ in range(count) for c in chunks], function=function,
                     observe=flat_observe)
 
@@ -99,7 +110,7 @@ def small_pages():
 
 
 def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: bool = False,
-                    chunk_tokens: int = CHUNK_TOKENS) -> None:
+                    chunk_tokens: int = CHUNK_TOKENS, gemm=None) -> None:
     """Run the model on `ids`; every weight an op reads (its `weights`) goes through
     `weight_for(name, weight, its input, the float model's input or None)`, the inputs as lists
     of chunks, and the node uses its result.  With `with_float` a second stream runs the
@@ -108,7 +119,8 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
     (FloatOutputs: chunks read once, in order).  Weights go in
     input order and each one's input comes from the op's own `weight_input` over the weights
     returned so far, so a fused MLP's down projection sees the hidden layer its just-quantized
-    gate and up produce.  Ends early when `weight_for` raises CalibrationDone."""
+    gate and up produce.  Ends early when `weight_for` raises CalibrationDone.  `gemm`: the
+    products' GEMM (run_calibration_streams)."""
     from amxc.ir.interpreter import Computed
 
     def observe(node, streams):
@@ -145,7 +157,7 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
         return Computed(([float_outs] if floats is not None else []) + [outs])
 
     try:
-        run_calibration_streams(module, ids, 2 if with_float else 1, observe, chunk_tokens)
+        run_calibration_streams(module, ids, 2 if with_float else 1, observe, chunk_tokens, gemm)
     except CalibrationDone:
         pass
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amxc.ir.formats import e4m3, nf4
+from amxc.ir.ops.nn import product
 
 TABLE = nf4.TABLE.astype(np.float64)
 
@@ -77,7 +78,8 @@ def input_stats(x, x_float=None, *, float_out=None, damp: float = 0.01, act_orde
     for c, f in pairs:
         h = gram(c) if h is None else np.add(h, gram(c), out=h)
         if f is not None:
-            cross = c.T @ f if cross is None else np.add(cross, c.T @ f, out=cross)
+            part = product(c.T, f, np.float32)          # calibration's GEMM (bf16 where it is fast)
+            cross = part if cross is None else np.add(cross, part, out=cross)
     if float_out is None:
         return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)
     stats = stats_from_hessian(h, damp=damp, act_order=act_order)

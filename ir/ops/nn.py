@@ -3,7 +3,9 @@
 Products and attention accumulate in float64 and round once to the output dtype: the reference
 is then at least as accurate as any fp32 kernel it judges, and its own error (one rounding) is
 far below every tolerance used against it.  `accumulate_in(np.float32)` lowers that for a block
-of code (GPTQ calibration: statistics, not an oracle, and 2-3x faster in float32 BLAS)."""
+of code (GPTQ calibration: statistics, not an oracle, and 2-3x faster in float32 BLAS), and may
+hand linear's products to a faster float32-accumulating GEMM (bf16 inputs where the host has bf16
+arithmetic; amxc.api supplies it, ir imports nothing of ours or torch's)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,19 +20,32 @@ from ..types import TensorType
 from ._shapes import broadcast_shapes, fail, same_dtype
 
 
-#: the accumulation dtype of linear, matmul and attention (module state: the interpreter runs in
-#: one thread; only calibration changes it, through accumulate_in)
-ACCUMULATE = {"dtype": np.float64}
+#: the accumulation dtype of linear, matmul and attention, and the GEMM that float32 products
+#: go to (None: numpy's) (module state: the interpreter runs in one thread; only calibration
+#: changes it, through accumulate_in)
+ACCUMULATE = {"dtype": np.float64, "gemm": None}
 
 
 @contextlib.contextmanager
-def accumulate_in(dtype):
-    old = ACCUMULATE["dtype"]
-    ACCUMULATE["dtype"] = dtype
+def accumulate_in(dtype, gemm=None):
+    """Products and attention accumulate in `dtype` inside the block; with float32, `gemm(a, b)`
+    (2-D float32 a [m, k] and b [k, n], either possibly a transposed view; float32 a @ b out)
+    computes linear's products and calibration's `product`s."""
+    old = dict(ACCUMULATE)
+    ACCUMULATE.update(dtype=dtype, gemm=gemm if dtype == np.float32 else None)
     try:
         yield
     finally:
-        ACCUMULATE["dtype"] = old
+        ACCUMULATE.update(old)
+
+
+def product(a: np.ndarray, b: np.ndarray, dtype=None) -> np.ndarray:
+    """a @ b of 2-D arrays in `dtype` (default: the accumulation dtype), through accumulate_in's
+    gemm when one is set and the dtype is float32."""
+    gemm, acc = ACCUMULATE["gemm"], dtype or ACCUMULATE["dtype"]
+    if gemm is not None and acc == np.float32:
+        return gemm(a.astype(acc, copy=False), b.astype(acc, copy=False))
+    return np.matmul(a.astype(acc, copy=False), b.astype(acc, copy=False))
 
 
 def _linear_infer(ts, at):
@@ -47,11 +62,9 @@ def _linear_infer(ts, at):
              q8_variant="linear_q8", native="linear")
 def linear(x, weight, bias=None):
     """x @ weight.T (+ bias), weight stored [out_features, in_features] as in torch."""
-    acc = ACCUMULATE["dtype"]
     # as one 2-D product: numpy runs [b, s, K] @ [K, N] as b GEMMs of s rows, which took 10-25 %
     # longer at a calibration run's 32 x 512 rows (SmolLM2's gate, Zen 3)
-    rows = x.reshape(-1, x.shape[-1]).astype(acc, copy=False)
-    y = np.matmul(rows, weight.T.astype(acc, copy=False)).reshape(x.shape[:-1] + (weight.shape[0],))
+    y = product(x.reshape(-1, x.shape[-1]), weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
     return (y if bias is None else y + bias).astype(x.dtype, copy=False)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from amxc.ir.formats import dynamic8, e4m3, nf4
+from amxc.ir.formats import bf16, dynamic8, e4m3, nf4
 
 F32 = np.float32
 # bitsandbytes functional.py get_4bit_type("nf4"), as printed there
@@ -183,6 +183,25 @@ def test_e4m3_encode_matches_ml_dtypes_on_random_values():
 def bnb():
     import bitsandbytes.functional as F    # the oracle (a dev requirement): never skipped
     return F
+
+
+def test_bf16_rounds_to_nearest_even_as_ml_dtypes_does():
+    """bf16 (calibration's products): round to nearest, ties to even, overflow to inf, NaN kept,
+    subnormals rounded like normals; decoding is exact.  Oracle: ml_dtypes.bfloat16."""
+    import ml_dtypes as ml
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal(20000) * 10.0 ** rng.integers(-40, 38, 20000),
+                        [0.0, -0.0, np.inf, -np.inf, 3.3895314e38, -3.39e38, 1e-40, -1e-45]]).astype(F32)
+    ties = (np.arange(1, 2001, dtype=np.uint32) << np.uint32(16)) | np.uint32(0x8000)   # exactly halfway
+    x = np.concatenate([x, ties.view(F32), (ties | np.uint32(0x80000000)).view(F32)])
+    want = x.astype(ml.bfloat16)
+    assert np.array_equal(bf16.encode(x), want.view(np.uint16))
+    assert np.array_equal(bf16.round_f32(x), want.astype(F32))
+    nan = bf16.round_f32(np.array([np.nan, -np.nan], F32))
+    assert np.isnan(nan).all()
+    codes = np.arange(2 ** 16, dtype=np.uint16)
+    finite = ~np.isnan(codes.view(ml.bfloat16).astype(F32))
+    assert np.array_equal(bf16.decode(codes)[finite], codes.view(ml.bfloat16).astype(F32)[finite])
 
 
 def test_dynamic_map_equals_bitsandbytes(bnb):

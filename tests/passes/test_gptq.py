@@ -485,3 +485,72 @@ def test_inverse_cholesky_by_halves_inverts_the_factor_and_refuses_an_indefinite
     h[k - 1, k - 1] = -1.0                         # indefinite in the last leaf
     with pytest.raises(np.linalg.LinAlgError):
         inverse_cholesky(h)
+
+
+def test_bf16_products_calibrate_as_well_as_float32_and_only_when_asked(stories_dir):
+    """products=bf16 runs the calibration's products (every linear of both streams, C = X^T X_f)
+    through the bf16 GEMM: bf16 inputs round activations by 2^-9, far below NF4's steps, so
+    each weight's measured output error stays within 10 % of the float32 calibration's and the
+    mean within 3 %; products=f32 (the default) never calls it; a bad value is refused by name."""
+    from amxc.api import CALIBRATION_TEXT, calibration_file, optimize
+    from amxc.passes import calibration
+    from amxc.passes.quantize_nf4 import QuantizeNF4
+
+    calls = []
+
+    def counted(a, b):
+        calls.append(a.shape)
+        return calibration.bf16_gemm_numpy(a, b)
+
+    def errors(products, gemm=None):
+        module = import_hf_checkpoint(stories_dir)
+        optimize(module)
+        p = QuantizeNF4(calib=str(calib), products=products)
+        p.bf16_gemm = gemm
+        p.run(module)
+        return p.errors
+
+    calib = calibration_file(stories_dir, CALIBRATION_TEXT, 1024)
+    f32 = errors("f32", counted)
+    assert calls == []
+    b16 = errors("bf16", counted)
+    assert len(calls) > 2 * 35                       # both streams' linears, and the cross products
+    assert set(b16) == set(f32)
+    ratio = np.array([b16[n] / f32[n] for n in f32])
+    print(f"bf16 / f32 output error per weight: {ratio.min():.3f} .. {ratio.max():.3f}, mean {ratio.mean():.4f}")
+    assert np.all(np.abs(ratio - 1) < 0.10) and abs(ratio.mean() - 1) < 0.03
+    assert QuantizeNF4()._calibration_gemm() is None                      # the default: float32
+    assert QuantizeNF4(products="bf16")._calibration_gemm() is calibration.bf16_gemm_numpy
+    with pytest.raises(PassError, match="products='int4' is not f32 or bf16"):
+        QuantizeNF4(products="int4").run(import_hf_checkpoint(stories_dir))
+
+
+@pytest.mark.parametrize("shape", [(300, 576, 200), (64, 1536, 576), (9, 3, 33), (1, 1, 1)])
+def test_the_native_bf16_gemm_keeps_the_numpy_contract(shape, monkeypatch):
+    """The native bf16 GEMM (backends/calibrate.py, AVX-512 BF16) computes what bf16_gemm_numpy
+    does, on transposed views too and on sizes that fill no whole tile: products of bf16-rounded
+    inputs, exact in float32, summed in another order (bound: 1e-5 of the sum of |products|);
+    amxc.api hands it out for products=bf16 only, and only where the avx512 tier runs."""
+    from amxc import api
+    from amxc.backends import isa
+    from amxc.backends.calibrate import native_bf16_gemm
+    from amxc.passes.calibration import bf16_gemm_numpy
+
+    if not isa.supported("avx512"):
+        assert api._bf16_gemm("bf16", progress=False) is None
+        pytest.skip(f"the native bf16 GEMM needs the avx512 tier: no {', '.join(isa.missing('avx512'))}")
+    m, k, n = shape
+    rng = np.random.default_rng(k)
+    a = rng.standard_normal((k, m)).astype(np.float32).T              # a transposed view, as C's X^T
+    b = (rng.standard_normal((n, k)) * 0.05).astype(np.float32).T     # as linear's weight.T
+    gemm = native_bf16_gemm()
+    for _ in range(2):                                                # its buffers are reused: twice
+        got, want = gemm(a, b), bf16_gemm_numpy(a, b)
+        assert got.dtype == np.float32 and got.shape == (m, n)
+        assert np.all(np.abs(got - want) <= 1e-5 * (np.abs(a) @ np.abs(b)))
+    if k > 8:
+        assert np.abs(got - a @ b).max() > 1e-3 * np.abs(a @ b).max()    # bf16, not float32
+    assert api._bf16_gemm("f32", progress=False) is None
+    assert api._bf16_gemm("bf16", progress=False) is not None
+    monkeypatch.setattr(isa, "supported", lambda tier: False)
+    assert api._bf16_gemm("bf16", progress=False) is None
