@@ -46,7 +46,8 @@ def chunks_of(ids: np.ndarray, tokens: int = CHUNK_TOKENS) -> list[np.ndarray]:
 def bf16_gemm_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The contract of a calibration `gemm` with bf16 products, in numpy: a @ b of float32 inputs
     rounded to bf16 (round to nearest even), summed in float32 (each product of two bf16 is exact
-    in float32, so only the order of the sums may differ).  The oracle of the native one
+    in float32, so only the order of the sums may differ; a native GEMM may flush denormal
+    inputs to zero, as `vcvtneps2bf16` does).  The oracle of the native one
     (backends/calibrate.native_bf16_gemm, which amxc.api hands the passes), and what
     `products=bf16` runs where none is given."""
     from amxc.ir.formats import bf16

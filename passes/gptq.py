@@ -78,7 +78,7 @@ def input_stats(x, x_float=None, *, float_out=None, damp: float = 0.01, act_orde
     for c, f in pairs:
         h = gram(c) if h is None else np.add(h, gram(c), out=h)
         if f is not None:
-            part = product(c.T, f, np.float32)          # calibration's GEMM (bf16 where it is fast)
+            part = product(c.T, f, np.float32)          # calibration's GEMM (products=bf16: bf16)
             cross = part if cross is None else np.add(cross, part, out=cross)
     if float_out is None:
         return stats_from_hessian(h, cross, damp=damp, act_order=act_order, overwrite_cross=True)

@@ -1,8 +1,8 @@
 """bfloat16: float32's sign and 8 exponent bits with 7 mantissa bits, the top half of a float32.
 
-Encoding rounds to nearest, ties to even, as `vcvtneps2bf16`, AMX's and oneDNN's conversions
-do; NaNs stay NaN (quiet).  Only calibration uses it (bf16 products where the host multiplies
-bf16 natively); artifacts store no bf16.
+Encoding rounds to nearest, ties to even, as ml_dtypes and torch do (`vcvtneps2bf16` also
+flushes denormals, below 1.2e-38, to zero); NaNs stay NaN (quiet).  Only calibration uses it
+(quantize-nf4{products=bf16}); artifacts store no bf16.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Products and attention accumulate in float64 and round once to the output dtype:
 is then at least as accurate as any fp32 kernel it judges, and its own error (one rounding) is
 far below every tolerance used against it.  `accumulate_in(np.float32)` lowers that for a block
 of code (GPTQ calibration: statistics, not an oracle, and 2-3x faster in float32 BLAS), and may
-hand linear's products to a faster float32-accumulating GEMM (bf16 inputs where the host has bf16
-arithmetic; amxc.api supplies it, ir imports nothing of ours or torch's)."""
+hand linear's products to another float32-accumulating GEMM (quantize-nf4{products=bf16}: bf16
+inputs; amxc.api supplies the native one, since ir imports nothing of ours)."""
 from __future__ import annotations
 
 import contextlib
