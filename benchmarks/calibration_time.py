@@ -1,7 +1,7 @@
 """Wall time and peak RSS of calibrated NF4 compilation (GPTQ, `amxc compile --quant nf4`).
 
     python benchmarks/calibration_time.py [--models smollm2,tinyllama] [--tokens 16384,4096]
-                                          [--workdir DIR]
+                                          [--workdir DIR] [--products f32|bf16]
 
 SmolLM2-135M calibrates on the shipped corpus (amxc/data/calibration); the TinyLlama-1.1B
 config (seeded random weights, trace_memory.py) has no tokenizer, so it calibrates on seeded
@@ -60,11 +60,11 @@ def gemm_rate(rows: int = 2048, k: int = 576, n: int = 1536, reps: int = 5) -> f
     return 2 * rows * k * n / best
 
 
-def compile_cmd(model: str, tokens: int, work: Path) -> tuple[list[str], Path]:
-    out = work / f"{model}-{tokens}.amxc"
+def compile_cmd(model: str, tokens: int, work: Path, products: str = "f32") -> tuple[list[str], Path]:
+    out = work / f"{model}-{tokens}-{products}.amxc"
     if model == "smollm2":
-        return [sys.executable, "-m", "amxc", "compile", str(SMOLLM2), "-o", str(out), "--quant", "nf4", "--no-prebuild",
-                "--calib-tokens", str(tokens)], out
+        return [sys.executable, "-m", "amxc", "compile", str(SMOLLM2), "-o", str(out), "--quant",
+                f"nf4{{products={products}}}", "--no-prebuild", "--calib-tokens", str(tokens)], out
     sys.path.insert(0, str(HERE))
     import trace_memory
     ckpt = work / "tinyllama-random"
@@ -72,7 +72,7 @@ def compile_cmd(model: str, tokens: int, work: Path) -> tuple[list[str], Path]:
         trace_memory.write_checkpoint(ckpt)
     ids = np.random.default_rng(0).integers(3, 32000, size=(tokens // 512, 512), dtype=np.int64)
     np.save(work / f"ids-{tokens}.npy", ids)
-    quant = f"nf4{{method=gptq,calib={work / f'ids-{tokens}.npy'}}}"
+    quant = f"nf4{{method=gptq,products={products},calib={work / f'ids-{tokens}.npy'}}}"
     return [sys.executable, "-m", "amxc", "compile", str(ckpt), "-o", str(out), "--quant", quant, "--no-prebuild"], out
 
 
@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--models", default="smollm2,tinyllama")
     ap.add_argument("--tokens", default="16384,4096", help="calibration tokens, one per model")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--products", default="f32", help="quantize-nf4's products: f32 (the default) or bf16")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from trace_memory import peak_rss_of
@@ -89,11 +90,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rate = gemm_rate()
     print(f"float32 GEMM here: {rate / 1e9:.0f} GFLOP/s (numpy's BLAS, 2048 x 576 x 1536, best of 5)")
+    print(f"products: {args.products}")
     print("| model | calibration tokens | wall s | compute floor s (TFLOP at that rate) | peak RSS GB | artifact GB "
           "| bound GB (2x artifact + 1 layer's activations x 2 streams) |")
     print("|---|---|---|---|---|---|---|")
     for model, tokens in zip(args.models.split(","), (int(t) for t in args.tokens.split(","))):
-        cmd, out = compile_cmd(model, tokens, work)
+        cmd, out = compile_cmd(model, tokens, work, args.products)
         peak, secs = peak_rss_of(cmd)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         bound = 2 * size + 2 * tokens * WIDEST[model] * 4

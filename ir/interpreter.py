@@ -6,6 +6,7 @@ are dropped after their last use so large models fit in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Mapping, Sequence
 
@@ -84,15 +85,16 @@ class Computed(list):
 
 
 def run_streams(module: Module, streams: Sequence, function: str | None = None,
-                observe=None) -> list[list[np.ndarray]]:
+                observe=None, stream_context=None) -> list[list[np.ndarray]]:
     """Run one unsharded function on several input sets in lockstep, node by node (GPTQ's
     float and quantized models side by side, each holding one layer's activations at a time).
     `observe(node, [input arrays per stream])` may return replacements for all streams, or the
-    node's results for all streams as `Computed`.
+    node's results for all streams as `Computed`; `stream_context(s)`, if given, is a context
+    manager that each node of stream s runs in.
     Returns one result list per stream."""
     if module.attrs.get("tp", 1) > 1:
         raise InterpreterError(f"@{module.name} is sharded {module.attrs['tp']} ways")
-    return _run(module, list(streams), function, observe, sharded=False)
+    return _run(module, list(streams), function, observe, sharded=False, stream_context=stream_context)
 
 
 def run_ranks(module: Module, inputs: Sequence, function: str | None = None) -> list[list[np.ndarray]]:
@@ -107,7 +109,7 @@ def run_ranks(module: Module, inputs: Sequence, function: str | None = None) -> 
 
 
 def _run(module: Module, rank_inputs: list, function: str | None, observe,
-         sharded: bool = True) -> list[list[np.ndarray]]:
+         sharded: bool = True, stream_context=None) -> list[list[np.ndarray]]:
     fn = module.functions[function] if function else module.main
     ranks = [_RankState(module, fn, inputs, r if sharded and len(rank_inputs) > 1 else None)
              for r, inputs in enumerate(rank_inputs)]
@@ -131,8 +133,9 @@ def _run(module: Module, rank_inputs: list, function: str | None, observe,
                 per_rank = [(o,) for o in outs]
             else:
                 per_rank = []
-                for a in args:
-                    out = op.reference(*a, **reference_kwargs(node, env))
+                for s, a in enumerate(args):
+                    with stream_context(s) if stream_context else contextlib.nullcontext():
+                        out = op.reference(*a, **reference_kwargs(node, env))
                     per_rank.append(out if isinstance(out, tuple) else (out,))
         except Exception as e:   # any numpy failure becomes a located error
             raise InterpreterError(f"{node!r}: {type(e).__name__}: {e}"

@@ -58,8 +58,9 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
                             chunk_tokens: int = CHUNK_TOKENS, gemm=None) -> None:
     """@prefill (or @forward) on calibration `ids`, `count` streams in lockstep, each in chunks,
     through the interpreter with float32 accumulation (statistics, not an oracle: float32 BLAS
-    is 2-3x faster), the products through `gemm` when given (nn.accumulate_in); `observe` as in
-    the module's docstring."""
+    is 2-3x faster); the last stream's products through `gemm` when given (nn.accumulate_in:
+    the quantized model's, while a float stream before it keeps numpy's float32); `observe` as
+    in the module's docstring."""
     from amxc.ir.interpreter import Computed, run_streams
     from amxc.ir.ops.cache import OneLayerKVCache
     from amxc.ir.ops.nn import accumulate_in
@@ -84,10 +85,13 @@ def run_calibration_streams(module: Module, ids: np.ndarray, count: int, observe
             return [c, pos, OneLayerKVCache(kv, c.shape[0], c.shape[1])]
         return {"input_ids": c, "position_ids": pos}
 
+    def stream_context(s: int):
+        return accumulate_in(np.float32, gemm if s >= (count - 1) * per else None)
+
     function = "prefill" if "prefill" in module.functions else None
-    with accumulate_in(np.float32, gemm), small_pages():
+    with accumulate_in(np.float32), small_pages():
         run_streams(module, [inputs(c) for _ in range(count) for c in chunks], function=function,
-                    observe=flat_observe)
+                    observe=flat_observe, stream_context=stream_context if gemm else None)
 
 
 @contextlib.contextmanager
@@ -121,8 +125,12 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
     input order and each one's input comes from the op's own `weight_input` over the weights
     returned so far, so a fused MLP's down projection sees the hidden layer its just-quantized
     gate and up produce.  Ends early when `weight_for` raises CalibrationDone.  `gemm`: the
-    products' GEMM (run_calibration_streams)."""
+    quantized stream's products' GEMM, weight_for's included (run_calibration_streams); the float
+    stream's stay in numpy's float32."""
     from amxc.ir.interpreter import Computed
+    from amxc.ir.ops.nn import accumulate_in
+
+    quantized = lambda: accumulate_in(np.float32, gemm)          # noqa: E731
 
     def observe(node, streams):
         op = node.opdef
@@ -134,14 +142,16 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
         x, float_outs = None, []
         for i in op.weights:
             if i < len(chunks[0]):
-                x = [op.activation_of(i, a, node.attrs, types) for a in chunks]
+                with quantized():
+                    x = [op.activation_of(i, a, node.attrs, types) for a in chunks]
                 if floats is None:
                     xf = None
                 elif finishes and i == op.weights[-1]:
                     xf = FloatOutputs(_float_outputs(op, i, floats, node.attrs, types, float_outs))
                 else:
                     xf = [op.activation_of(i, f, node.attrs, types) for f in floats]
-                w = weight_for(node.inputs[i].name, chunks[0][i], x, xf)
+                with quantized():
+                    w = weight_for(node.inputs[i].name, chunks[0][i], x, xf)
                 for a in chunks:
                     a[i] = w
         if not finishes:
@@ -153,7 +163,8 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
         # as its output comes
         outs = []
         for c, args in enumerate(chunks):
-            outs.append(op.weight_output(x[c], *args, **node.attrs, types=types))
+            with quantized():
+                outs.append(op.weight_output(x[c], *args, **node.attrs, types=types))
             x[c] = None
         return Computed(([float_outs] if floats is not None else []) + [outs])
 
@@ -183,12 +194,15 @@ def _float_outputs(op, i: int, floats: list, attrs: dict, types: list, outs: lis
     model's weights are fixed, so its 100 MB hidden layer (SmolLM2, 16 K tokens) is never held
     whole.  A weight_output is that product plus a fixed offset (a bias, as in GPT-2's MLP):
     the output of a zero activation, taken away from what is handed on."""
+    from amxc.ir.ops.nn import accumulate_in
+
     offset = None
     for args in floats:
-        act = op.activation_of(i, args, attrs, types)
-        out = op.weight_output(act, *args, **attrs, types=types)
+        with accumulate_in(np.float32):          # the float stream's products, even when drawn
+            act = op.activation_of(i, args, attrs, types)      # from a quantized-stream context
+            out = op.weight_output(act, *args, **attrs, types=types)
+            if offset is None:
+                offset = op.weight_output(np.zeros((1, act.shape[-1]), act.dtype), *args, **attrs, types=types)
         outs.append(out)
-        if offset is None:
-            offset = op.weight_output(np.zeros((1, act.shape[-1]), act.dtype), *args, **attrs, types=types)
         del act
         yield out - offset if offset.any() else out

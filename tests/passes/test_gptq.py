@@ -488,7 +488,7 @@ def test_inverse_cholesky_by_halves_inverts_the_factor_and_refuses_an_indefinite
 
 
 def test_bf16_products_calibrate_as_well_as_float32_and_only_when_asked(stories_dir):
-    """products=bf16 runs the calibration's products (every linear of both streams, C = X^T X_f)
+    """products=bf16 runs the calibration's products (the quantized stream's linears, C = X^T X_f)
     through the bf16 GEMM: bf16 inputs round activations by 2^-9, far below NF4's steps, so
     each weight's measured output error stays within 10 % of the float32 calibration's and the
     mean within 3 %; products=f32 (the default) never calls it; a bad value is refused by name."""
@@ -514,7 +514,7 @@ def test_bf16_products_calibrate_as_well_as_float32_and_only_when_asked(stories_
     f32 = errors("f32", counted)
     assert calls == []
     b16 = errors("bf16", counted)
-    assert len(calls) > 2 * 35                       # both streams' linears, and the cross products
+    assert len(calls) > 35                           # the quantized stream's linears, the cross products
     assert set(b16) == set(f32)
     ratio = np.array([b16[n] / f32[n] for n in f32])
     print(f"bf16 / f32 output error per weight: {ratio.min():.3f} .. {ratio.max():.3f}, mean {ratio.mean():.4f}")
@@ -554,3 +554,33 @@ def test_the_native_bf16_gemm_keeps_the_numpy_contract(shape, monkeypatch):
     assert api._bf16_gemm("bf16", progress=False) is not None
     monkeypatch.setattr(isa, "supported", lambda tier: False)
     assert api._bf16_gemm("bf16", progress=False) is None
+
+
+def test_the_calibration_gemm_runs_the_quantized_stream_only(random_models):
+    """calibration_run's `gemm` computes the quantized stream's products and none of the float
+    stream's (its targets stay float32): with a GEMM that doubles every product, each weight's
+    float inputs (and a fused MLP's float outputs) are bit for bit those of a run without it,
+    while the quantized stream's inputs change once a product feeds them."""
+    from amxc.api import optimize
+    from amxc.passes import calibration
+
+    module = import_hf_checkpoint(random_models["llama"])
+    optimize(module)
+    ids = np.random.default_rng(1).integers(3, 250, size=(2, 24)).astype(np.int64)
+
+    def run(gemm):
+        seen = []
+
+        def look(name, w, x, xf):
+            seen.append((name, [c.copy() for c in x], [np.array(f) for f in xf]))
+            return w
+
+        calibration.calibration_run(module, ids, look, with_float=True, chunk_tokens=24, gemm=gemm)
+        return seen
+
+    plain, doubled = run(None), run(lambda a, b: 2 * (a @ b))
+    assert [s[0] for s in plain] == [s[0] for s in doubled]
+    for (name, _, f0), (_, _, f1) in zip(plain, doubled):
+        assert all(np.array_equal(a, b) for a, b in zip(f0, f1, strict=True)), name
+    changed = [not all(np.array_equal(a, b) for a, b in zip(x0, x1)) for (_, x0, _), (_, x1, _) in zip(plain, doubled)]
+    assert not changed[0] and all(changed[3:]), changed      # q/k/v read the embedding's norm first
