@@ -94,8 +94,8 @@ class QuantizeNF4(Pass):
                                            "its own outputs toward the float model's (GPTAQ)"),
         "keep_worst": Option(int, 0, "gptq: the N matrices with the largest measured output error "
                                      "are stored q8 instead (mixed precision)"),
-        "products": Option(str, "f32", "gptq: the calibration run's products: f32 | bf16 (faster on "
-                                       "AVX-512 BF16 hosts, slightly worse calibration)"),
+        "products": Option(str, "f32", "gptq: the quantized stream's products in calibration: f32 | "
+                                       "bf16 (a native GEMM on AVX-512 BF16 hosts)"),
         "rotate": Option(bool, False, "first turn the residual stream by a random rotation folded into "
                                       "the weights (rotate-residual)"),
     }
