@@ -130,7 +130,9 @@ def calibration_run(module: Module, ids: np.ndarray, weight_for, with_float: boo
     from amxc.ir.interpreter import Computed
     from amxc.ir.ops.nn import accumulate_in
 
-    quantized = lambda: accumulate_in(np.float32, gemm)          # noqa: E731
+    def quantized():
+        """The quantized stream's products: through `gemm` when given."""
+        return accumulate_in(np.float32, gemm)
 
     def observe(node, streams):
         op = node.opdef
