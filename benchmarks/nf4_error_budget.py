@@ -36,18 +36,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quant_table import MODELS, TEXTS  # noqa: E402
 
 
-def int8_activation_gemm(block: int = 64):
-    """A calibration-style GEMM (nn.accumulate_in) that rounds a's rows per `block` the way the
-    int8 kernels quantize activations (backends/reference.quantize_q8), then multiplies in
-    float32."""
+def int8_activation_gemm():
+    """A calibration-style GEMM (nn.accumulate_in) whose activations are the int8 kernels' own:
+    a's rows quantized per 64 by their Python twin (backends/reference.quantize_q8) and scaled
+    back, then multiplied in float32."""
+    from amxc.backends.reference import quantize_q8
+
     def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         m, k = a.shape
-        x = np.asarray(a, np.float32).reshape(m, k // block, block)
-        amax = np.abs(x).max(axis=2, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        q = np.rint(x * inv) * (amax / np.float32(127))
-        return np.matmul(q.reshape(m, k).astype(np.float32), b.astype(np.float32))
+        q, qs, _ = quantize_q8(a)                       # qs = amax / 127^2
+        x = q.reshape(m, k // 64, 64) * (qs * np.float32(127))[..., None]
+        return np.matmul(x.reshape(m, k).astype(np.float32), b.astype(np.float32))
     return gemm
 
 
