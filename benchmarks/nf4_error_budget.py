@@ -16,7 +16,7 @@ Rows, each scoring the same tokens in the same windows as quant_table.py (window
   the weights exact: the activations' share.  The rest, up to the default kernels, is the int8
   weight table's rounding (at most 0.0037 of a block's absmax, uncompensated by GPTQ);
 * with the oracle, an NF4 artifact calibrated on the scored texts (both, windows in turn, the
-  default 8,192 tokens, half of them among the scored ones), on both kernels.
+  default 8,192 tokens: the first 4,096 of each, half of what is scored), on both kernels.
 
 The interpreter in float32 agrees with the native exact kernels to 4 decimals of perplexity
 (SmolLM2: 8.1681 and 35.3389 both ways), so the emulated row differs from the exact one by the
