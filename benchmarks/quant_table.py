@@ -34,17 +34,20 @@ AMXC = {"fp32": None, "nf4-rtn": "nf4{method=rtn}", "nf4-default": "nf4",
 LLAMA = ("q4_0", "iq4_nl", "q4_k_m")
 
 
-def build(model: str, src: Path, out: Path) -> list[str]:
+def compiled(src: Path, art: Path, quant: str | None, **options) -> str:
+    """The artifact `art` of `src`, compiled with `quant` (and amxc.compile's `options`) unless
+    it is already there."""
     import amxc
+    if not (art / "manifest.json").exists():
+        t0 = time.perf_counter()
+        amxc.compile(src, art, quant=quant, progress=False, **options)
+        print(f"compiled {art.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return str(art)
+
+
+def build(model: str, src: Path, out: Path) -> list[str]:
     from gguf_export import export_f16, quantize
-    paths = []
-    for name, quant in AMXC.items():
-        art = out / f"{model}-{name}.amxc"
-        if not (art / "manifest.json").exists():
-            t0 = time.perf_counter()
-            amxc.compile(src, art, quant=quant, progress=False)
-            print(f"compiled {art.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        paths.append(str(art))
+    paths = [compiled(src, out / f"{model}-{name}.amxc", quant) for name, quant in AMXC.items()]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
